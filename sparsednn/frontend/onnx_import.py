@@ -1,0 +1,265 @@
+"""ONNX in: a ModelProto (from a path, bytes or a proto) becomes a sparsednn Graph."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from sparsednn.errors import InvalidGraphError, ModelLoadError, UnsupportedOpError
+from sparsednn.ir import Graph, Value, verify
+from sparsednn.ops import lookup, supported_ops
+from sparsednn.ops.registry import OPS
+
+MIN_OPSET, MAX_OPSET = 13, 23
+ONNX_DOMAINS = ("", "ai.onnx")
+
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT16: np.int16,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.UINT16: np.uint16,
+    onnx.TensorProto.UINT32: np.uint32,
+    onnx.TensorProto.UINT64: np.uint64,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def numpy_dtype(elem_type: int) -> np.dtype | None:
+    t = _ONNX_TO_NUMPY.get(elem_type)
+    return None if t is None else np.dtype(t)
+
+
+def load_model(model, base_dir: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, Path]:
+    """Read a model from a path, bytes or ModelProto; return it with its external data loaded."""
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+    elif isinstance(model, (bytes, bytearray, memoryview)):
+        proto = _parse(bytes(model), "<bytes>")
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise ModelLoadError(f"model file {str(path)!r} does not exist or is not a file")
+        proto = _parse(path.read_bytes(), str(path))
+        base = path.resolve().parent
+    else:
+        raise ModelLoadError(
+            f"cannot load a model from a {type(model).__name__}: "
+            "give a path, bytes or an onnx.ModelProto"
+        )
+    _load_external_data(proto, base)
+    return proto, base
+
+
+def _parse(data: bytes, where: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as e:  # protobuf raises DecodeError and, on some inputs, others
+        raise ModelLoadError(f"{where}: not a valid ONNX model ({type(e).__name__}: {e})") from e
+    if not proto.HasField("graph"):
+        raise ModelLoadError(f"{where}: not a valid ONNX model (it has no graph)")
+    return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, base: Path) -> None:
+    """Read tensors stored in files beside the model, refusing paths that leave its folder."""
+    base = base.resolve()
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(base):
+            raise ModelLoadError(
+                f"tensor {tensor.name!r}: external data location {location!r} "
+                f"lies outside the model's folder {str(base)!r}; refused"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"tensor {tensor.name!r}: external data file {str(target)!r} is missing"
+            )
+        offset = int(info.get("offset", 0) or 0)
+        length = info.get("length")
+        size = target.stat().st_size
+        length = size - offset if length is None else int(length)
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ModelLoadError(
+                f"tensor {tensor.name!r}: external data file {str(target)!r} has {size} bytes, "
+                f"but the model asks for {length} bytes at offset {offset}"
+            )
+        with open(target, "rb") as f:
+            f.seek(offset)
+            tensor.raw_data = f.read(length)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+
+
+def to_array(tensor: onnx.TensorProto, where: str) -> np.ndarray:
+    dims = list(tensor.dims)
+    if any(d < 0 for d in dims):
+        raise InvalidGraphError(f"{where}: tensor {tensor.name!r} has negative dims {dims}")
+    try:
+        array = numpy_helper.to_array(tensor)
+    except Exception as e:
+        raise InvalidGraphError(
+            f"{where}: tensor {tensor.name!r} (dims {dims}) cannot be read: {e}"
+        ) from e
+    if list(array.shape) != dims:
+        raise InvalidGraphError(
+            f"{where}: tensor {tensor.name!r} holds {array.size} values, "
+            f"which does not match its dims {dims}"
+        )
+    return array
+
+
+def _attribute(attr: onnx.AttributeProto, where: str):
+    A = onnx.AttributeProto
+    if attr.type == A.GRAPH or attr.type == A.GRAPHS:
+        raise UnsupportedOpError(f"{where}: attribute {attr.name!r} holds a subgraph (unsupported)")
+    if attr.type == A.TENSOR:
+        return to_array(attr.t, where)
+    if attr.type == A.TENSORS:
+        return [to_array(t, where) for t in attr.tensors]
+    if attr.type == A.SPARSE_TENSOR:
+        raise UnsupportedOpError(f"{where}: sparse tensor attribute {attr.name!r} is unsupported")
+    value = onnx.helper.get_attribute_value(attr)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, list):
+        return [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v for v in value]
+    return value
+
+
+def _value_type(vi: onnx.ValueInfoProto) -> tuple[np.dtype | None, tuple | None]:
+    if not vi.type.HasField("tensor_type"):
+        return None, None
+    tt = vi.type.tensor_type
+    dtype = numpy_dtype(tt.elem_type)
+    if not tt.HasField("shape"):
+        return dtype, None
+    dims = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dtype, tuple(dims)
+
+
+def opset_version(proto: onnx.ModelProto) -> int:
+    for imp in proto.opset_import:
+        if imp.domain in ONNX_DOMAINS:
+            return imp.version
+    return 1
+
+
+def import_onnx(model, name: str | None = None) -> Graph:
+    """Turn an ONNX model (path, bytes or ModelProto) into a verified Graph."""
+    proto, _ = load_model(model)
+    where = name or proto.graph.name or "model"
+    opset = opset_version(proto)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelLoadError(
+            f"{where}: default-domain opset {opset} is not supported "
+            f"(sparsednn reads opsets {MIN_OPSET} to {MAX_OPSET}; "
+            "convert with onnx.version_converter.convert_version)"
+        )
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = proto  # shapes are a help, not a requirement: our own pass infers them too
+    g = inferred.graph
+    graph = Graph(where)
+
+    values: dict[str, Value] = {}
+    types = {vi.name: _value_type(vi) for vi in [*g.value_info, *g.input, *g.output]}
+
+    for init in g.initializer:
+        if init.name in values:
+            raise InvalidGraphError(f"{where}: initializer {init.name!r} is defined twice")
+        values[init.name] = Value.constant(init.name, to_array(init, where))
+    for vi in g.input:
+        if vi.name in values:  # old exporters also list initializers as inputs
+            continue
+        dtype, shape = _value_type(vi)
+        if dtype is None:
+            raise UnsupportedOpError(
+                f"{where}: input {vi.name!r} is not a tensor of a supported type"
+            )
+        v = Value(vi.name, dtype, shape)
+        values[vi.name] = v
+        graph.inputs.append(v)
+
+    unsupported: list[str] = []
+    for i, node in enumerate(g.node):
+        node_name = node.name or f"{node.op_type}_{i}"
+        if node.domain not in ONNX_DOMAINS:
+            unsupported.append(f"{node.domain}.{node.op_type} (node {node_name!r})")
+            continue
+        if node.op_type not in OPS or OPS[node.op_type].domain != "":
+            unsupported.append(f"{node.op_type} (node {node_name!r})")
+            continue
+        attrs = {a.name: _attribute(a, f"{where}: node {node_name!r}") for a in node.attribute}
+        lookup(node.op_type, node_name, attrs)
+        inputs = []
+        for in_name in node.input:
+            if in_name == "":
+                inputs.append(None)
+            elif in_name not in values:
+                raise InvalidGraphError(
+                    f"{where}: node {node_name!r} ({node.op_type}) reads {in_name!r}, which no "
+                    "input, initializer or earlier node defines (dangling input, or the nodes "
+                    "are not in topological order)"
+                )
+            else:
+                inputs.append(values[in_name])
+        out_names = list(node.output)
+        n = graph.add_node(node.op_type, inputs, attrs=attrs, name=node_name,
+                           output_names=[o or graph.fresh_name("unused") for o in out_names])
+        for out in n.outputs:
+            if out.name in values:
+                raise InvalidGraphError(
+                    f"{where}: value {out.name!r} is produced twice (node {node_name!r})"
+                )
+            out.dtype, out.shape = types.get(out.name, (None, None))
+            values[out.name] = out
+    if unsupported:
+        raise UnsupportedOpError(
+            f"{where}: unsupported op(s): {'; '.join(unsupported)}. "
+            f"Supported ops: {', '.join(supported_ops())}"
+        )
+    for vi in g.output:
+        if vi.name not in values:
+            raise InvalidGraphError(f"{where}: output {vi.name!r} is never computed")
+        v = values[vi.name]
+        dtype, shape = _value_type(vi)
+        v.dtype = v.dtype or dtype
+        v.shape = v.shape or shape
+        graph.outputs.append(v)
+    graph.opset = opset
+    verify(graph)
+    return graph
