@@ -10,8 +10,8 @@ from sparsednn.ir.graph import Graph, Node, Value
 def format_array(array: np.ndarray) -> str:
     array = np.asarray(array)
     if array.size <= 8:
-        body = np.array2string(array.reshape(-1), separator=",", threshold=8).replace("\n", "")
-        return f"{array.dtype.name}{list(array.shape)}{body}"
+        body = ", ".join(f"{x:.4g}" if array.dtype.kind == "f" else str(x) for x in array.flat)
+        return f"{array.dtype.name}{list(array.shape)}{{{body}}}"
     text = f"{array.dtype.name}{list(array.shape)}"
     if array.dtype.kind == "f":
         text += f" {100.0 * (1.0 - np.count_nonzero(array) / array.size):.1f}% zeros"

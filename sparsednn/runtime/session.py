@@ -1,0 +1,263 @@
+"""InferenceSession: the Python API, shaped like onnxruntime's.
+
+Creating a session imports the model, runs the pass pipeline, compiles one kernel per Linear
+node and lays out an execution plan: a list of steps over numbered value slots. run() checks
+every input before any native code sees it, then walks the plan.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from sparsednn.errors import InvalidInputError, SparseDNNError
+from sparsednn.frontend.onnx_import import import_onnx
+from sparsednn.ir import Graph, Node, Value
+from sparsednn.ops import lookup
+from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
+from sparsednn.passes.pipeline import run_pipeline
+from sparsednn.runtime.threads import default_num_threads
+
+_ONNX_TYPE_NAMES = {
+    "float32": "tensor(float)", "float64": "tensor(double)", "float16": "tensor(float16)",
+    "int64": "tensor(int64)", "int32": "tensor(int32)", "int16": "tensor(int16)",
+    "int8": "tensor(int8)", "uint8": "tensor(uint8)", "bool": "tensor(bool)",
+}
+
+
+@dataclass
+class SessionOptions:
+    """Options of a session; the names follow onnxruntime's where they exist there."""
+
+    intra_op_num_threads: int = 0  # 0: every core this process may use
+    enable_profiling: bool = False  # per-node times in InferenceSession.profile()
+    sparse_threshold: float = DEFAULT_SPARSE_THRESHOLD  # fraction of zeros for a sparse kernel
+
+    @property
+    def num_threads(self) -> int:
+        n = self.intra_op_num_threads
+        return n if n and n > 0 else default_num_threads()
+
+
+@dataclass(frozen=True)
+class NodeArg:
+    """An input or output of the model, as onnxruntime's get_inputs() describes it."""
+
+    name: str
+    shape: list[int | str | None]
+    type: str
+
+    @classmethod
+    def of(cls, value: Value) -> NodeArg:
+        dtype = "?" if value.dtype is None else np.dtype(value.dtype).name
+        shape = [] if value.shape is None else list(value.shape)
+        return cls(value.name, shape, _ONNX_TYPE_NAMES.get(dtype, f"tensor({dtype})"))
+
+
+@dataclass
+class Step:
+    node: Node
+    run: Callable[..., Any]
+    inputs: list[int | None]
+    outputs: list[int]
+    frees: list[int] = field(default_factory=list)  # slots whose last reader this step is
+
+
+class InferenceSession:
+    def __init__(self, path_or_bytes, sess_options: SessionOptions | None = None,
+                 providers: Sequence[str] | None = None, **kwargs):
+        self.options = sess_options or SessionOptions()
+        start = time.perf_counter()
+        model_name = _model_name(path_or_bytes)
+        graph = import_onnx(path_or_bytes, name=model_name)
+        self.graph: Graph = run_pipeline(graph, sparse_threshold=self.options.sparse_threshold)
+        self.kernels: dict[str, Any] = {}
+        self._build_plan()
+        self.compile_seconds = time.perf_counter() - start
+        self._profile: dict[str, float] = {}
+
+    # -- onnxruntime-shaped API -----------------------------------------------------------
+    def get_inputs(self) -> list[NodeArg]:
+        return [NodeArg.of(v) for v in self.graph.inputs]
+
+    def get_outputs(self) -> list[NodeArg]:
+        return [NodeArg.of(v) for v in self.graph.outputs]
+
+    def get_providers(self) -> list[str]:
+        return ["SparseDNNExecutionProvider"]
+
+    def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any],
+            run_options: Any = None) -> list[np.ndarray]:
+        wanted = self._output_slots(output_names)
+        env: list[Any] = list(self._template)
+        for slot, array in self._check_inputs(input_feed):
+            env[slot] = array
+        profiling = self.options.enable_profiling
+        for step in self._steps:
+            args = [None if s is None else env[s] for s in step.inputs]
+            t0 = time.perf_counter() if profiling else 0.0
+            try:
+                results = step.run(*args)
+            except SparseDNNError:
+                raise
+            except Exception as e:  # numpy errors in an op: name the node that failed
+                raise SparseDNNError(
+                    f"node {step.node.name!r} ({step.node.op}) failed on inputs "
+                    f"{[getattr(a, 'shape', None) for a in args]}: {e}"
+                ) from e
+            if profiling:
+                key = f"{step.node.name} ({step.node.op})"
+                self._profile[key] = self._profile.get(key, 0.0) + time.perf_counter() - t0
+            if not isinstance(results, tuple):
+                results = (results,)
+            for slot, r in zip(step.outputs, results):
+                env[slot] = r
+            for slot in step.frees:
+                env[slot] = None
+        return [np.asarray(env[s]) for s in wanted]
+
+    def profile(self) -> dict[str, float]:
+        """Seconds spent per node over all runs so far (needs enable_profiling)."""
+        return dict(sorted(self._profile.items(), key=lambda kv: -kv[1]))
+
+    # -- planning -------------------------------------------------------------------------
+    def _build_plan(self) -> None:
+        slots: dict[int, int] = {}
+        template: list[Any] = []
+
+        def slot_of(v: Value) -> int:
+            if id(v) not in slots:
+                slots[id(v)] = len(template)
+                template.append(v.const if v.is_const else None)
+            return slots[id(v)]
+
+        self._input_slots = {v.name: slot_of(v) for v in self.graph.inputs}
+        steps: list[Step] = []
+        for node in self.graph.nodes:
+            ins = [None if v is None else slot_of(v) for v in node.inputs]
+            outs = [slot_of(v) for v in node.outputs]
+            steps.append(Step(node, self._lower(node), ins, outs))
+        self._output_slots_by_name = {v.name: slot_of(v) for v in self.graph.outputs}
+        # Free each intermediate after its last reader, so peak memory follows the live set.
+        keep = set(self._output_slots_by_name.values())
+        last_reader: dict[int, Step] = {}
+        for step in steps:
+            for s in step.inputs:
+                if s is not None and template[s] is None:
+                    last_reader[s] = step
+        for s, step in last_reader.items():
+            if s not in keep:
+                step.frees.append(s)
+        self._steps = steps
+        self._template = template
+
+    def _lower(self, node: Node) -> Callable[..., Any]:
+        if node.op == "Linear":
+            return self._lower_linear(node)
+        compute = lookup(node.op, node.name).compute
+        attrs = node.attrs
+        return lambda *args: compute(*args, **attrs)
+
+    def _lower_linear(self, node: Node) -> Callable[..., Any]:
+        from sparsednn.codegen.spmm import compile_dense_linear, compile_sparse_linear
+
+        a = node.attrs
+        compile_kernel = compile_sparse_linear if a["kernel"] == "sparse" else compile_dense_linear
+        kernel = compile_kernel(a["weight"], a["bias"], a["activation"])
+        self.kernels[node.name] = kernel
+        a["kernel"] = kernel.name
+        k, n = a["weight"].shape
+        threads = self.options.num_threads
+        where = f"node {node.name!r} (Linear {k}x{n})"
+
+        def run_linear(x: np.ndarray) -> np.ndarray:
+            if x.dtype != np.float32 or x.ndim < 1 or x.shape[-1] != k:
+                raise SparseDNNError(
+                    f"{where}: expects float32 input [..., {k}], got {x.dtype}{list(x.shape)}"
+                )
+            rows = np.ascontiguousarray(x).reshape(-1, k)
+            return kernel(rows, num_threads=threads).reshape(*x.shape[:-1], n)
+
+        return run_linear
+
+    # -- checks ---------------------------------------------------------------------------
+    def _output_slots(self, output_names: Sequence[str] | None) -> list[int]:
+        if output_names is None:
+            return list(self._output_slots_by_name.values())
+        slots = []
+        for name in output_names:
+            if name not in self._output_slots_by_name:
+                raise InvalidInputError(
+                    f"{self.graph.name}: no output named {name!r}; outputs: "
+                    + ", ".join(self._output_slots_by_name)
+                )
+            slots.append(self._output_slots_by_name[name])
+        return slots
+
+    def _check_inputs(self, feed: dict[str, Any]) -> list[tuple[int, np.ndarray]]:
+        if not isinstance(feed, dict):
+            raise InvalidInputError(
+                f"{self.graph.name}: inputs must be a dict {{name: array}}, got {type(feed).__name__}"
+            )
+        expected = {v.name: v for v in self.graph.inputs}
+        unknown = sorted(set(feed) - set(expected))
+        if unknown:
+            raise InvalidInputError(
+                f"{self.graph.name}: unknown input(s) {', '.join(map(repr, unknown))}; "
+                f"the model's inputs are {', '.join(map(repr, expected))}"
+            )
+        missing = [n for n in expected if n not in feed]
+        if missing:
+            raise InvalidInputError(
+                f"{self.graph.name}: missing input(s) {', '.join(map(repr, missing))}; "
+                f"the model's inputs are {', '.join(map(repr, expected))}"
+            )
+        symbols: dict[str, tuple[int, str]] = {}
+        checked = []
+        for name, value in expected.items():
+            array = feed[name]
+            if not isinstance(array, np.ndarray):
+                array = np.asarray(array)
+            if value.dtype is not None and array.dtype != value.dtype:
+                raise InvalidInputError(
+                    f"{self.graph.name}: input {name!r} must be {np.dtype(value.dtype).name}, "
+                    f"got {array.dtype.name}"
+                )
+            if value.shape is not None:
+                if array.ndim != len(value.shape):
+                    raise InvalidInputError(
+                        f"{self.graph.name}: input {name!r} must have rank {len(value.shape)} "
+                        f"(shape {list(value.shape)}), got shape {list(array.shape)}"
+                    )
+                for axis, (want, got) in enumerate(zip(value.shape, array.shape)):
+                    if isinstance(want, int) and want != got:
+                        raise InvalidInputError(
+                            f"{self.graph.name}: input {name!r} axis {axis} must be {want}, "
+                            f"got shape {list(array.shape)}"
+                        )
+                    if isinstance(want, str):
+                        seen = symbols.setdefault(want, (got, name))
+                        if seen[0] != got:
+                            raise InvalidInputError(
+                                f"{self.graph.name}: dimension {want!r} is {seen[0]} in input "
+                                f"{seen[1]!r} but {got} in input {name!r}"
+                            )
+            checked.append((self._input_slots[name], np.ascontiguousarray(array)))
+        return checked
+
+
+def _model_name(model) -> str | None:
+    if isinstance(model, (str, os.PathLike)):
+        return os.path.basename(os.fspath(model))
+    return None
+
+
+def compile(model, sess_options: SessionOptions | None = None, **options) -> InferenceSession:
+    """The short path: compile a model (path, bytes or ModelProto) into a session."""
+    if options:
+        sess_options = SessionOptions(**{**(vars(sess_options) if sess_options else {}), **options})
+    return InferenceSession(model, sess_options)
