@@ -1,0 +1,5 @@
+import sys
+
+from sparsednn.cli import main
+
+sys.exit(main())
