@@ -217,11 +217,11 @@ def import_onnx(model, name: str | None = None) -> Graph:
     unsupported: list[str] = []
     for i, node in enumerate(g.node):
         node_name = node.name or f"{node.op_type}_{i}"
-        if node.domain not in ONNX_DOMAINS:
-            unsupported.append(f"{node.domain}.{node.op_type} (node {node_name!r})")
-            continue
-        if node.op_type not in OPS or OPS[node.op_type].domain != "":
-            unsupported.append(f"{node.op_type} (node {node_name!r})")
+        known = node.op_type in OPS and OPS[node.op_type].domain == ""
+        if node.domain not in ONNX_DOMAINS or not known:
+            domain = f"{node.domain}." if node.domain not in ONNX_DOMAINS else ""
+            unsupported.append(f"{domain}{node.op_type} (node {node_name!r})")
+            values.update((o, Value(o)) for o in node.output)  # keep reading: report them all
             continue
         attrs = {a.name: _attribute(a, f"{where}: node {node_name!r}") for a in node.attribute}
         lookup(node.op_type, node_name, attrs)

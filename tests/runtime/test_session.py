@@ -1,0 +1,140 @@
+"""InferenceSession's API and its checks of run()'s inputs."""
+
+import threading
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import sparsednn
+from sparsednn.errors import InvalidInputError
+
+rng = np.random.default_rng(0)
+W = rng.standard_normal((16, 24)).astype(np.float32)
+W[rng.random(W.shape) < 0.9] = 0
+B = rng.standard_normal(24).astype(np.float32)
+
+
+def two_input_model():
+    """y = relu(a @ W + B) + c, with a symbolic batch shared by both inputs."""
+    nodes = [helper.make_node("MatMul", ["a", "W"], ["mm"]),
+             helper.make_node("Add", ["mm", "B"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Add", ["r", "c"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "two_inputs",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 16]),
+         helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", 24])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 24])],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(B, "B")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture(scope="module")
+def session():
+    return sparsednn.InferenceSession(two_input_model().SerializeToString())
+
+
+def feed(batch=3):
+    return {"a": rng.standard_normal((batch, 16)).astype(np.float32),
+            "c": rng.standard_normal((batch, 24)).astype(np.float32)}
+
+
+def reference(f):
+    return np.maximum(f["a"].astype(np.float64) @ W + B, 0) + f["c"]
+
+
+def test_inputs_and_outputs_are_described_like_onnxruntime(session):
+    (a, c), (y,) = session.get_inputs(), session.get_outputs()
+    assert (a.name, a.shape, a.type) == ("a", ["batch", 16], "tensor(float)")
+    assert (y.name, y.shape) == ("y", ["batch", 24])
+
+
+@pytest.mark.parametrize("batch", [0, 1, 5, 130])
+def test_run_matches_numpy_at_any_batch(session, batch):
+    f = feed(batch)
+    (y,) = session.run(None, f)
+    assert y.shape == (batch, 24) and y.dtype == np.float32
+    np.testing.assert_allclose(y, reference(f), rtol=1e-5, atol=1e-5)
+
+
+def test_output_names_select_outputs(session):
+    f = feed()
+    (y,) = session.run(["y"], f)
+    np.testing.assert_allclose(y, reference(f), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidInputError, match="no output named 'z'"):
+        session.run(["z"], f)
+
+
+def test_non_contiguous_and_read_only_inputs(session):
+    f = feed(4)
+    a = np.asfortranarray(f["a"])
+    c = f["c"].copy()
+    c.flags.writeable = False
+    (y,) = session.run(None, {"a": a, "c": c})
+    np.testing.assert_allclose(y, reference(f), rtol=1e-5, atol=1e-5)
+    strided = np.repeat(f["a"], 2, axis=0)[::2]
+    (y2,) = session.run(None, {"a": strided, "c": f["c"]})
+    np.testing.assert_allclose(y2, reference(f), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"a": np.zeros((2, 16), np.float32)}, "missing input.*'c'"),
+    ({**feed(2), "extra": np.zeros(1)}, "unknown input.*'extra'"),
+    ({"a": np.zeros((2, 16), np.float64), "c": np.zeros((2, 24), np.float32)},
+     "'a' must be float32, got float64"),
+    ({"a": np.zeros((2, 16, 1), np.float32), "c": np.zeros((2, 24), np.float32)},
+     "'a' must have rank 2"),
+    ({"a": np.zeros((2, 15), np.float32), "c": np.zeros((2, 24), np.float32)},
+     "'a' axis 1 must be 16"),
+    ({"a": np.zeros((2, 16), np.float32), "c": np.zeros((3, 24), np.float32)},
+     "dimension 'batch' is 2 in input 'a' but 3 in input 'c'"),
+])
+def test_bad_inputs_are_named(session, bad, match):
+    with pytest.raises(InvalidInputError, match=match):
+        session.run(None, bad)
+
+
+def test_nan_and_inf_propagate(session):
+    f = feed(2)
+    f["c"][0, 0], f["c"][1, 1] = np.nan, np.inf
+    (y,) = session.run(None, f)
+    assert np.isnan(y[0, 0]) and np.isinf(y[1, 1])
+
+
+def test_run_is_reentrant_across_threads(session):
+    feeds = [feed(7) for _ in range(8)]
+    expected = [session.run(None, f)[0] for f in feeds]
+    results = [None] * 8
+
+    def worker(i):
+        for _ in range(5):
+            results[i] = session.run(None, feeds[i])[0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_compile_and_session_options(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(two_input_model().SerializeToString())
+    s = sparsednn.compile(str(path), intra_op_num_threads=1)
+    assert s.options.num_threads == 1
+    f = feed(3)
+    np.testing.assert_allclose(s.run(None, f)[0], reference(f), rtol=1e-5, atol=1e-5)
+    dense = sparsednn.InferenceSession(str(path), sparsednn.SessionOptions(sparse_threshold=1.1))
+    assert dense.graph.nodes[0].attrs["kernel"].startswith("f32_gemm")
+    np.testing.assert_allclose(dense.run(None, f)[0], reference(f), rtol=1e-5, atol=1e-5)
+
+
+def test_profiling_reports_time_per_node():
+    s = sparsednn.InferenceSession(two_input_model(), sparsednn.SessionOptions(
+        enable_profiling=True))
+    s.run(None, feed())
+    profile = s.profile()
+    assert any("Linear" in k for k in profile) and all(t >= 0 for t in profile.values())
