@@ -1,4 +1,4 @@
-"""The command line: `sparsednn benchmark | dump | prune`.
+"""The command line: `sparsednn benchmark | profile | dump | prune`.
 
 Errors print as one readable line with a non-zero exit code; `--debug` shows the traceback.
 """
@@ -131,6 +131,78 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    import sparsednn
+    from sparsednn.benchmark import synthetic_inputs
+
+    path = resolve_model(args.model)
+    _say(f"compiling {path} ...")
+    options = sparsednn.SessionOptions(intra_op_num_threads=args.threads or 0,
+                                       enable_profiling=True)
+    session = sparsednn.InferenceSession(path, options)
+    feed = synthetic_inputs(session.graph, args.batch_size, args.seq_len, _parse_shapes(args.shapes))
+    session.run(None, feed)  # warm up, then forget the warm-up's times
+    session.reset_profile()
+    for _ in range(args.runs):
+        session.run(None, feed)
+    nodes = {n.name: n for n in session.graph.nodes}
+    profile = session.profile()
+    total = sum(p.seconds for p in profile) or 1.0
+    rows = []
+    for p in profile:
+        node = nodes[p.node]
+        shape = node.outputs[0].type_str() if node.outputs else ""
+        sparsity = node.attrs.get("sparsity")
+        rows.append({
+            "node": p.node, "op": p.op, "output": shape,
+            "sparsity": "" if sparsity is None else f"{100 * sparsity:.1f}%",
+            "kernel": node.attrs.get("kernel", "") if node.op == "Linear" else "numpy",
+            "ms": 1e3 * p.seconds / args.runs, "share": 100 * p.seconds / total,
+            "gflops": p.gflops,
+        })
+    shown = rows if args.all else rows[: args.top]
+    print(f"{'node':40s} {'op':10s} {'output':28s} {'sparsity':>8s} {'kernel':30s} "
+          f"{'ms/run':>8s} {'share':>6s} {'GFLOP/s':>8s}")
+    for r in shown:
+        print(f"{r['node'][-40:]:40s} {r['op']:10s} {r['output'][:28]:28s} {r['sparsity']:>8s} "
+              f"{r['kernel'][:30]:30s} {r['ms']:8.3f} {r['share']:5.1f}% "
+              f"{r['gflops'] or 0:8.1f}")
+    if len(shown) < len(rows):
+        print(f"... {len(rows) - len(shown)} more nodes (--all shows them)")
+    by_op: dict[str, float] = {}
+    for r in rows:
+        by_op[r["op"]] = by_op.get(r["op"], 0.0) + r["share"]
+    print("by op: " + ", ".join(f"{op} {share:.1f}%" for op, share in
+                                sorted(by_op.items(), key=lambda kv: -kv[1])))
+    print(f"total {1e3 * total / args.runs:.3f} ms/run over {args.runs} runs")
+    if args.plot:
+        _plot_profile(by_op, rows, args.plot, f"{args.model}: {1e3 * total / args.runs:.1f} ms/run")
+        _say(f"wrote {args.plot}")
+    return 0
+
+
+def _plot_profile(by_op: dict[str, float], rows: list[dict], path: str, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SparseDNNError("--plot needs matplotlib (pip install 'sparsednn[bench]')") from None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
+    ops = sorted(by_op, key=by_op.get)
+    left.barh(ops, [by_op[o] for o in ops], color="tab:blue")
+    left.set_xlabel("share of run time (%)")
+    left.set_title("time by op")
+    top = rows[:15][::-1]
+    right.barh([r["node"][-32:] for r in top], [r["ms"] for r in top], color="tab:orange")
+    right.set_xlabel("ms per run")
+    right.set_title("slowest nodes")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def cmd_dump(args) -> int:
     from sparsednn.frontend.onnx_import import import_onnx
     from sparsednn.passes.pipeline import run_pipeline
@@ -191,6 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also run this peer on the same model and inputs")
     bench.add_argument("--json", help="write the report as JSON to this file")
     bench.set_defaults(run=cmd_benchmark)
+
+    prof = sub.add_parser("profile", help="per-node time table of a model")
+    prof.add_argument("model", nargs="?", default="bert-base-90")
+    prof.add_argument("-b", "--batch-size", type=int, default=1)
+    prof.add_argument("-s", "--seq-len", type=int, default=128)
+    prof.add_argument("--shapes", help="explicit input shapes, e.g. input_ids:1x128,...")
+    prof.add_argument("-t", "--threads", type=int, default=0, help="0: all cores")
+    prof.add_argument("--runs", type=int, default=10)
+    prof.add_argument("--top", type=int, default=25, help="rows to show")
+    prof.add_argument("--all", action="store_true", help="show every node")
+    prof.add_argument("--plot", help="write a PNG bar chart of where the time goes")
+    prof.set_defaults(run=cmd_profile)
 
     dump = sub.add_parser("dump", help="print the IR after a pass, or the generated kernels")
     dump.add_argument("model")

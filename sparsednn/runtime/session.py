@@ -8,6 +8,7 @@ every input before any native code sees it, then walks the plan.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -59,6 +60,21 @@ class NodeArg:
 
 
 @dataclass
+class NodeProfile:
+    """Where run() spent its time: one node's totals over all profiled runs."""
+
+    node: str
+    op: str
+    calls: int = 0
+    seconds: float = 0.0
+    useful_flops: float = 0.0  # Linear: 2 * nonzeros * rows, the work a dense GEMM would skip
+
+    @property
+    def gflops(self) -> float:
+        return self.useful_flops / self.seconds / 1e9 if self.seconds else 0.0
+
+
+@dataclass
 class Step:
     node: Node
     run: Callable[..., Any]
@@ -78,7 +94,8 @@ class InferenceSession:
         self.kernels: dict[str, Any] = {}
         self._build_plan()
         self.compile_seconds = time.perf_counter() - start
-        self._profile: dict[str, float] = {}
+        self._profile: dict[str, NodeProfile] = {}
+        self._profile_lock = threading.Lock()
 
     # -- onnxruntime-shaped API -----------------------------------------------------------
     def get_inputs(self) -> list[NodeArg]:
@@ -110,8 +127,7 @@ class InferenceSession:
                     f"{[getattr(a, 'shape', None) for a in args]}: {e}"
                 ) from e
             if profiling:
-                key = f"{step.node.name} ({step.node.op})"
-                self._profile[key] = self._profile.get(key, 0.0) + time.perf_counter() - t0
+                self._record(step, time.perf_counter() - t0, args)
             if not isinstance(results, tuple):
                 results = (results,)
             for slot, r in zip(step.outputs, results):
@@ -120,9 +136,26 @@ class InferenceSession:
                 env[slot] = None
         return [np.asarray(env[s]) for s in wanted]
 
-    def profile(self) -> dict[str, float]:
-        """Seconds spent per node over all runs so far (needs enable_profiling)."""
-        return dict(sorted(self._profile.items(), key=lambda kv: -kv[1]))
+    def profile(self) -> list[NodeProfile]:
+        """Time spent per node over all runs so far, slowest first (needs enable_profiling)."""
+        with self._profile_lock:
+            return sorted(self._profile.values(), key=lambda p: -p.seconds)
+
+    def reset_profile(self) -> None:
+        with self._profile_lock:
+            self._profile.clear()
+
+    def _record(self, step: Step, seconds: float, args: list[Any]) -> None:
+        node = step.node
+        flops = 0.0
+        if node.op == "Linear" and args and args[0] is not None:
+            rows = args[0].size // max(args[0].shape[-1], 1)
+            flops = 2.0 * self.kernels[node.name].nnz * rows
+        with self._profile_lock:
+            p = self._profile.setdefault(node.name, NodeProfile(node.name, node.op))
+            p.calls += 1
+            p.seconds += seconds
+            p.useful_flops += flops
 
     # -- planning -------------------------------------------------------------------------
     def _build_plan(self) -> None:

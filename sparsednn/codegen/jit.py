@@ -1,0 +1,122 @@
+"""The one place that owns LLVM: initialisation, target machines, optimisation and the MCJIT engine.
+
+    jm = compile_module(ir_module, target)        # verify, optimise (O3, new pass manager), JIT
+    addr = jm.function_address("f32_spmm_...")    # valid as long as `jm` is alive
+    jm.llvm_ir, jm.asm                           # optimised IR and machine code, for dumps
+
+llvmlite shares one LLVM context per process and LLVM is not thread-safe across it, so every
+call into LLVM made here holds one lock. Compiled code runs without it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import llvmlite.binding as llvm
+import llvmlite.ir as ir
+
+from sparsednn.errors import CompileError
+
+_lock = threading.RLock()
+_initialized = False
+_target_machines: dict = {}
+
+
+def ensure_llvm_initialized() -> None:
+    """Initialise LLVM's native target and assembly printer (once per process)."""
+    global _initialized
+    if _initialized:
+        return
+    with _lock:
+        if not _initialized:
+            llvm.initialize_native_target()
+            llvm.initialize_native_asmprinter()
+            llvm.initialize_native_asmparser()
+            _initialized = True
+
+
+def target_machine(target) -> llvm.TargetMachine:
+    """The cached TargetMachine of a Target (features always passed explicitly)."""
+    with _lock:
+        tm = _target_machines.get(target)
+        if tm is None:
+            tm = target.create_target_machine(opt=3)
+            _target_machines[target] = tm
+        return tm
+
+
+def _optimize(mod: llvm.ModuleRef, tm: llvm.TargetMachine, speed_level: int) -> None:
+    pto = llvm.create_pipeline_tuning_options(speed_level=speed_level)
+    pb = llvm.create_pass_builder(tm, pto)
+    mpm = pb.getModulePassManager()
+    mpm.run(mod, pb)
+
+
+class JITModule:
+    """A compiled LLVM module and the MCJIT engine that keeps its code alive."""
+
+    def __init__(self, engine, module: llvm.ModuleRef, target, compile_seconds: float):
+        self._engine = engine
+        self._module = module
+        self.target = target
+        self.compile_seconds = compile_seconds
+        self._ir_text: str | None = None
+        self._asm_text: str | None = None
+
+    def function_address(self, name: str) -> int:
+        with _lock:
+            addr = self._engine.get_function_address(name)
+        if not addr:
+            raise CompileError(f"JIT module has no function named {name!r}")
+        return addr
+
+    @property
+    def llvm_ir(self) -> str:
+        """The optimised LLVM IR of the module, as text."""
+        if self._ir_text is None:
+            with _lock:
+                self._ir_text = str(self._module)
+        return self._ir_text
+
+    @property
+    def asm(self) -> str:
+        """The machine code of the module, as assembly text (generated on first use)."""
+        if self._asm_text is None:
+            text = self.llvm_ir
+            with _lock:
+                # A fresh copy: the engine's module stays untouched.
+                copy = llvm.parse_assembly(text)
+                self._asm_text = target_machine(self.target).emit_assembly(copy)
+        return self._asm_text
+
+
+def new_module(name: str, target) -> ir.Module:
+    """An empty llvmlite IR module for `target` (triple and data layout set)."""
+    mod = ir.Module(name=name)
+    mod.triple = target.triple or llvm.get_process_triple()
+    mod.data_layout = str(target_machine(target).target_data)
+    return mod
+
+
+def compile_module(module: ir.Module | str, target, speed_level: int = 3) -> JITModule:
+    """Verify, optimise and JIT-compile an IR module for `target`; raise CompileError on failure."""
+    ensure_llvm_initialized()
+    t0 = time.perf_counter()
+    text = str(module)
+    with _lock:
+        tm = target_machine(target)
+        try:
+            mod = llvm.parse_assembly(text)
+            mod.triple = target.triple or llvm.get_process_triple()
+            mod.data_layout = str(tm.target_data)
+            mod.verify()
+        except RuntimeError as e:
+            raise CompileError(f"invalid LLVM IR for module {getattr(module, 'name', '?')}: {e}")
+        _optimize(mod, tm, speed_level)
+        try:
+            engine = llvm.create_mcjit_compiler(mod, tm)
+            engine.finalize_object()
+        except RuntimeError as e:
+            raise CompileError(f"LLVM JIT compilation failed: {e}")
+    return JITModule(engine, mod, target, time.perf_counter() - t0)

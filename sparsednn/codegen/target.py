@@ -1,0 +1,132 @@
+"""The CPU we generate code for: its name, LLVM feature string, vector ISA and vector width.
+
+The host CPU is read once per process. Under virtualisation ``llvm.get_host_cpu_name()`` can
+name a CPU other than the one we run on, so the feature string (``get_host_cpu_features()``) is
+the truth and is always passed explicitly to the target machine.
+
+``SPARSEDNN_ISA=avx2|generic`` (or ``host_target("avx2")``) forces a lower ISA than the host's,
+by switching off the features above it, so that every code path can be tested on one machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import llvmlite.binding as llvm
+
+ISAS = ("avx512", "avx2", "generic")
+VECTOR_WIDTH = {"avx512": 16, "avx2": 8, "generic": 4}
+ISA_ENV_VAR = "SPARSEDNN_ISA"
+
+# Features switched off to force a lower ISA. LLVM also clears whatever a switched-off feature
+# implies, but a later "+feature" in the string could switch a cleared one back on, so every
+# feature that implies AVX-512 (resp. AVX) is named here explicitly.
+_ABOVE_AVX2_PREFIXES = ("avx512", "avx10", "amx", "evex512")
+_ABOVE_AVX2_NAMES = frozenset()
+_ABOVE_GENERIC_PREFIXES = ("avx", "amx", "evex512")
+_ABOVE_GENERIC_NAMES = frozenset(
+    {"fma", "fma4", "xop", "f16c", "vaes", "vpclmulqdq", "sha512", "sm3", "sm4", "gfni"}
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the code generator specialises on; hashable, so usable as a cache key."""
+
+    cpu_name: str
+    features: str  # LLVM feature string, e.g. "+avx2,+fma,-avx512f,..."
+    isa: str  # "avx512", "avx2" or "generic"
+    vector_width: int  # float32 lanes per vector register: 16, 8 or 4
+    triple: str = ""
+
+    @property
+    def has_fma(self) -> bool:
+        return self.isa in ("avx512", "avx2")
+
+    def create_target_machine(self, opt: int = 3) -> llvm.TargetMachine:
+        """A fresh llvmlite TargetMachine for JIT use (see jit.target_machine for a cached one)."""
+        from sparsednn.codegen import jit
+
+        jit.ensure_llvm_initialized()
+        triple = self.triple or llvm.get_process_triple()
+        return llvm.Target.from_triple(triple).create_target_machine(
+            cpu=self.cpu_name,
+            features=self.features,
+            opt=opt,
+            reloc="default",
+            codemodel="jitdefault",
+            jit=True,
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _host_cpu() -> tuple[str, dict[str, bool], str]:
+    """(cpu name, {feature: enabled}, triple) of the host, read once."""
+    from sparsednn.codegen import jit
+
+    jit.ensure_llvm_initialized()
+    feats = llvm.get_host_cpu_features()
+    return llvm.get_host_cpu_name(), dict(feats), llvm.get_process_triple()
+
+
+def _isa_of(features: dict[str, bool]) -> str:
+    if features.get("avx512f") and features.get("avx512vl"):
+        return "avx512"
+    if features.get("avx2") and features.get("fma"):
+        return "avx2"
+    return "generic"
+
+
+def _flatten(features: dict[str, bool]) -> str:
+    return ",".join(("+" if on else "-") + name for name, on in sorted(features.items()))
+
+
+def _strip(features: dict[str, bool], prefixes: tuple[str, ...], names: frozenset) -> dict:
+    out = dict(features)
+    for name in out:
+        if name.startswith(prefixes) or name in names:
+            out[name] = False
+    return out
+
+
+def host_isa() -> str:
+    """The best ISA the host supports."""
+    return _isa_of(_host_cpu()[1])
+
+
+@functools.lru_cache(maxsize=None)
+def _target_for(isa: str) -> Target:
+    cpu, features, triple = _host_cpu()
+    best = _isa_of(features)
+    if ISAS.index(isa) < ISAS.index(best):
+        raise ValueError(f"ISA {isa!r} is not supported by this CPU (best: {best!r})")
+    if isa == "avx2" and best != "avx2":
+        features = _strip(features, _ABOVE_AVX2_PREFIXES, _ABOVE_AVX2_NAMES)
+    elif isa == "generic" and best != "generic":
+        features = _strip(features, _ABOVE_GENERIC_PREFIXES, _ABOVE_GENERIC_NAMES)
+    return Target(
+        cpu_name=cpu,
+        features=_flatten(features),
+        isa=isa,
+        vector_width=VECTOR_WIDTH[isa],
+        triple=triple,
+    )
+
+
+def host_target(isa: str | None = None) -> Target:
+    """The host's target, or a lower ISA if asked (argument, else $SPARSEDNN_ISA)."""
+    if isa is None:
+        isa = os.environ.get(ISA_ENV_VAR, "").strip().lower() or None
+    if isa is None:
+        isa = host_isa()
+    if isa not in ISAS:
+        raise ValueError(f"unknown ISA {isa!r}; expected one of {', '.join(ISAS)}")
+    return _target_for(isa)
+
+
+def available_isas() -> list[str]:
+    """ISAs this host can run, best first (for tests and benchmarks)."""
+    best = host_isa()
+    return list(ISAS[ISAS.index(best):])
