@@ -136,5 +136,9 @@ def test_profiling_reports_time_per_node():
     s = sparsednn.InferenceSession(two_input_model(), sparsednn.SessionOptions(
         enable_profiling=True))
     s.run(None, feed())
+    s.run(None, feed())
     profile = s.profile()
-    assert any("Linear" in k for k in profile) and all(t >= 0 for t in profile.values())
+    assert {p.op for p in profile} == {"Linear", "Add"}
+    assert all(p.calls == 2 and p.seconds > 0 for p in profile)
+    (linear,) = [p for p in profile if p.op == "Linear"]
+    assert linear.useful_flops == 2 * 2 * np.count_nonzero(W) * 3
