@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from sparsednn.errors import InvalidGraphError, SparseDNNError
 from sparsednn.ir import Graph, Node, Value
 from sparsednn.ops import lookup
 
@@ -35,14 +36,46 @@ def _foldable_inputs(node: Node) -> list[np.ndarray | None] | None:
     return arrays
 
 
+def _creates_too_much(node: Node, arrays: list[np.ndarray | None]) -> bool:
+    """Whether an op that makes data from shapes would make more than MAX_FOLDED_BYTES.
+
+    Checked before computing, so that a model asking for an absurd tensor is never allocated.
+    """
+    try:
+        if node.op == "ConstantOfShape":
+            count = float(np.prod(arrays[0].astype(np.float64)))
+        elif node.op == "Expand":
+            target = np.broadcast_shapes(arrays[0].shape, tuple(int(d) for d in arrays[1]))
+            count = float(np.prod(target, dtype=np.float64))
+        elif node.op == "Tile":
+            count = float(np.prod(arrays[0].shape, dtype=np.float64)) * float(
+                np.prod(arrays[1].astype(np.float64)))
+        elif node.op == "Range":
+            start, limit, delta = (float(a) for a in arrays)
+            count = abs((limit - start) / delta) if delta else float("inf")
+        else:
+            return False
+    except (ValueError, TypeError, OverflowError):
+        return True  # let the run-time op report the problem with its own message
+    return count * 8 > MAX_FOLDED_BYTES
+
+
 def fold_constants(graph: Graph) -> Graph:
     kept: list[Node] = []
     for node in graph.nodes:
         arrays = None if node.op in NEVER_FOLD else _foldable_inputs(node)
-        if arrays is None:
+        if arrays is None or _creates_too_much(node, arrays):
             kept.append(node)
             continue
-        results = lookup(node.op, node.name).compute(*arrays, **node.attrs)
+        try:
+            results = lookup(node.op, node.name).compute(*arrays, **node.attrs)
+        except SparseDNNError:
+            raise
+        except Exception as e:  # the model's constants contradict the op: say which node
+            raise InvalidGraphError(
+                f"graph {graph.name!r}: node {node.name!r} ({node.op}) fails on its constant "
+                f"inputs {[None if a is None else list(a.shape) for a in arrays]}: {e}"
+            ) from e
         results = results if isinstance(results, tuple) else (results,)
         if sum(np.asarray(r).nbytes for r in results) > MAX_FOLDED_BYTES:
             kept.append(node)
