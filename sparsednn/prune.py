@@ -96,33 +96,39 @@ def _find_weights(graph: onnx.GraphProto, min_size: int) -> list[_Weight]:
                 readers.setdefault(name, []).append((node, i))
     graph_outputs = {o.name for o in graph.output}
 
-    def weight_use(node: onnx.NodeProto, i: int, rank: int):
-        """(op, to_kn, from_kn, node names) when input i of node is a weight position."""
+    def weight_use(node: onnx.NodeProto, i: int, rank: int, transposed: bool = False):
+        """(op, to_kn, from_kn, node names) when input i of node is a weight position.
+
+        Follows Identity (the TorchScript exporter shares equal initializers through them)
+        and one 2-D Transpose in front of MatMul B inputs.
+        """
         if node.domain not in ("", "ai.onnx"):
             return None
         op = node.op_type
         if op == "MatMul" and i == 1 and rank == 2:
-            return "MatMul", _identity, _identity, [node.name]
+            views = (_transpose, _transpose) if transposed else (_identity, _identity)
+            return ("MatMul", *views, [node.name])
         if op == "Gemm" and i == 1 and rank == 2:
             trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-            views = (_transpose, _transpose) if trans_b else (_identity, _identity)
+            views = (_transpose, _transpose) if trans_b != transposed else (_identity, _identity)
             return ("Gemm", *views, [node.name])
-        if op == "Conv" and i == 1 and 3 <= rank <= 5:
+        if op == "Conv" and i == 1 and 3 <= rank <= 5 and not transposed:
             return "Conv", None, None, [node.name]
-        if op == "Transpose" and i == 0 and rank == 2:
-            perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
-            if perm and perm[0] != [1, 0]:
-                return None
+        if op in ("Identity", "Transpose") and i == 0:
+            if op == "Transpose":
+                perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+                if transposed or rank != 2 or (perm and perm[0] != [1, 0]):
+                    return None
+                transposed = True
             out = node.output[0]
             users = readers.get(out, [])
             if not users or out in graph_outputs:
                 return None
-            names = [node.name]
-            for user, j in users:
-                if user.domain not in ("", "ai.onnx") or user.op_type != "MatMul" or j != 1:
-                    return None
-                names.append(user.name)
-            return "MatMul", _transpose, _transpose, names
+            uses = [weight_use(user, j, rank, transposed) for user, j in users]
+            if any(u is None for u in uses) or len({u[0] for u in uses}) != 1:
+                return None
+            names = [node.name] + [n for u in uses for n in u[3]]
+            return (*uses[0][:3], names)
         return None
 
     weights: list[_Weight] = []
