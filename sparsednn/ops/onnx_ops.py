@@ -615,19 +615,29 @@ def _define_reduce(name, fn):
     return op
 
 
+def _lowest(dtype):
+    if dtype == BOOL:
+        return False
+    return -np.inf if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).min
+
+
+def _highest(dtype):
+    if dtype == BOOL:
+        return True
+    return np.inf if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).max
+
+
 def _max(x, axes, keepdims):
     if x.size == 0:  # ONNX 18+: the identity of max over an empty set
         shape = np.amax(np.zeros(x.shape, np.int8), axis=axes, keepdims=keepdims, initial=0).shape
-        lo = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
-        return np.full(shape, lo, x.dtype)
+        return np.full(shape, _lowest(x.dtype), x.dtype)
     return np.amax(x, axis=axes, keepdims=keepdims)
 
 
 def _min(x, axes, keepdims):
     if x.size == 0:
         shape = np.amin(np.zeros(x.shape, np.int8), axis=axes, keepdims=keepdims, initial=0).shape
-        hi = np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).max
-        return np.full(shape, hi, x.dtype)
+        return np.full(shape, _highest(x.dtype), x.dtype)
     return np.amin(x, axis=axes, keepdims=keepdims)
 
 
@@ -782,7 +792,9 @@ def _solve_dim(in_shape, known_out):
 
 @register
 def Flatten(x, *, axis=1):
-    a = _axis(axis, x.ndim + 1, "Flatten") if axis != x.ndim else axis
+    a = axis + x.ndim if axis < 0 else axis
+    if not 0 <= a <= x.ndim:
+        raise ValueError(f"Flatten: axis {axis} is out of range for rank {x.ndim}")
     outer = math.prod(x.shape[:a])
     return np.reshape(x, (outer, math.prod(x.shape[a:])))
 
@@ -1337,11 +1349,26 @@ def _pool(op, x, kernel, auto_pad, pads, strides, dilations, ceil_mode, fill):
 @register
 def MaxPool(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape, pads=None,
             storage_order=0, strides=None):
-    fill = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
-    win, _ = _pool("MaxPool", x, kernel_shape, auto_pad, pads, strides, dilations, ceil_mode,
-                   fill)
+    """Y, and the Indices output: flat positions in x (row-major, or column-major over the
+    spatial axes when storage_order=1)."""
+    win, geo = _pool("MaxPool", x, kernel_shape, auto_pad, pads, strides, dilations,
+                     ceil_mode, _lowest(x.dtype))
+    out, lo, _, _, strides, dilations = geo
     nd = len(kernel_shape)
-    return win.max(axis=tuple(range(-nd, 0)))
+    flat = win.reshape((*win.shape[:2 + nd], -1))
+    arg = flat.argmax(axis=-1)
+    y = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+    offsets = np.unravel_index(arg, kernel_shape)
+    n, c, *spatial = x.shape
+    coords = []
+    for i in range(nd):
+        o = np.arange(out[i]).reshape((-1,) + (1,) * (nd - 1 - i))
+        coords.append(o * strides[i] + offsets[i] * dilations[i] - lo[i])
+    order = "F" if storage_order else "C"
+    within = np.ravel_multi_index(coords, spatial, mode="clip", order=order)
+    base = (np.arange(n)[:, None] * c + np.arange(c)[None, :]) * math.prod(spatial)
+    indices = within + base.reshape((n, c) + (1,) * nd)
+    return y, indices.astype(np.int64)
 
 
 @register
@@ -1386,18 +1413,23 @@ for _op in ("Conv", "MaxPool", "AveragePool"):
 
     @shape_rule(_op)
     def _conv_pool_shape(node):
-        x = node.inputs[0]
-        a = node.attrs
-        if node.op == "Conv":
-            w = node.inputs[1]
-            kernel = a.get("kernel_shape") or (w.shape[2:] if w.shape is not None else None)
-            channels = w.shape[0] if w.shape is not None else None
-        else:
-            kernel, channels = a["kernel_shape"], x.shape[1]
-        spatial = x.shape[2:]
-        if kernel is None or not all(isinstance(d, int) for d in (*spatial, *kernel)):
-            return [(x.dtype, (x.shape[0], channels, *([None] * (len(x.shape) - 2))))]
-        out = _pool_geometry(node.op, spatial, kernel, a.get("auto_pad", "NOTSET"),
-                             a.get("pads"), a.get("strides"), a.get("dilations"),
-                             a.get("ceil_mode", 0))[0]
-        return [(x.dtype, (x.shape[0], channels, *out))]
+        y = _conv_pool_out(node)
+        return [y, (INT64, y[1])] if node.op == "MaxPool" else [y]
+
+
+def _conv_pool_out(node):
+    x = node.inputs[0]
+    a = node.attrs
+    if node.op == "Conv":
+        w = node.inputs[1]
+        kernel = a.get("kernel_shape") or (w.shape[2:] if w.shape is not None else None)
+        channels = w.shape[0] if w.shape is not None else None
+    else:
+        kernel, channels = a["kernel_shape"], x.shape[1]
+    spatial = x.shape[2:]
+    if kernel is None or not all(isinstance(d, int) for d in (*spatial, *kernel)):
+        return (x.dtype, (x.shape[0], channels, *([None] * (len(x.shape) - 2))))
+    out = _pool_geometry(node.op, spatial, kernel, a.get("auto_pad", "NOTSET"),
+                         a.get("pads"), a.get("strides"), a.get("dilations"),
+                         a.get("ceil_mode", 0))[0]
+    return (x.dtype, (x.shape[0], channels, *out))
