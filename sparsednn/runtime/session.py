@@ -279,7 +279,9 @@ class InferenceSession:
                                 f"{self.graph.name}: dimension {want!r} is {seen[0]} in input "
                                 f"{seen[1]!r} but {got} in input {name!r}"
                             )
-            checked.append((self._input_slots[name], np.ascontiguousarray(array)))
+            if not array.flags.c_contiguous:  # (ascontiguousarray would make 0-d inputs 1-d)
+                array = np.ascontiguousarray(array)
+            checked.append((self._input_slots[name], array))
         return checked
 
 
