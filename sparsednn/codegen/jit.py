@@ -37,7 +37,8 @@ def ensure_llvm_initialized() -> None:
 
 
 def target_machine(target) -> llvm.TargetMachine:
-    """The cached TargetMachine of a Target (features always passed explicitly)."""
+    """The cached TargetMachine of a Target (features always passed explicitly), for data
+    layouts, optimisation and assembly dumps; never handed to an engine, which would own it."""
     with _lock:
         tm = _target_machines.get(target)
         if tm is None:
@@ -46,8 +47,14 @@ def target_machine(target) -> llvm.TargetMachine:
         return tm
 
 
-def _optimize(mod: llvm.ModuleRef, tm: llvm.TargetMachine, speed_level: int) -> None:
+def _optimize(mod: llvm.ModuleRef, tm: llvm.TargetMachine, speed_level: int,
+              auto_vectorize_unroll: bool) -> None:
     pto = llvm.create_pipeline_tuning_options(speed_level=speed_level)
+    # Generated kernels are vectorised and unrolled by hand; LLVM's loop unroller and
+    # vectorisers only multiply their size (and compile time) by duplicating cold paths.
+    pto.loop_unrolling = auto_vectorize_unroll
+    pto.loop_vectorization = auto_vectorize_unroll
+    pto.slp_vectorization = auto_vectorize_unroll
     pb = llvm.create_pass_builder(tm, pto)
     mpm = pb.getModulePassManager()
     mpm.run(mod, pb)
@@ -99,7 +106,8 @@ def new_module(name: str, target) -> ir.Module:
     return mod
 
 
-def compile_module(module: ir.Module | str, target, speed_level: int = 3) -> JITModule:
+def compile_module(module: ir.Module | str, target, speed_level: int = 3,
+                   auto_vectorize_unroll: bool = False) -> JITModule:
     """Verify, optimise and JIT-compile an IR module for `target`; raise CompileError on failure."""
     ensure_llvm_initialized()
     t0 = time.perf_counter()
@@ -113,9 +121,10 @@ def compile_module(module: ir.Module | str, target, speed_level: int = 3) -> JIT
             mod.verify()
         except RuntimeError as e:
             raise CompileError(f"invalid LLVM IR for module {getattr(module, 'name', '?')}: {e}")
-        _optimize(mod, tm, speed_level)
+        _optimize(mod, tm, speed_level, auto_vectorize_unroll)
         try:
-            engine = llvm.create_mcjit_compiler(mod, tm)
+            # The engine takes ownership of (and disposes) its target machine: give it its own.
+            engine = llvm.create_mcjit_compiler(mod, target.create_target_machine(opt=3))
             engine.finalize_object()
         except RuntimeError as e:
             raise CompileError(f"LLVM JIT compilation failed: {e}")

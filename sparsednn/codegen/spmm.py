@@ -1,0 +1,634 @@
+"""Linear layers Y = act(X @ W + b): sparse (CSR SpMM generated with LLVM) and dense (BLAS).
+
+Sparse kernel design (see docs in the class and emitter below):
+
+* Wᵀ is stored in CSR over the N output features (row o = output o; int32 column indices k,
+  float32 values), split into K-blocks so that the packed activations of one block stay in
+  cache. The CSR arrays are data passed by pointer, not code: compile time does not depend on
+  the number of nonzeros.
+* X is processed in panels of TN = 4 x V tokens (V = floats per vector; TN = 64 on AVX-512).
+  A panel of one K-block is packed transposed into scratch, panel[k, 0:TN] = X[t0:t0+TN, k],
+  with V x V in-register transposes; rows past M come from a zero page, never from past X.
+* For each output row o: TN/V vector accumulators, acc += broadcast(w) * panel[k, :] for each
+  nonzero (k, w) (two interleaved accumulator sets to hide FMA latency); partial sums of
+  earlier K-blocks live in scratch; after the last K-block: + bias[o], activation.
+* V output rows are gathered in a tile and written to Y[t, o:o+V] transposed (V x V shuffles),
+  one vector store per token. The last tail panel (M not a multiple of TN) uses a narrower
+  panel of ceil(tail/V) vectors, and only valid tokens/rows are stored.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from dataclasses import dataclass
+
+import llvmlite.ir as ir
+import numpy as np
+
+from sparsednn.codegen import irutil as U
+from sparsednn.codegen import jit
+from sparsednn.codegen.target import Target, host_target
+from sparsednn.errors import CompileError, InvalidInputError
+from sparsednn.runtime.threads import parallel_for
+
+__all__ = [
+    "SparseLinearKernel",
+    "DenseLinearKernel",
+    "compile_sparse_linear",
+    "compile_dense_linear",
+    "compile_linear",
+    "SpmmTuning",
+]
+
+ACTIVATIONS = U.ACTIVATIONS
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning and the CSR layout
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpmmTuning:
+    """Tile sizes of the sparse kernel.
+
+    vectors_per_panel: TN / V, the tokens of one panel in vectors (1..4).
+    k_block_bytes: the most bytes one packed K-block of a full panel may take; K is split in
+    near-equal blocks (multiples of V) below that, so the panel stays in L2 next to the weights.
+    """
+
+    vectors_per_panel: int = 4
+    k_block_bytes: int = 256 * 1024
+
+
+DEFAULT_TUNING = SpmmTuning()
+
+
+@dataclass
+class _CsrBlocks:
+    """Wᵀ in CSR per K-block: entries ordered by (block, row, k)."""
+
+    k_block: int  # KB, columns per K-block (last block may be shorter)
+    n_blocks: int
+    row_ptr: np.ndarray  # int32 [n_blocks, N + 1]: entries of (block b, row o) are
+    #                      row_ptr[b, o] .. row_ptr[b, o + 1]
+    col_idx: np.ndarray  # int32 [nnz] column index k relative to the block start
+    values: np.ndarray  # float32 [nnz]
+    row_nnz: np.ndarray  # int64 [N] nonzeros of each output row (all blocks)
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _k_blocking(k: int, v: int, tn: int, tuning: SpmmTuning) -> tuple[int, int]:
+    max_kb = max(v, tuning.k_block_bytes // (4 * tn) // v * v)
+    n_blocks = max(1, -(-k // max_kb))
+    kb = _round_up(-(-k // n_blocks), v)
+    kb = min(kb, _round_up(k, v)) if k > 0 else v
+    n_blocks = max(1, -(-k // kb)) if k > 0 else 1
+    return kb, n_blocks
+
+
+def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int) -> _CsrBlocks:
+    k, n = weight.shape
+    wt = np.ascontiguousarray(weight.T)  # [N, K]
+    rows, cols = np.nonzero(wt)  # row-major order: sorted by (o, k)
+    vals = wt[rows, cols].astype(np.float32)
+    blk = cols // k_block
+    order = np.lexsort((cols, rows, blk))  # by block, then row, then k
+    rows, cols, vals, blk = rows[order], cols[order], vals[order], blk[order]
+    counts = np.bincount(blk * n + rows, minlength=n_blocks * n).reshape(n_blocks, n)
+    starts = np.concatenate([[0], np.cumsum(counts.ravel())]).astype(np.int64)
+    row_ptr = np.empty((n_blocks, n + 1), dtype=np.int64)
+    for b in range(n_blocks):
+        row_ptr[b, :] = starts[b * n : b * n + n + 1]
+    if len(vals) >= 2**31:
+        raise CompileError(f"too many nonzeros for int32 CSR indices: {len(vals)}")
+    col_local = (cols - blk * k_block).astype(np.int32)
+    return _CsrBlocks(
+        k_block=k_block,
+        n_blocks=n_blocks,
+        row_ptr=np.ascontiguousarray(row_ptr.astype(np.int32)),
+        # at least one element, so that pointers are always to real memory
+        col_idx=np.ascontiguousarray(np.concatenate([col_local, np.zeros(1, np.int32)])),
+        values=np.ascontiguousarray(np.concatenate([vals, np.zeros(1, np.float32)])),
+        row_nnz=np.bincount(rows, minlength=n).astype(np.int64),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# IR generation
+# --------------------------------------------------------------------------------------------
+
+# Arguments of the generated kernel (C ABI):
+#   void kernel(const float *x, int64 m, float *y, int64 row_begin, int64 row_end,
+#               const int32 *row_ptr, const int32 *col_idx, const float *values,
+#               const float *bias, float *scratch)
+# computes y[0:m, row_begin:row_end]; scratch is 64-byte aligned, scratch_floats(rows) long.
+_KERNEL_ARGS = ("x", "m", "y", "row_begin", "row_end", "row_ptr", "col_idx", "values", "bias", "scratch")
+_KERNEL_ARG_TYPES = (
+    U.f32_ptr, U.i64, U.f32_ptr, U.i64, U.i64, U.i32_ptr, U.i32_ptr, U.f32_ptr, U.f32_ptr, U.f32_ptr
+)
+_CTYPES_SIG = ctypes.CFUNCTYPE(
+    None,
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+)  # fmt: skip
+
+
+class _SpmmEmitter:
+    """Emits the sparse linear kernel for one (K, N, blocking, ISA, epilogue) specialisation.
+
+    Functions of the module (all but the kernel internal):
+      kernel            panels of TN tokens, then one narrower tail panel
+      panel_{T}         T = 1..4 vectors of tokens: pack each K-block, accumulate each row
+      pack_{T}          X[t0:t0+T, kblock] -> panel[k, T], transposed, zero padded
+      finish_tile       V rows x V tokens of sums -> transpose, + bias, activation -> Y
+      transpose_rows    the V x V transpose used by pack
+    """
+
+    def __init__(self, module, name, k, n, k_block, n_blocks, target: Target, activation,
+                 has_bias, vectors_per_panel):  # fmt: skip
+        self.module = module
+        self.name = name
+        self.K = k
+        self.N = n
+        self.KB = k_block
+        self.n_blocks = n_blocks
+        self.target = target
+        self.V = target.vector_width
+        self.NV = vectors_per_panel
+        self.TN = self.NV * self.V
+        self.activation = activation
+        self.has_bias = has_bias
+        self.vty = U.vec(self.V)
+        self.valign = 4 * self.V
+        # A page of zeros standing in for the rows of X past M when packing a tail panel.
+        zty = ir.ArrayType(U.f32, self.KB)
+        self.zeros = ir.GlobalVariable(module, zty, name="zero_rows")
+        self.zeros.global_constant = True
+        self.zeros.linkage = "internal"
+        self.zeros.initializer = ir.Constant(zty, None)
+        self.zeros.align = 64
+
+    def _function(self, name, names, types, internal=True, noinline=False):
+        fn = ir.Function(self.module, ir.FunctionType(U.void, types), name=name)
+        if internal:
+            fn.linkage = "internal"
+        fn.attributes.add("nounwind")
+        if noinline:
+            fn.attributes.add("noinline")
+        for arg, nm in zip(fn.args, names):
+            arg.name = nm
+            if isinstance(arg.type, ir.PointerType) and not isinstance(arg.type.pointee, ir.PointerType):
+                arg.add_attribute("noalias")
+        return fn, ir.IRBuilder(fn.append_basic_block("entry")), dict(zip(names, fn.args))
+
+    # -- entry point ------------------------------------------------------------------------
+
+    def emit(self) -> ir.Function:
+        self._emit_transpose_rows()
+        self._emit_finish_tile()
+        panels = {nv: self._emit_panel(nv) for nv in range(1, self.NV + 1)}
+        fn, b, a = self._function(self.name, _KERNEL_ARGS, _KERNEL_ARG_TYPES, internal=False)
+        rest = [a["y"], a["row_begin"], a["row_end"], a["row_ptr"], a["col_idx"], a["values"],
+                a["bias"], a["scratch"]]  # fmt: skip
+        tn = U.int64(self.TN)
+        n_full = b.sdiv(a["m"], tn, name="full_panels")
+        with U.for_range(b, 0, n_full, name="panel") as p:
+            t0 = b.mul(p, tn, name="t0")
+            b.call(panels[self.NV], [a["x"], t0, tn] + rest)
+        t0 = b.mul(n_full, tn, name="tail_t0")
+        tail = b.sub(a["m"], t0, name="tail_tokens")
+        # vectors needed by the tail panel: ceil(tail / V), 0 when M is a multiple of TN
+        nvec = b.sdiv(b.add(tail, U.int64(self.V - 1)), U.int64(self.V), name="tail_vectors")
+        done = fn.append_basic_block("done")
+        sw = b.switch(nvec, done)
+        for nv in range(1, self.NV):
+            bb = fn.append_basic_block(f"tail_panel_{nv}")
+            sw.add_case(U.int64(nv), bb)
+            b.position_at_end(bb)
+            b.call(panels[nv], [a["x"], t0, tail] + rest)
+            b.branch(done)
+        b.position_at_end(done)
+        b.ret_void()
+        return fn
+
+    # -- one panel of tokens -------------------------------------------------------------------
+
+    def _emit_panel(self, nv: int) -> ir.Function:
+        """panel_{T}(x, t0, tn, y, ...): tokens t0 .. t0+tn (tn <= T = nv*V) x all rows of the range.
+
+        One K-block: pack, then for each block of V rows accumulate each row into the tile and
+        finish the tile. Several K-blocks: rows accumulate into a partial-sum buffer of all rows
+        of the range; tiles are finished after the last block."""
+        V, tnp = self.V, nv * self.V
+        names = ("x", "t0", "tn") + _KERNEL_ARGS[2:]
+        types = (U.f32_ptr, U.i64, U.i64) + _KERNEL_ARG_TYPES[2:]
+        fn, b, a = self._function(f"panel_{tnp}", names, types)
+        pack = self._emit_pack(nv)
+        panel = a["scratch"]
+        partial = U.gep(b, a["scratch"], self.KB * self.TN, name="partial")
+        last_kb = self.n_blocks - 1
+
+        def kblock(kb, kc, finish: bool):
+            k0 = b.mul(kb, U.int64(self.KB), name="k0")
+            b.call(pack, [a["x"], a["t0"], a["tn"], k0, kc, panel])
+            row_ptr = U.gep(b, a["row_ptr"], b.mul(kb, U.int64(self.N + 1)), name="block_row_ptr")
+            first = b.icmp_signed("==", kb, U.int64(0), name="first_kblock")
+            with U.for_range(b, a["row_begin"], a["row_end"], V, name="rb") as rb:
+                nrows = b.sub(a["row_end"], rb)
+                nrows = b.select(b.icmp_signed("<", nrows, U.int64(V)), nrows, U.int64(V), name="nrows")
+                if self.n_blocks == 1:
+                    tile = partial  # just a V x T tile
+                else:
+                    tile = U.gep(b, partial, b.mul(b.sub(rb, a["row_begin"]), U.int64(tnp)), name="tile")
+                with U.for_range(b, 0, nrows, name="r") as r:
+                    o = b.add(rb, r, name="o")
+                    acc = U.gep(b, tile, b.mul(r, U.int64(tnp)), name="acc_ptr")
+                    self._emit_row(b, a, nv, panel, row_ptr, o, acc, first)
+                if finish:
+                    self._emit_store_tile(b, a, nv, tile, rb, nrows)
+
+        if self.n_blocks == 1:
+            kblock(U.int64(0), U.int64(self.K), finish=True)
+        else:
+            with U.for_range(b, 0, last_kb, name="kb") as kb:
+                kblock(kb, U.int64(self.KB), finish=False)
+            kblock(U.int64(last_kb), U.int64(self.K - last_kb * self.KB), finish=True)
+        b.ret_void()
+        return fn
+
+    def _emit_row(self, b, a, nv, panel, row_ptr, o, acc_ptr, first):
+        """acc_ptr[0:T] = (first ? 0 : acc_ptr[0:T]) + sum of w * panel[k, 0:T] over the
+        nonzeros (k, w) of row o in this K-block."""
+        V, tnp = self.V, nv * self.V
+        m = U.Math(b, self.vty, self.target.has_fma)
+        zero = U.const(self.vty, 0.0)
+        begin = b.sext(b.load(U.gep(b, row_ptr, o)), U.i64, name="nz_begin")
+        end = b.sext(b.load(U.gep(b, row_ptr, b.add(o, U.int64(1)))), U.i64, name="nz_end")
+        acc_a, acc_b = [], []
+        for i in range(nv):
+            if self.n_blocks == 1:
+                init = zero
+            else:  # (stale but in-bounds scratch is loaded, and dropped, for the first block)
+                old = U.load_vec(b, U.gep(b, acc_ptr, i * V), V, self.valign, name=f"partial{i}")
+                init = b.select(first, zero, old)
+            acc_a.append(U.alloca_once_value(b, init, name=f"acc{i}"))
+            acc_b.append(U.alloca_once_value(b, zero, name=f"acc{i}.odd"))
+
+        def accumulate(j, accs):
+            k = b.sext(b.load(U.gep(b, a["col_idx"], j), name="k"), U.i64)
+            w = U.splat(b, b.load(U.gep(b, a["values"], j), name="w"), V, name="w.splat")
+            row = U.gep(b, panel, b.mul(k, U.int64(tnp)), name="panel_row")
+            for i in range(nv):
+                xv = U.load_vec(b, U.gep(b, row, i * V), V, self.valign, name=f"x{i}")
+                b.store(m.fma(w, xv, b.load(accs[i])), accs[i])
+
+        # two nonzeros per iteration into two accumulator sets (hides FMA latency)
+        with U.for_range(b, begin, b.sub(end, U.int64(1)), 2, name="nz") as j:
+            accumulate(j, acc_a)
+            accumulate(b.add(j, U.int64(1)), acc_b)
+        odd = b.trunc(b.sub(end, begin), U.i1, name="odd")
+        with b.if_then(odd):
+            accumulate(b.sub(end, U.int64(1)), acc_a)
+        for i, (x, y) in enumerate(zip(acc_a, acc_b)):
+            U.store_vec(b, b.fadd(b.load(x), b.load(y), name=f"sum{i}"), U.gep(b, acc_ptr, i * V), self.valign)
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _emit_store_tile(self, b, a, nv, tile, rb, nrows):
+        """Y[t0 + t, rb:rb+nrows] = act(tile[0:nrows, t] + bias[rb:rb+nrows]) for t < tn."""
+        V, tnp, N = self.V, nv * self.V, self.N
+        bias = U.gep(b, a["bias"], rb, name="bias_block")
+        ybase = U.gep(b, a["y"], b.add(b.mul(a["t0"], U.int64(N)), rb), name="y_block")
+        with U.for_range(b, 0, nv, name="tb") as tb:
+            t_begin = b.mul(tb, U.int64(V), name="t_begin")
+            src = U.gep(b, tile, t_begin, name="tile_cols")
+            whole = b.and_(
+                b.icmp_signed("==", nrows, U.int64(V)),
+                b.icmp_signed("<=", b.add(t_begin, U.int64(V)), a["tn"]),
+                name="whole_tile",
+            )
+            with b.if_else(whole, likely=True) as (then, otherwise):
+                with then:
+                    dst = U.gep(b, ybase, b.mul(t_begin, U.int64(N)))
+                    b.call(self.finish_tile, [src, U.int64(tnp), bias, dst, U.int64(N)])
+                with otherwise:
+                    # tokens past tn or rows past the range: via a stack tile, valid part only
+                    tmp = self._stack_tile(b)
+                    b.call(self.finish_tile, [src, U.int64(tnp), bias, tmp, U.int64(V)])
+                    with U.for_range(b, t_begin, a["tn"], name="tv") as t:
+                        t_end = b.add(t_begin, U.int64(V))
+                        with b.if_then(b.icmp_signed("<", t, t_end)):
+                            src_row = U.gep(b, tmp, b.mul(b.sub(t, t_begin), U.int64(V)))
+                            dst_row = U.gep(b, ybase, b.mul(t, U.int64(N)))
+                            with U.for_range(b, 0, nrows, name="rv") as r:
+                                b.store(b.load(U.gep(b, src_row, r)), U.gep(b, dst_row, r))
+
+    def _stack_tile(self, b):
+        """A V x V float buffer on the stack (one per function)."""
+        fn = b.function
+        tile = getattr(fn, "_sparsednn_stack_tile", None)
+        if tile is None:
+            aty = ir.ArrayType(U.f32, self.V * self.V)
+            with b.goto_entry_block():
+                slot = b.alloca(aty, name="stack_tile")
+                slot.align = 64
+                tile = b.bitcast(slot, U.f32_ptr, name="stack_tile.ptr")
+            fn._sparsednn_stack_tile = tile
+        return tile
+
+    def _emit_finish_tile(self):
+        """finish_tile(src, src_stride, bias, dst, dst_stride):
+        dst[t * dst_stride + r] = act(src[r * src_stride + t] + bias[r]) for r, t < V: the
+        epilogue (in place in the tile) and the transposed store of V output rows x V tokens
+        (bias is padded to whole vectors)."""
+        V = self.V
+        fn, b, a = self._function(
+            f"finish_tile_{V}x{V}", ("src", "src_stride", "bias", "dst", "dst_stride"),
+            (U.f32_ptr, U.i64, U.f32_ptr, U.f32_ptr, U.i64), noinline=True,
+        )  # fmt: skip
+        m = U.Math(b, self.vty, self.target.has_fma)
+        if self.has_bias or self.activation != "none":
+            # epilogue in place on the tile rows (one output feature each), as a loop so that
+            # the activation's code is emitted once
+            with U.for_range(b, 0, V, name="r") as r:
+                row = U.gep(b, a["src"], b.mul(r, a["src_stride"]), name="tile_row")
+                if self.has_bias:
+                    bias = U.splat(b, b.load(U.gep(b, a["bias"], r), name="bias"), V, name="bias.splat")
+                v = U.load_vec(b, row, V, self.valign, name="sum")
+                if self.has_bias:
+                    v = b.fadd(v, bias, name="biased")
+                U.store_vec(b, m.activation(v, self.activation), row, self.valign)
+        rows = [U.load_vec(b, U.gep(b, a["src"], b.mul(U.int64(r), a["src_stride"])), V, self.valign,
+                           name=f"row{r}") for r in range(V)]  # fmt: skip
+        for t, col in enumerate(U.transpose(b, rows, name="t")):
+            U.store_vec(b, col, U.gep(b, a["dst"], b.mul(U.int64(t), a["dst_stride"])), 4)
+        b.ret_void()
+        self.finish_tile = fn
+
+    # -- packing -------------------------------------------------------------------------------
+
+    def _emit_transpose_rows(self):
+        """transpose_rows(srcs, offset, dst, dst_stride): dst[j*dst_stride + i] = srcs[i][offset + j]
+        for i, j < V: one V x V transpose, emitted once."""
+        V = self.V
+        fn, b, a = self._function(
+            f"transpose_{V}x{V}_rows", ("srcs", "offset", "dst", "dst_stride"),
+            (ir.PointerType(U.f32_ptr), U.i64, U.f32_ptr, U.i64), noinline=True,
+        )  # fmt: skip
+        rows = []
+        for i in range(V):
+            row = b.load(b.gep(a["srcs"], [U.int64(i)], inbounds=True), name=f"src{i}")
+            rows.append(U.load_vec(b, U.gep(b, row, a["offset"]), V, 4, name=f"row{i}"))
+        for j, col in enumerate(U.transpose(b, rows, name="t")):
+            U.store_vec(b, col, U.gep(b, a["dst"], b.mul(U.int64(j), a["dst_stride"])), self.valign)
+        b.ret_void()
+        self.transpose_rows = fn
+
+    def _emit_pack(self, nv: int) -> ir.Function:
+        """pack_{nv}(x, t0, tn, k0, kc, panel): panel[k, t] = X[t0+t, k0+k] for t < nv*V, k < kc
+        (zero for t >= tn), via V x V transposes; rows past tn are read from the zero page."""
+        V, K, tnp = self.V, self.K, nv * self.V
+        names = ("x", "t0", "tn", "k0", "kc", "panel")
+        types = (U.f32_ptr, U.i64, U.i64, U.i64, U.i64, U.f32_ptr)
+        fn = ir.Function(self.module, ir.FunctionType(U.void, types), name=f"pack_{tnp}")
+        fn.linkage = "internal"
+        for arg, nm in zip(fn.args, names):
+            arg.name = nm
+            if isinstance(arg.type, ir.PointerType):
+                arg.add_attribute("noalias")
+        fn.attributes.add("nounwind")
+        a = dict(zip(names, fn.args))
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        zeros = b.bitcast(self.zeros, U.f32_ptr, name="zero_row")
+        with b.goto_entry_block():
+            srcs = b.alloca(U.f32_ptr, size=U.int64(V), name="src_rows")
+        kv_end = b.mul(b.sdiv(a["kc"], U.int64(V)), U.int64(V), name="kc_vec")
+        with U.for_range(b, 0, nv, name="tb") as tb:
+            # source rows of the V tokens of this column block (the zero page past tn)
+            for i in range(V):
+                t = b.add(b.mul(tb, U.int64(V)), U.int64(i))
+                valid = b.icmp_signed("<", t, a["tn"])
+                off = b.add(b.mul(b.add(a["t0"], t), U.int64(K)), a["k0"])
+                xrow = b.gep(a["x"], [b.select(valid, off, U.int64(0))])
+                b.store(b.select(valid, xrow, zeros, name=f"src{i}"), b.gep(srcs, [U.int64(i)]))
+            col0 = U.gep(b, a["panel"], b.mul(tb, U.int64(V)), name="panel_cols")
+            with U.for_range(b, 0, kv_end, V, name="kv") as kv:
+                dst = U.gep(b, col0, b.mul(kv, U.int64(tnp)))
+                b.call(self.transpose_rows, [srcs, kv, dst, U.int64(tnp)])
+            # the last kc % V columns, scalar
+            with U.for_range(b, kv_end, a["kc"], name="kr") as k:
+                dst = U.gep(b, col0, b.mul(k, U.int64(tnp)))
+                for i in range(V):
+                    row = b.load(b.gep(srcs, [U.int64(i)]))
+                    b.store(b.load(U.gep(b, row, k)), U.gep(b, dst, i))
+        b.ret_void()
+        return fn
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers (shared by the sparse and dense kernels)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_weight(weight, bias, activation):
+    if not isinstance(weight, np.ndarray) or weight.ndim != 2:
+        raise InvalidInputError(
+            f"linear weight must be a 2-D numpy array [K, N], got {type(weight).__name__} "
+            f"with shape {getattr(weight, 'shape', None)}"
+        )
+    if weight.dtype != np.float32:
+        if not np.issubdtype(weight.dtype, np.floating):
+            raise InvalidInputError(f"linear weight must be float32, got {weight.dtype}")
+        weight = weight.astype(np.float32)
+    k, n = weight.shape
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.shape != (n,):
+            raise InvalidInputError(f"linear bias must have shape ({n},), got {bias.shape}")
+        bias = np.ascontiguousarray(bias, dtype=np.float32)
+    if activation not in ACTIVATIONS:
+        raise InvalidInputError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    return weight, bias
+
+
+def _check_call(name, k, n, x, out):
+    if not isinstance(x, np.ndarray):
+        raise InvalidInputError(f"{name}: input must be a numpy array, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise InvalidInputError(f"{name}: input dtype must be float32, got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != k:
+        raise InvalidInputError(f"{name}: input shape must be [M, {k}], got {list(x.shape)}")
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    m = x.shape[0]
+    if out is None:
+        out = np.empty((m, n), dtype=np.float32)
+    else:
+        if not isinstance(out, np.ndarray):
+            raise InvalidInputError(f"{name}: out must be a numpy array, got {type(out).__name__}")
+        if out.dtype != np.float32:
+            raise InvalidInputError(f"{name}: out dtype must be float32, got {out.dtype}")
+        if out.shape != (m, n):
+            raise InvalidInputError(f"{name}: out shape must be [{m}, {n}], got {list(out.shape)}")
+        if not out.flags.c_contiguous:
+            raise InvalidInputError(f"{name}: out must be C-contiguous")
+        if not out.flags.writeable:
+            raise InvalidInputError(f"{name}: out must be writable")
+        if m and np.may_share_memory(x, out):
+            raise InvalidInputError(f"{name}: out must not overlap the input")
+    return x, out
+
+
+# --------------------------------------------------------------------------------------------
+# Scratch memory: one growable 64-byte aligned buffer per thread
+# --------------------------------------------------------------------------------------------
+
+_tls = threading.local()
+
+
+def _scratch(n_floats: int) -> int:
+    """Address of a 64-byte aligned float buffer of n_floats owned by the calling thread."""
+    buf = getattr(_tls, "buf", None)
+    need = n_floats + 16
+    if buf is None or buf.size < need:
+        buf = np.empty(max(need, 1 << 14), dtype=np.float32)
+        _tls.buf = buf
+    addr = buf.ctypes.data
+    return (addr + 63) & ~63
+
+
+def _split_rows(row_nnz: np.ndarray, parts: int, align: int) -> list[tuple[int, int]]:
+    """Split rows 0..N into <= parts contiguous ranges of about equal cost (nonzeros, plus a
+    little per row for the epilogue and store), with boundaries at multiples of `align`."""
+    n = len(row_nnz)
+    if parts <= 1 or n <= align:
+        return [(0, n)]
+    cost = np.cumsum(row_nnz.astype(np.float64) + 4.0)
+    total = cost[-1]
+    bounds = [0]
+    for p in range(1, parts):
+        target = total * p / parts
+        i = int(np.searchsorted(cost, target))  # rows 0..i inclusive reach the target
+        i = int(round((i + 1) / align)) * align
+        i = min(max(i, bounds[-1]), n)
+        bounds.append(i)
+    bounds.append(n)
+    ranges = [(s, e) for s, e in zip(bounds, bounds[1:]) if e > s]
+    return ranges or [(0, n)]
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _kernel_name(kind: str, tile: str, isa: str, has_bias: bool, activation: str) -> str:
+    name = f"f32_{kind}_{tile}_{isa}" if tile else f"f32_{kind}_{isa}"
+    if has_bias:
+        name += "_bias"
+    if activation != "none":
+        name += f"_{activation}"
+    return name
+
+
+class SparseLinearKernel:
+    """Y = act(X @ W + b) with W sparse, as generated native code. Call it: kernel(x)."""
+
+    def __init__(self, weight, bias, activation, target: Target, tuning: SpmmTuning):
+        t_start = time.perf_counter()
+        k, n = weight.shape
+        self.in_features = int(k)
+        self.out_features = int(n)
+        self.activation = activation
+        self.target = target
+        self.tuning = tuning
+        V = target.vector_width
+        nv = max(1, min(4, tuning.vectors_per_panel))
+        self.tile_tokens = nv * V
+        kb, n_blocks = _k_blocking(k, V, self.tile_tokens, tuning)
+        self._csr = _build_csr(weight, kb, n_blocks)
+        self.nnz = int(self._csr.row_nnz.sum())
+        self.sparsity = 1.0 - self.nnz / (k * n) if k * n else 1.0
+        self.name = _kernel_name("spmm", f"csr_{self.tile_tokens}x1", target.isa, bias is not None, activation)
+        # bias padded to whole vectors: the epilogue loads bias[o:o+V] for every tile
+        self._bias = np.zeros(_round_up(max(n, 1), V), np.float32)
+        if bias is not None:
+            self._bias[:n] = bias
+        self._has_bias = bias is not None
+
+        module = jit.new_module(self.name, target)
+        emitter = _SpmmEmitter(module, self.name, k, n, kb, n_blocks, target, activation,
+                               bias is not None, nv)  # fmt: skip
+        emitter.emit()
+        self._jit = jit.compile_module(module, target)
+        self._fn = _CTYPES_SIG(self._jit.function_address(self.name))
+        self._ptrs = (
+            self._csr.row_ptr.ctypes.data,
+            self._csr.col_idx.ctypes.data,
+            self._csr.values.ctypes.data,
+            self._bias.ctypes.data,
+        )
+        self._splits: dict[int, list[tuple[int, int]]] = {}
+        self.compile_seconds = time.perf_counter() - t_start
+
+    @property
+    def k_block(self) -> int:
+        return self._csr.k_block
+
+    @property
+    def llvm_ir(self) -> str:
+        return self._jit.llvm_ir
+
+    @property
+    def asm(self) -> str:
+        return self._jit.asm
+
+    def _scratch_floats(self, rows: int) -> int:
+        tn = self.tile_tokens
+        partial_rows = _round_up(rows, self.target.vector_width) if self._csr.n_blocks > 1 else self.target.vector_width
+        return self._csr.k_block * tn + partial_rows * tn
+
+    def _run(self, x_addr: int, m: int, y_addr: int, begin: int, end: int) -> None:
+        scratch = _scratch(self._scratch_floats(end - begin))
+        self._fn(x_addr, m, y_addr, begin, end, *self._ptrs, scratch)
+
+    def row_ranges(self, num_threads: int) -> list[tuple[int, int]]:
+        """Output rows of each thread, balanced by nonzeros."""
+        r = self._splits.get(num_threads)
+        if r is None:
+            r = _split_rows(self._csr.row_nnz, num_threads, self.target.vector_width)
+            self._splits[num_threads] = r
+        return r
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None, num_threads: int = 1) -> np.ndarray:
+        x, out = _check_call(self.name, self.in_features, self.out_features, x, out)
+        m = x.shape[0]
+        n = self.out_features
+        if m == 0 or n == 0:
+            return out
+        if not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+            raise InvalidInputError(f"{self.name}: num_threads must be a positive int, got {num_threads!r}")
+        x_addr, y_addr = x.ctypes.data, out.ctypes.data
+        ranges = self.row_ranges(int(num_threads))
+        if len(ranges) == 1:
+            self._run(x_addr, m, y_addr, 0, n)
+        else:
+            parallel_for([lambda s=s, e=e: self._run(x_addr, m, y_addr, s, e) for s, e in ranges])
+        return out
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.name} K={self.in_features} N={self.out_features} "
+                f"nnz={self.nnz} sparsity={self.sparsity:.3f}>")  # fmt: skip
+
+
+def compile_sparse_linear(weight: np.ndarray, bias: np.ndarray | None = None, activation: str = "none",
+                          target: Target | None = None, tuning: SpmmTuning | None = None) -> SparseLinearKernel:  # fmt: skip
+    """Compile Y = act(X @ weight + bias) for a sparse weight [K, N] into a native kernel."""
+    weight, bias = _check_weight(weight, bias, activation)
+    return SparseLinearKernel(weight, bias, activation, target or host_target(), tuning or DEFAULT_TUNING)
