@@ -16,6 +16,7 @@ variant with the reason without paying for the failure again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -96,7 +97,9 @@ def minilm_dir() -> Path:
     return folder
 
 
+@functools.lru_cache(maxsize=None)
 def make_config(spec: ModelSpec):
+    """The transformers config of `spec` (shared: do not modify it)."""
     import transformers as tf
 
     if spec.arch == "minilm":
