@@ -577,21 +577,21 @@ def _einsum_shape(node):
 
 
 # -- reductions ---------------------------------------------------------------------------
-def _reduce(fn, data, axes_input, axes, keepdims, noop_with_empty_axes):
+def _reduce(fn, noop, data, axes_input, axes, keepdims, noop_with_empty_axes):
     if axes_input is not None:
         axes = _ints(axes_input)
     if not axes:
-        if noop_with_empty_axes:
-            return data
+        if noop_with_empty_axes:  # only the pointwise part of the op's function body
+            return noop(data).astype(data.dtype, copy=False)
         axes = None
     else:
         axes = tuple(_axis(a, data.ndim) for a in axes)
     return np.asarray(fn(data, axes, bool(keepdims))).astype(data.dtype, copy=False)
 
 
-def _define_reduce(name, fn):
+def _define_reduce(name, fn, noop=lambda x: x):
     def op(data, axes_input=None, *, axes=None, keepdims=1, noop_with_empty_axes=0):
-        return _reduce(fn, data, axes_input, axes, keepdims, noop_with_empty_axes)
+        return _reduce(fn, noop, data, axes_input, axes, keepdims, noop_with_empty_axes)
 
     op.__name__ = op.__qualname__ = name
     op.__doc__ = f"ONNX {name}: axes as attribute (before opset 18) or as input."
@@ -659,12 +659,14 @@ ReduceSum = _define_reduce("ReduceSum", _sum)
 ReduceMax = _define_reduce("ReduceMax", _max)
 ReduceMin = _define_reduce("ReduceMin", _min)
 ReduceProd = _define_reduce("ReduceProd", lambda x, a, k: np.prod(x, axis=a, keepdims=k, dtype=x.dtype))
-ReduceSumSquare = _define_reduce("ReduceSumSquare", lambda x, a, k: _sum(x * x, a, k))
-ReduceL1 = _define_reduce("ReduceL1", lambda x, a, k: _sum(np.abs(x), a, k))
+ReduceSumSquare = _define_reduce("ReduceSumSquare", lambda x, a, k: _sum(x * x, a, k),
+                                 lambda x: x * x)
+ReduceL1 = _define_reduce("ReduceL1", lambda x, a, k: _sum(np.abs(x), a, k), np.abs)
 ReduceL2 = _define_reduce(
-    "ReduceL2", lambda x, a, k: np.sqrt(_sum(x * x, a, k).astype(np.float64)).astype(x.dtype)
+    "ReduceL2", lambda x, a, k: np.sqrt(_sum(x * x, a, k).astype(np.float64)).astype(x.dtype),
+    np.abs,
 )
-ReduceLogSum = _define_reduce("ReduceLogSum", lambda x, a, k: np.log(_sum(x, a, k)))
+ReduceLogSum = _define_reduce("ReduceLogSum", lambda x, a, k: np.log(_sum(x, a, k)), np.log)
 ReduceLogSumExp = _define_reduce("ReduceLogSumExp", _log_sum_exp)
 
 
