@@ -134,28 +134,56 @@ def shuffle(builder: ir.IRBuilder, a, b, lanes: list[int], name: str = "") -> ir
 
 
 def transpose(builder: ir.IRBuilder, rows: list, name: str = "t") -> list:
-    """Transpose a V x V matrix held as V vectors of V lanes (V a power of two).
+    """Transpose a V x V matrix held as V vectors of V lanes (V = 4, 8 or 16).
 
-    log2(V) butterfly stages; at stage b each pair of rows (i, i|b) swaps its off-diagonal
-    b x b sub-blocks, one two-input shuffle per output row. The backend picks the cheapest
-    instructions (unpck*/shufps/vpermt2ps/vshuff32x4) for each mask.
+    The classic sequence, written as generic shuffles whose masks the x86 backend matches
+    directly (cheap to compile and to run): unpcklps/unpckhps and shufps inside 128-bit lanes
+    turn each group of 4 rows into 4-row column pieces, then 128-bit lanes are transposed
+    across vectors (vperm2f128 on AVX, two rounds of vshuff32x4 on AVX-512).
     """
     v = len(rows)
-    assert v & (v - 1) == 0 and rows[0].type.count == v
-    rows = list(rows)
-    b = 1
-    while b < v:
-        out = list(rows)
-        for i in range(v):
-            if i & b:
-                continue
-            lo_mask = [j if not j & b else v + (j ^ b) for j in range(v)]
-            hi_mask = [(j ^ b) if not j & b else v + j for j in range(v)]
-            out[i] = shuffle(builder, rows[i], rows[i | b], lo_mask, name=f"{name}.s{b}.r{i}")
-            out[i | b] = shuffle(builder, rows[i], rows[i | b], hi_mask, name=f"{name}.s{b}.r{i | b}")
-        rows = out
-        b *= 2
-    return rows
+    assert v in (4, 8, 16) and rows[0].type.count == v
+    lanes = v // 4
+
+    def lane_mask(pattern):  # per 128-bit lane L: pattern gives (source, offset) pairs
+        return [src * v + 4 * lane + off for lane in range(lanes) for src, off in pattern]
+
+    unpack_lo = lane_mask([(0, 0), (1, 0), (0, 1), (1, 1)])
+    unpack_hi = lane_mask([(0, 2), (1, 2), (0, 3), (1, 3)])
+    shuf_lo = lane_mask([(0, 0), (0, 1), (1, 0), (1, 1)])  # shufps 0x44
+    shuf_hi = lane_mask([(0, 2), (0, 3), (1, 2), (1, 3)])  # shufps 0xEE
+    t = [None] * v
+    for i in range(0, v, 2):
+        t[i] = shuffle(builder, rows[i], rows[i + 1], unpack_lo, name=f"{name}.lo{i}")
+        t[i + 1] = shuffle(builder, rows[i], rows[i + 1], unpack_hi, name=f"{name}.hi{i}")
+    u = [None] * v  # u[4g + c], lane L = rows 4g..4g+3 of column 4L + c
+    for g in range(0, v, 4):
+        u[g + 0] = shuffle(builder, t[g], t[g + 2], shuf_lo, name=f"{name}.q{g}c0")
+        u[g + 1] = shuffle(builder, t[g], t[g + 2], shuf_hi, name=f"{name}.q{g}c1")
+        u[g + 2] = shuffle(builder, t[g + 1], t[g + 3], shuf_lo, name=f"{name}.q{g}c2")
+        u[g + 3] = shuffle(builder, t[g + 1], t[g + 3], shuf_hi, name=f"{name}.q{g}c3")
+    if lanes == 1:
+        return u
+
+    def lanes_of(a_lanes, b_lanes):  # whole 128-bit lanes of a, then of b
+        return [4 * l + j for l in a_lanes for j in range(4)] + [v + 4 * l + j for l in b_lanes for j in range(4)]
+
+    out = [None] * v
+    for c in range(4):
+        if lanes == 2:  # vperm2f128 0x20 / 0x31
+            out[c] = shuffle(builder, u[c], u[4 + c], lanes_of([0], [0]), name=f"{name}.col{c}")
+            out[4 + c] = shuffle(builder, u[c], u[4 + c], lanes_of([1], [1]), name=f"{name}.col{4 + c}")
+        else:  # two rounds of vshuff32x4 0x88 / 0xDD
+            even, odd = lanes_of([0, 2], [0, 2]), lanes_of([1, 3], [1, 3])
+            v0 = shuffle(builder, u[c], u[4 + c], even)
+            v1 = shuffle(builder, u[c], u[4 + c], odd)
+            v2 = shuffle(builder, u[8 + c], u[12 + c], even)
+            v3 = shuffle(builder, u[8 + c], u[12 + c], odd)
+            out[c] = shuffle(builder, v0, v2, even, name=f"{name}.col{c}")
+            out[8 + c] = shuffle(builder, v0, v2, odd, name=f"{name}.col{8 + c}")
+            out[4 + c] = shuffle(builder, v1, v3, even, name=f"{name}.col{4 + c}")
+            out[12 + c] = shuffle(builder, v1, v3, odd, name=f"{name}.col{12 + c}")
+    return out
 
 
 class Math:

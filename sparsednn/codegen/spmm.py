@@ -98,8 +98,9 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int) -> _CsrBlocks:
     rows, cols = np.nonzero(wt)  # row-major order: sorted by (o, k)
     vals = wt[rows, cols].astype(np.float32)
     blk = cols // k_block
-    order = np.lexsort((cols, rows, blk))  # by block, then row, then k
-    rows, cols, vals, blk = rows[order], cols[order], vals[order], blk[order]
+    if n_blocks > 1:
+        order = np.argsort(blk, kind="stable")  # by block, then (already) row, then k
+        rows, cols, vals, blk = rows[order], cols[order], vals[order], blk[order]
     counts = np.bincount(blk * n + rows, minlength=n_blocks * n).reshape(n_blocks, n)
     starts = np.concatenate([[0], np.cumsum(counts.ravel())]).astype(np.int64)
     row_ptr = np.empty((n_blocks, n + 1), dtype=np.int64)
@@ -192,6 +193,7 @@ class _SpmmEmitter:
     def emit(self) -> ir.Function:
         self._emit_transpose_rows()
         self._emit_finish_tile()
+        self.pack = self._emit_pack()
         panels = {nv: self._emit_panel(nv) for nv in range(1, self.NV + 1)}
         fn, b, a = self._function(self.name, _KERNEL_ARGS, _KERNEL_ARG_TYPES, internal=False)
         rest = [a["y"], a["row_begin"], a["row_end"], a["row_ptr"], a["col_idx"], a["values"],
@@ -229,14 +231,13 @@ class _SpmmEmitter:
         names = ("x", "t0", "tn") + _KERNEL_ARGS[2:]
         types = (U.f32_ptr, U.i64, U.i64) + _KERNEL_ARG_TYPES[2:]
         fn, b, a = self._function(f"panel_{tnp}", names, types)
-        pack = self._emit_pack(nv)
         panel = a["scratch"]
         partial = U.gep(b, a["scratch"], self.KB * self.TN, name="partial")
         last_kb = self.n_blocks - 1
 
         def kblock(kb, kc, finish: bool):
             k0 = b.mul(kb, U.int64(self.KB), name="k0")
-            b.call(pack, [a["x"], a["t0"], a["tn"], k0, kc, panel])
+            b.call(self.pack, [a["x"], a["t0"], a["tn"], k0, kc, panel, U.int64(tnp)])
             row_ptr = U.gep(b, a["row_ptr"], b.mul(kb, U.int64(self.N + 1)), name="block_row_ptr")
             first = b.icmp_signed("==", kb, U.int64(0), name="first_kblock")
             with U.for_range(b, a["row_begin"], a["row_end"], V, name="rb") as rb:
@@ -390,42 +391,36 @@ class _SpmmEmitter:
         b.ret_void()
         self.transpose_rows = fn
 
-    def _emit_pack(self, nv: int) -> ir.Function:
-        """pack_{nv}(x, t0, tn, k0, kc, panel): panel[k, t] = X[t0+t, k0+k] for t < nv*V, k < kc
-        (zero for t >= tn), via V x V transposes; rows past tn are read from the zero page."""
-        V, K, tnp = self.V, self.K, nv * self.V
-        names = ("x", "t0", "tn", "k0", "kc", "panel")
-        types = (U.f32_ptr, U.i64, U.i64, U.i64, U.i64, U.f32_ptr)
-        fn = ir.Function(self.module, ir.FunctionType(U.void, types), name=f"pack_{tnp}")
-        fn.linkage = "internal"
-        for arg, nm in zip(fn.args, names):
-            arg.name = nm
-            if isinstance(arg.type, ir.PointerType):
-                arg.add_attribute("noalias")
-        fn.attributes.add("nounwind")
-        a = dict(zip(names, fn.args))
-        b = ir.IRBuilder(fn.append_basic_block("entry"))
+    def _emit_pack(self) -> ir.Function:
+        """pack(x, t0, tn, k0, kc, panel, width): panel[k * width + t] = X[t0 + t, k0 + k] for
+        t < width (a multiple of V), k < kc; zero for t >= tn. V x V transposes; the rows of
+        tokens past tn are read from the zero page, never from past the end of X."""
+        V, K = self.V, self.K
+        fn, b, a = self._function(
+            "pack", ("x", "t0", "tn", "k0", "kc", "panel", "width"),
+            (U.f32_ptr, U.i64, U.i64, U.i64, U.i64, U.f32_ptr, U.i64),
+        )  # fmt: skip
         zeros = b.bitcast(self.zeros, U.f32_ptr, name="zero_row")
         with b.goto_entry_block():
             srcs = b.alloca(U.f32_ptr, size=U.int64(V), name="src_rows")
         kv_end = b.mul(b.sdiv(a["kc"], U.int64(V)), U.int64(V), name="kc_vec")
-        with U.for_range(b, 0, nv, name="tb") as tb:
+        with U.for_range(b, 0, a["width"], V, name="tb") as tb:
             # source rows of the V tokens of this column block (the zero page past tn)
-            for i in range(V):
-                t = b.add(b.mul(tb, U.int64(V)), U.int64(i))
-                valid = b.icmp_signed("<", t, a["tn"])
+            with U.for_range(b, 0, V, name="i") as i:
+                t = b.add(tb, i, name="t")
+                valid = b.icmp_signed("<", t, a["tn"], name="valid")
                 off = b.add(b.mul(b.add(a["t0"], t), U.int64(K)), a["k0"])
-                xrow = b.gep(a["x"], [b.select(valid, off, U.int64(0))])
-                b.store(b.select(valid, xrow, zeros, name=f"src{i}"), b.gep(srcs, [U.int64(i)]))
-            col0 = U.gep(b, a["panel"], b.mul(tb, U.int64(V)), name="panel_cols")
+                xrow = b.gep(a["x"], [b.select(valid, off, U.int64(0))], name="x_row")
+                b.store(b.select(valid, xrow, zeros, name="src"), b.gep(srcs, [i]))
+            col0 = U.gep(b, a["panel"], tb, name="panel_cols")
             with U.for_range(b, 0, kv_end, V, name="kv") as kv:
-                dst = U.gep(b, col0, b.mul(kv, U.int64(tnp)))
-                b.call(self.transpose_rows, [srcs, kv, dst, U.int64(tnp)])
+                dst = U.gep(b, col0, b.mul(kv, a["width"]))
+                b.call(self.transpose_rows, [srcs, kv, dst, a["width"]])
             # the last kc % V columns, scalar
             with U.for_range(b, kv_end, a["kc"], name="kr") as k:
-                dst = U.gep(b, col0, b.mul(k, U.int64(tnp)))
-                for i in range(V):
-                    row = b.load(b.gep(srcs, [U.int64(i)]))
+                dst = U.gep(b, col0, b.mul(k, a["width"]))
+                with U.for_range(b, 0, V, name="ir") as i:
+                    row = b.load(b.gep(srcs, [i]))
                     b.store(b.load(U.gep(b, row, k)), U.gep(b, dst, i))
         b.ret_void()
         return fn
@@ -537,6 +532,32 @@ def _kernel_name(kind: str, tile: str, isa: str, has_bias: bool, activation: str
     return name
 
 
+_code_cache: dict = {}
+_code_cache_lock = threading.Lock()
+
+
+def _compiled_code(key, name):
+    """The native code of one specialisation, compiled once per process: the code depends
+    on the shapes, tiling, ISA and epilogue only, not on the weights (passed as data), so
+    layers of the same shape (e.g. the 12 layers of BERT) share it."""
+    with _code_cache_lock:
+        hit = _code_cache.get(key)
+        if hit is None:
+            k, n, kb, n_blocks, nv, activation, has_bias, target = key
+            module = jit.new_module(name, target)
+            _SpmmEmitter(module, name, k, n, kb, n_blocks, target, activation, has_bias, nv).emit()
+            jm = jit.compile_module(module, target)
+            hit = (jm, _CTYPES_SIG(jm.function_address(name)))
+            _code_cache[key] = hit
+        return hit
+
+
+def clear_code_cache() -> None:
+    """Forget compiled kernels (kernels already built keep theirs alive)."""
+    with _code_cache_lock:
+        _code_cache.clear()
+
+
 class SparseLinearKernel:
     """Y = act(X @ W + b) with W sparse, as generated native code. Call it: kernel(x)."""
 
@@ -562,12 +583,8 @@ class SparseLinearKernel:
             self._bias[:n] = bias
         self._has_bias = bias is not None
 
-        module = jit.new_module(self.name, target)
-        emitter = _SpmmEmitter(module, self.name, k, n, kb, n_blocks, target, activation,
-                               bias is not None, nv)  # fmt: skip
-        emitter.emit()
-        self._jit = jit.compile_module(module, target)
-        self._fn = _CTYPES_SIG(self._jit.function_address(self.name))
+        key = (k, n, kb, n_blocks, nv, activation, bias is not None, target)
+        self._jit, self._fn = _compiled_code(key, self.name)
         self._ptrs = (
             self._csr.row_ptr.ctypes.data,
             self._csr.col_idx.ctypes.data,
