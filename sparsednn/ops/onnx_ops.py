@@ -18,6 +18,7 @@ a shape they cannot tell.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import string
 
@@ -362,10 +363,12 @@ def Round(x):
 
 @register
 def Sigmoid(x):
-    # Stable both ways: exp of a non-positive number only.
-    e = np.exp(-np.abs(x))
-    d = 1 + e
-    return np.where(x >= 0, 1 / d, e / d).astype(x.dtype, copy=False)
+    # 1 / (1 + exp(-x)) is accurate everywhere; exp overflowing to inf gives the right 0.
+    y = np.negative(x)
+    with np.errstate(over="ignore"):
+        np.exp(y, out=y)
+    y += 1
+    return np.reciprocal(y, out=y)
 
 
 @register
@@ -1341,11 +1344,21 @@ def Conv(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_sha
 
 
 def _pool(op, x, kernel, auto_pad, pads, strides, dilations, ceil_mode, fill):
+    """The padded input and, per kernel offset, the strided slice of it that offset sees
+    (a loop over the kernel's few offsets, each step vectorised over the whole output)."""
     out, lo, hi, extra, strides, dilations = _pool_geometry(
         op, x.shape[2:], kernel, auto_pad, pads, strides, dilations, ceil_mode)
     width = [(0, 0), (0, 0), *((l, h + e) for l, h, e in zip(lo, hi, extra))]
     xp = np.pad(x, width, constant_values=fill)
-    return _windows(xp, out, strides, dilations, kernel), (out, lo, hi, extra, strides, dilations)
+    return xp, _offset_slices(out, strides, dilations, kernel), (out, lo, hi, extra)
+
+
+def _offset_slices(out, strides, dilations, kernel):
+    slices = []
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        slices.append((Ellipsis, *(slice(o * d, o * d + (n - 1) * s + 1, s) for o, d, n, s in
+                                   zip(offset, dilations, out, strides))))
+    return slices
 
 
 @register
@@ -1353,34 +1366,41 @@ def MaxPool(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape, 
             storage_order=0, strides=None):
     """Y, and the Indices output: flat positions in x (row-major, or column-major over the
     spatial axes when storage_order=1)."""
-    win, geo = _pool("MaxPool", x, kernel_shape, auto_pad, pads, strides, dilations,
-                     ceil_mode, _lowest(x.dtype))
-    out, lo, _, _, strides, dilations = geo
     nd = len(kernel_shape)
-    flat = win.reshape((*win.shape[:2 + nd], -1))
-    arg = flat.argmax(axis=-1)
-    y = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
-    offsets = np.unravel_index(arg, kernel_shape)
+    strides, dilations = list(strides or [1] * nd), list(dilations or [1] * nd)
+    xp, slices, (out, lo, _, _) = _pool("MaxPool", x, kernel_shape, auto_pad, pads, strides,
+                                        dilations, ceil_mode, _lowest(x.dtype))
+    y = xp[slices[0]].copy()
+    arg = np.zeros(y.shape, np.int32)  # the first maximum's kernel offset, flattened
+    step = np.empty_like(arg)
+    for k, sl in enumerate(slices[1:], 1):
+        better = xp[sl] > y
+        np.maximum(y, xp[sl], out=y)
+        np.subtract(k, arg, out=step)  # arg += better * (k - arg): cheaper than a masked copy
+        step *= better
+        arg += step
     n, c, *spatial = x.shape
-    coords = []
-    for i in range(nd):
+    # Flat index into x: the window's start plus the offset, row- or column-major over space.
+    within = np.zeros(arg.shape, np.int64)
+    order = range(nd - 1, -1, -1) if storage_order else range(nd)
+    for i in order:
+        offset = (arg // math.prod(kernel_shape[i + 1:])) % kernel_shape[i]
         o = np.arange(out[i]).reshape((-1,) + (1,) * (nd - 1 - i))
-        coords.append(o * strides[i] + offsets[i] * dilations[i] - lo[i])
-    order = "F" if storage_order else "C"
-    within = np.ravel_multi_index(coords, spatial, mode="clip", order=order)
+        coord = np.clip(o * strides[i] + offset * dilations[i] - lo[i], 0, spatial[i] - 1)
+        within *= spatial[i]
+        within += coord
     base = (np.arange(n)[:, None] * c + np.arange(c)[None, :]) * math.prod(spatial)
-    indices = within + base.reshape((n, c) + (1,) * nd)
-    return y, indices.astype(np.int64)
+    within += base.reshape((n, c) + (1,) * nd)
+    return y, within
 
 
 @register
 def AveragePool(x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None,
                 kernel_shape, pads=None, strides=None):
     nd = len(kernel_shape)
-    win, geo = _pool("AveragePool", x, kernel_shape, auto_pad, pads, strides, dilations,
-                     ceil_mode, 0)
-    out, lo, hi, extra, strides, dilations = geo
-    total = win.sum(axis=tuple(range(-nd, 0)), dtype=x.dtype)
+    strides, dilations = list(strides or [1] * nd), list(dilations or [1] * nd)
+    xp, slices, (out, lo, hi, extra) = _pool("AveragePool", x, kernel_shape, auto_pad, pads,
+                                             strides, dilations, ceil_mode, 0)
     # How many elements each window averages: the input's (or with count_include_pad, the
     # explicitly padded input's) elements it covers, never ceil_mode's extra room.
     if count_include_pad:
@@ -1389,8 +1409,13 @@ def AveragePool(x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilat
     else:
         mask = np.pad(np.ones((1, 1, *x.shape[2:]), x.dtype),
                       [(0, 0), (0, 0), *((l, h + e) for l, h, e in zip(lo, hi, extra))])
-    counts = _windows(mask, out, strides, dilations, kernel_shape).sum(axis=tuple(range(-nd, 0)))
-    return (total / counts).astype(x.dtype, copy=False)
+    total = xp[slices[0]].copy()
+    counts = mask[slices[0]].copy()
+    for sl in slices[1:]:
+        total += xp[sl]
+        counts += mask[sl]
+    total /= counts
+    return total
 
 
 @register
