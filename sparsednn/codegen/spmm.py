@@ -29,6 +29,7 @@ import numpy as np
 
 from sparsednn.codegen import irutil as U
 from sparsednn.codegen import jit
+from sparsednn.codegen.epilogue import Epilogue
 from sparsednn.codegen.target import Target, host_target
 from sparsednn.errors import CompileError, InvalidInputError
 from sparsednn.runtime.threads import parallel_for
@@ -205,11 +206,11 @@ class _SpmmEmitter:
             b.call(panels[self.NV], [a["x"], t0, tn] + rest)
         t0 = b.mul(n_full, tn, name="tail_t0")
         tail = b.sub(a["m"], t0, name="tail_tokens")
-        # vectors needed by the tail panel: ceil(tail / V), 0 when M is a multiple of TN
+        # vectors needed by the tail panel: ceil(tail / V) in 0..NV (0: M is a multiple of TN)
         nvec = b.sdiv(b.add(tail, U.int64(self.V - 1)), U.int64(self.V), name="tail_vectors")
         done = fn.append_basic_block("done")
         sw = b.switch(nvec, done)
-        for nv in range(1, self.NV):
+        for nv in range(1, self.NV + 1):
             bb = fn.append_basic_block(f"tail_panel_{nv}")
             sw.add_case(U.int64(nv), bb)
             b.position_at_end(bb)
@@ -649,3 +650,82 @@ def compile_sparse_linear(weight: np.ndarray, bias: np.ndarray | None = None, ac
     """Compile Y = act(X @ weight + bias) for a sparse weight [K, N] into a native kernel."""
     weight, bias = _check_weight(weight, bias, activation)
     return SparseLinearKernel(weight, bias, activation, target or host_target(), tuning or DEFAULT_TUNING)
+
+
+class DenseLinearKernel:
+    """Y = act(X @ W + b) with BLAS (numpy) for the product and a native bias/activation
+    epilogue; for layers too dense for the sparse kernel. Same interface as SparseLinearKernel."""
+
+    def __init__(self, weight, bias, activation, target: Target):
+        t_start = time.perf_counter()
+        k, n = weight.shape
+        self.in_features = int(k)
+        self.out_features = int(n)
+        self.activation = activation
+        self.target = target
+        self.weight = np.ascontiguousarray(weight, dtype=np.float32)
+        self.bias = bias
+        self.nnz = int(np.count_nonzero(self.weight))
+        self.sparsity = 1.0 - self.nnz / (k * n) if k * n else 1.0
+        self.name = _kernel_name("gemm", "blas", target.isa, bias is not None, activation)
+        self.name = self.name.replace(f"_{target.isa}", "")  # BLAS picks its own ISA
+        self._epilogue = None
+        if bias is not None or activation != "none":
+            self._epilogue = Epilogue(n, bias is not None, activation, target)
+        self.compile_seconds = time.perf_counter() - t_start
+
+    @property
+    def llvm_ir(self) -> str:
+        return self._epilogue.llvm_ir if self._epilogue else "; no epilogue: BLAS only\n"
+
+    @property
+    def asm(self) -> str:
+        return self._epilogue.asm if self._epilogue else "# no epilogue: BLAS only\n"
+
+    def _run(self, x, out):
+        np.matmul(x, self.weight, out=out)
+        if self._epilogue is not None:
+            self._epilogue(out, self.bias)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None, num_threads: int = 1) -> np.ndarray:
+        x, out = _check_call(self.name, self.in_features, self.out_features, x, out)
+        m = x.shape[0]
+        if not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+            raise InvalidInputError(f"{self.name}: num_threads must be a positive int, got {num_threads!r}")
+        if m == 0 or self.out_features == 0:
+            return out
+        parts = min(int(num_threads), max(1, m // 16))
+        if parts <= 1:
+            self._run(x, out)
+        else:
+            # rows of X in equal slices, one per thread (BLAS releases the GIL)
+            bounds = [m * i // parts for i in range(parts + 1)]
+            parallel_for([lambda s=s, e=e: self._run(x[s:e], out[s:e]) for s, e in zip(bounds, bounds[1:])])
+        return out
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.name} K={self.in_features} N={self.out_features} "
+                f"nnz={self.nnz} sparsity={self.sparsity:.3f}>")  # fmt: skip
+
+
+def compile_dense_linear(weight: np.ndarray, bias: np.ndarray | None = None, activation: str = "none",
+                         target: Target | None = None) -> DenseLinearKernel:  # fmt: skip
+    """Y = act(X @ weight + bias) with BLAS and a compiled epilogue."""
+    weight, bias = _check_weight(weight, bias, activation)
+    return DenseLinearKernel(weight, bias, activation, target or host_target())
+
+
+# Below this fraction of zeros the sparse kernel is not expected to beat BLAS (measured on
+# BERT shapes, one thread: see bench/kernels.py); compile_linear picks the kernel by it.
+SPARSE_MIN_SPARSITY = 0.7
+
+
+def compile_linear(weight: np.ndarray, bias: np.ndarray | None = None, activation: str = "none",
+                   target: Target | None = None, min_sparsity: float | None = None):  # fmt: skip
+    """The sparse kernel if the weight is sparse enough, else the dense one."""
+    weight, bias = _check_weight(weight, bias, activation)
+    threshold = SPARSE_MIN_SPARSITY if min_sparsity is None else min_sparsity
+    sparsity = 1.0 - np.count_nonzero(weight) / weight.size if weight.size else 1.0
+    if sparsity >= threshold:
+        return SparseLinearKernel(weight, bias, activation, target or host_target(), DEFAULT_TUNING)
+    return DenseLinearKernel(weight, bias, activation, target or host_target())

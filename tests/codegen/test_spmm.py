@@ -1,0 +1,355 @@
+"""Sparse and dense linear kernels (sparsednn.codegen.spmm) against a float64 numpy reference.
+
+Property tests draw shapes (odd, tiny, not multiples of the tiles), batch sizes (0, 1, tails),
+sparsities from dense to all-zero with empty rows and columns, bias/activation, thread counts,
+every ISA this CPU can run (AVX-512, AVX2, generic SSE) and tile settings that force several
+K-blocks and narrow panels.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sparsednn.codegen import spmm
+from sparsednn.codegen.epilogue import compile_epilogue
+from sparsednn.codegen.spmm import (
+    DenseLinearKernel,
+    SparseLinearKernel,
+    SpmmTuning,
+    compile_dense_linear,
+    compile_linear,
+    compile_sparse_linear,
+)
+from sparsednn.codegen.target import available_isas, host_target
+from sparsednn.errors import InvalidInputError
+
+ISAS = available_isas()
+_erfc = np.vectorize(math.erfc, otypes=[np.float64])
+
+
+def gelu64(z: np.ndarray) -> np.ndarray:
+    """Exact GELU in float64, 0.5 x (1 + erf(x / sqrt 2)) written with erfc so that negative x
+    do not cancel (1 + erf(-6) has no correct digits left in float64)."""
+    z = np.asarray(z, dtype=np.float64)
+    return 0.5 * z * _erfc(-z / math.sqrt(2.0))
+
+
+def reference(x, w, bias, activation):
+    """float64 result and a bound on fp32 rounding of each element."""
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    z = x64 @ w64
+    scale = np.abs(x64) @ np.abs(w64)
+    if bias is not None:
+        z = z + bias
+        scale = scale + np.abs(bias)
+    if activation == "relu":
+        z = np.maximum(z, 0.0)
+    elif activation == "gelu":
+        z = gelu64(z)
+    k = max(w.shape[0], 1)
+    tol = 1e-5 + 1e-5 * np.abs(z) + 2e-6 * math.sqrt(k) * scale
+    return z, tol
+
+
+def assert_close(y, x, w, bias, activation):
+    ref, tol = reference(x, w, bias, activation)
+    assert y.shape == ref.shape
+    err = np.abs(y.astype(np.float64) - ref)
+    bad = ~(err <= tol)  # also catches NaN
+    if bad.any():
+        i = tuple(np.argwhere(bad)[0])
+        raise AssertionError(
+            f"{bad.sum()} of {y.size} elements off; first at {i}: got {y[i]}, want {ref[i]}, "
+            f"tol {tol[i]:.3g} (max err {np.nanmax(err):.3g})"
+        )
+
+
+def random_weight(rng, k, n, sparsity, empty_rows=0.0, empty_cols=0.0):
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[rng.random((k, n)) < sparsity] = 0.0
+    w[rng.random(k) < empty_rows, :] = 0.0  # inputs no output uses
+    w[:, rng.random(n) < empty_cols] = 0.0  # outputs = act(bias)
+    return w
+
+
+TUNINGS = [
+    spmm.DEFAULT_TUNING,
+    SpmmTuning(vectors_per_panel=1),
+    SpmmTuning(vectors_per_panel=3, k_block_bytes=1),  # K-blocks of V columns: many blocks
+    SpmmTuning(vectors_per_panel=2, k_block_bytes=16 * 1024),
+]
+
+
+@settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    k=st.integers(1, 300),
+    n=st.integers(1, 300),
+    m=st.one_of(st.sampled_from([0, 1, 2, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129]), st.integers(0, 300)),
+    sparsity=st.one_of(st.sampled_from([0.0, 0.5, 0.9, 0.98, 1.0]), st.floats(0.0, 1.0)),
+    empty=st.sampled_from([0.0, 0.0, 0.3]),
+    has_bias=st.booleans(),
+    activation=st.sampled_from(["none", "relu", "gelu"]),
+    num_threads=st.sampled_from([1, 2]),
+    isa=st.sampled_from(ISAS),
+    tuning=st.sampled_from(TUNINGS),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_sparse_matches_reference(k, n, m, sparsity, empty, has_bias, activation, num_threads, isa,
+                                  tuning, seed):  # fmt: skip
+    rng = np.random.default_rng(seed)
+    w = random_weight(rng, k, n, sparsity, empty, empty)
+    bias = rng.standard_normal(n).astype(np.float32) if has_bias else None
+    kern = compile_sparse_linear(w, bias, activation, target=host_target(isa), tuning=tuning)
+    assert (kern.in_features, kern.out_features) == (k, n)
+    assert kern.nnz == np.count_nonzero(w)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    y = kern(x, num_threads=num_threads)
+    assert y.dtype == np.float32 and y.shape == (m, n)
+    assert_close(y, x, w, bias, activation)
+    # into a given buffer too, with garbage in it
+    out = np.full((m, n), np.nan, np.float32)
+    assert kern(x, out=out, num_threads=num_threads) is out
+    np.testing.assert_array_equal(out, y)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k,n", [(768, 768), (300, 77)])
+@pytest.mark.parametrize("m", [1, 64, 130])
+def test_sparse_bert_like_shapes(isa, k, n, m):
+    rng = np.random.default_rng(k * 1000 + n + m)
+    w = random_weight(rng, k, n, 0.9)
+    bias = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    for activation in ("none", "gelu"):
+        kern = compile_sparse_linear(w, bias, activation, target=host_target(isa))
+        assert_close(kern(x), x, w, bias, activation)
+        assert_close(kern(x, num_threads=2), x, w, bias, activation)
+
+
+def test_sparse_k_blocked_large_k():
+    """K = 3072 splits into several K-blocks by default; partial sums must add up."""
+    rng = np.random.default_rng(7)
+    w = random_weight(rng, 3072, 96, 0.9)
+    bias = rng.standard_normal(96).astype(np.float32)
+    kern = compile_sparse_linear(w, bias, "relu")
+    assert kern.k_block < 3072
+    x = rng.standard_normal((70, 3072)).astype(np.float32)
+    assert_close(kern(x), x, w, bias, "relu")
+    assert_close(kern(x, num_threads=2), x, w, bias, "relu")
+
+
+def test_sparse_all_zero_weight_gives_activation_of_bias():
+    rng = np.random.default_rng(0)
+    bias = rng.standard_normal(37).astype(np.float32)
+    kern = compile_sparse_linear(np.zeros((20, 37), np.float32), bias, "gelu")
+    assert kern.nnz == 0 and kern.sparsity == 1.0
+    y = kern(rng.standard_normal((5, 20)).astype(np.float32))
+    np.testing.assert_allclose(y, np.broadcast_to(gelu64(bias), (5, 37)), rtol=1e-6, atol=1e-7)
+
+
+def test_sparse_attributes_and_name():
+    rng = np.random.default_rng(0)
+    w = random_weight(rng, 64, 48, 0.75)
+    kern = compile_sparse_linear(w, None, "gelu", target=host_target("avx2"))
+    assert isinstance(kern, SparseLinearKernel)
+    assert kern.name == "f32_spmm_csr_32x1_avx2_gelu"
+    assert kern.in_features == 64 and kern.out_features == 48
+    assert kern.nnz == np.count_nonzero(w)
+    assert kern.sparsity == pytest.approx(1 - kern.nnz / w.size)
+    assert 0 < kern.compile_seconds < 10
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_dump_ir_and_asm(isa):
+    rng = np.random.default_rng(1)
+    kern = compile_sparse_linear(random_weight(rng, 40, 24, 0.8), None, "gelu", target=host_target(isa))
+    ir_text, asm = kern.llvm_ir, kern.asm
+    assert f"define void @{kern.name}(" in ir_text or f'define void @"{kern.name}"(' in ir_text
+    assert kern.name in asm
+    # no libm calls from vector code: GELU is inline
+    for sym in ("erf", "exp", "fmaf", "rint"):
+        assert f"call\t{sym}" not in asm and f"@{sym}" not in ir_text
+    if isa == "avx512":
+        assert "%zmm" in asm
+    elif isa == "avx2":
+        assert "%ymm" in asm and "%zmm" not in asm
+    else:
+        assert "%ymm" not in asm and "%zmm" not in asm and "vfmadd" not in asm
+
+
+# ---- the dense kernel ------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    k=st.integers(1, 200),
+    n=st.integers(1, 200),
+    m=st.sampled_from([0, 1, 5, 33, 64]),
+    has_bias=st.booleans(),
+    activation=st.sampled_from(["none", "relu", "gelu"]),
+    num_threads=st.sampled_from([1, 2]),
+    isa=st.sampled_from(ISAS),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_dense_matches_reference(k, n, m, has_bias, activation, num_threads, isa, seed):
+    rng = np.random.default_rng(seed)
+    w = random_weight(rng, k, n, 0.3)
+    bias = rng.standard_normal(n).astype(np.float32) if has_bias else None
+    kern = compile_dense_linear(w, bias, activation, target=host_target(isa))
+    assert isinstance(kern, DenseLinearKernel)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    assert_close(kern(x, num_threads=num_threads), x, w, bias, activation)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_gelu_epilogue_accuracy(isa):
+    """GELU of float32 values: relative error < 1e-6 against float64 over the whole range."""
+    z = np.concatenate([
+        np.linspace(-20, 20, 40001), np.geomspace(1e-30, 20, 2000), -np.geomspace(1e-30, 20, 2000),
+        [0.0, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38],
+    ]).astype(np.float32)  # fmt: skip
+    n = 257  # not a multiple of any vector width: the tail path too
+    z = np.concatenate([z, np.zeros((-len(z)) % n, np.float32)]).reshape(-1, n)
+    kern = compile_dense_linear(np.eye(n, dtype=np.float32), None, "gelu", target=host_target(isa))
+    y = kern(z).astype(np.float64)
+    ref = gelu64(z)
+    big = np.abs(ref) > 1e-30
+    rel = np.abs(y - ref)[big] / np.abs(ref)[big]
+    assert rel.max() < 1e-6, rel.max()
+    assert np.abs(y - ref)[~big].max() < 1e-30
+    assert kern.name == "f32_gemm_blas_gelu"
+
+
+def test_special_values_propagate():
+    """NaN and inf pass through bias and activations (the sparse kernel skips zero weights, so
+    an identity weight maps x to act(x); BLAS would turn inf * 0 into NaN)."""
+    w = np.eye(4, dtype=np.float32)
+    x = np.array([[np.nan, np.inf, 1e30, 1.0]], np.float32)
+    for activation in ("none", "relu", "gelu"):
+        y = compile_sparse_linear(w, None, activation)(x)
+        assert np.isnan(y[0, 0]) and y[0, 1] == np.inf and y[0, 2] == np.float32(1e30) and y[0, 3] > 0
+        y = x.copy()
+        compile_epilogue(4, False, activation)(y)
+        assert np.isnan(y[0, 0]) and y[0, 1] == np.inf and y[0, 2] == np.float32(1e30) and y[0, 3] > 0
+
+
+def test_compile_linear_picks_by_sparsity():
+    rng = np.random.default_rng(3)
+    assert isinstance(compile_linear(random_weight(rng, 32, 32, 0.95)), SparseLinearKernel)
+    assert isinstance(compile_linear(random_weight(rng, 32, 32, 0.2)), DenseLinearKernel)
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sparse", "dense"])
+def kernel(request):
+    w = random_weight(np.random.default_rng(5), 12, 7, 0.5)
+    make = compile_sparse_linear if request.param == "sparse" else compile_dense_linear
+    return make(w, np.ones(7, np.float32), "relu")
+
+
+@pytest.mark.parametrize(
+    "x,out,match",
+    [
+        (np.zeros((3, 11), np.float32), None, r"\[M, 12\].*\[3, 11\]"),
+        (np.zeros((3, 12), np.float64), None, "float32.*float64"),
+        (np.zeros(12, np.float32), None, r"\[M, 12\].*\[12\]"),
+        (np.zeros((2, 3, 12), np.float32), None, r"\[M, 12\]"),
+        ([[0.0] * 12], None, "numpy array"),
+        (np.zeros((3, 12), np.float32), np.zeros((3, 8), np.float32), r"\[3, 7\].*\[3, 8\]"),
+        (np.zeros((3, 12), np.float32), np.zeros((4, 7), np.float32), r"\[3, 7\].*\[4, 7\]"),
+        (np.zeros((3, 12), np.float32), np.zeros((3, 7), np.float64), "float32.*float64"),
+        (np.zeros((3, 12), np.float32), np.zeros((7, 3), np.float32).T, "contiguous"),
+    ],
+)
+def test_invalid_inputs_raise(kernel, x, out, match):
+    with pytest.raises(InvalidInputError, match=match):
+        kernel(x, out=out)
+
+
+def test_read_only_and_overlapping_out_raise(kernel):
+    out = np.zeros((3, 7), np.float32)
+    out.flags.writeable = False
+    with pytest.raises(InvalidInputError, match="writable"):
+        kernel(np.zeros((3, 12), np.float32), out=out)
+    buf = np.zeros((3, 12), np.float32)
+    with pytest.raises(InvalidInputError, match="overlap"):
+        kernel(buf, out=buf.reshape(-1)[:21].reshape(3, 7))
+    with pytest.raises(InvalidInputError, match="num_threads"):
+        kernel(np.zeros((3, 12), np.float32), num_threads=0)
+
+
+def test_invalid_weights_raise():
+    with pytest.raises(InvalidInputError, match="2-D"):
+        compile_sparse_linear(np.zeros(5, np.float32), None)
+    with pytest.raises(InvalidInputError, match=r"bias must have shape \(4,\)"):
+        compile_sparse_linear(np.zeros((3, 4), np.float32), np.zeros(3, np.float32))
+    with pytest.raises(InvalidInputError, match="activation"):
+        compile_dense_linear(np.zeros((3, 4), np.float32), None, "tanh")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_non_contiguous_input_is_copied(isa):
+    rng = np.random.default_rng(11)
+    w = random_weight(rng, 50, 40, 0.8)
+    kern = compile_sparse_linear(w, None, "none", target=host_target(isa))
+    big = rng.standard_normal((37, 100)).astype(np.float32)
+    for x in (big[:, ::2], np.asfortranarray(big[:, :50]), big[::-1, 10:60]):
+        assert not x.flags.c_contiguous
+        np.testing.assert_array_equal(kern(x), kern(np.ascontiguousarray(x)))
+
+
+def test_zero_rows_input():
+    kern = compile_sparse_linear(random_weight(np.random.default_rng(0), 9, 5, 0.5), None)
+    y = kern(np.zeros((0, 9), np.float32))
+    assert y.shape == (0, 5)
+
+
+# ---- threads ---------------------------------------------------------------------------------
+
+
+def test_concurrent_calls_from_python_threads():
+    rng = np.random.default_rng(21)
+    w = random_weight(rng, 300, 200, 0.85)
+    bias = rng.standard_normal(200).astype(np.float32)
+    kern = compile_sparse_linear(w, bias, "gelu", tuning=SpmmTuning(k_block_bytes=32 * 1024))
+    xs = [rng.standard_normal((m, 300)).astype(np.float32) for m in (1, 65, 130, 200)]
+    want = [kern(x) for x in xs]
+    errors = []
+
+    def worker(i):
+        try:
+            for rep in range(15):
+                j = (i + rep) % len(xs)
+                got = kern(xs[j], num_threads=1 + (rep % 2))
+                if not np.array_equal(got, want[j]):
+                    errors.append((i, rep))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_thread_split_balances_nonzeros():
+    # nonzeros concentrated in the first rows: equal row counts would be badly unbalanced
+    row_nnz = np.concatenate([np.full(64, 100), np.full(960, 10)])
+    ranges = spmm._split_rows(row_nnz, 2, 16)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(row_nnz)
+    assert all(e0 == s1 for (_, e0), (s1, _) in zip(ranges, ranges[1:]))
+    assert all(s % 16 == 0 for s, _ in ranges)
+    costs = [row_nnz[s:e].sum() + 4 * (e - s) for s, e in ranges]  # nonzeros + per-row work
+    assert max(costs) / min(costs) < 1.1
+    assert ranges[0][1] < 400  # far fewer rows than half
+    assert spmm._split_rows(np.zeros(5, np.int64), 2, 16) == [(0, 5)]
