@@ -661,7 +661,9 @@ ReduceMean = _define_reduce("ReduceMean", lambda x, a, k: np.mean(x, axis=a, kee
 ReduceSum = _define_reduce("ReduceSum", _sum)
 ReduceMax = _define_reduce("ReduceMax", _max)
 ReduceMin = _define_reduce("ReduceMin", _min)
-ReduceProd = _define_reduce("ReduceProd", lambda x, a, k: np.prod(x, axis=a, keepdims=k, dtype=x.dtype))
+ReduceProd = _define_reduce(
+    "ReduceProd", lambda x, a, k: np.prod(x, axis=a, keepdims=k, dtype=x.dtype)
+)
 ReduceSumSquare = _define_reduce("ReduceSumSquare", lambda x, a, k: _sum(x * x, a, k),
                                  lambda x: x * x)
 ReduceL1 = _define_reduce("ReduceL1", lambda x, a, k: _sum(np.abs(x), a, k), np.abs)
@@ -732,11 +734,12 @@ def CumSum(x, axis, *, exclusive=0, reverse=0):
     a = _axis(int(_scalar(axis)), x.ndim)
     y = np.flip(x, a) if reverse else x
     out = np.cumsum(y, axis=a, dtype=x.dtype)
-    if exclusive:
-        out = np.concatenate(
-            [np.zeros_like(np.take(out, [0], axis=a)), np.take(out, np.arange(out.shape[a] - 1), axis=a)],
-            axis=a,
-        ) if out.shape[a] else out
+    if exclusive:  # shift by one along the axis, a zero first
+        shifted = np.zeros_like(out)
+        dst, src = [slice(None)] * x.ndim, [slice(None)] * x.ndim
+        dst[a], src[a] = slice(1, None), slice(None, -1)
+        shifted[tuple(dst)] = out[tuple(src)]
+        out = shifted
     return np.flip(out, a).copy() if reverse else out
 
 
@@ -1060,6 +1063,16 @@ def GatherND(data, indices, *, batch_dims=0):
     return out.reshape((*batch, *indices.shape[b:-1], *data.shape[b + k:]))
 
 
+@shape_rule("GatherND")
+def _gather_nd_shape(node):
+    x, i = node.inputs
+    b = node.attrs.get("batch_dims", 0)
+    k = i.shape[-1]
+    if not isinstance(k, int):
+        return [(x.dtype, None)]
+    return [(x.dtype, (*i.shape[:-1], *x.shape[b + k:]))]
+
+
 _REDUCTIONS = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
 
 
@@ -1276,6 +1289,17 @@ def OneHot(indices, depth, values, *, axis=-1):
     hot = np.expand_dims(idx, a) == np.arange(d).reshape((-1,) + (1,) * (idx.ndim - a))
     off, on = np.asarray(values).reshape(-1)[:2]
     return np.where(hot, on, off).astype(np.asarray(values).dtype)
+
+
+@shape_rule("OneHot")
+def _one_hot_shape(node):
+    i, depth, values = node.inputs
+    d = _const_ints(depth)
+    r = len(i.shape) + 1
+    a = _axis(node.attrs.get("axis", -1), r)
+    out = list(i.shape)
+    out.insert(a, d[0] if d else None)
+    return [(values.dtype, tuple(out))]
 
 
 # -- convolution and pooling --------------------------------------------------------------
