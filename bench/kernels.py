@@ -1,0 +1,198 @@
+"""Benchmark the sparse linear kernels against numpy dense (BLAS) and scipy.sparse CSR.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/kernels.py            # quick subset
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/kernels.py --full     # whole grid
+    python bench/kernels.py --shapes 768x768 --sparsity 0.9 --m 128,512 --threads 1,2 --json out.json
+
+Shapes are KxN (in features x out features) of Y[M, N] = X[M, K] @ W[K, N]; BERT-base has
+768x768 (attention), 768x3072 (FFN up) and 3072x768 (FFN down). Weights are random with
+exactly the given fraction of zeros, unstructured. BLAS is pinned to the same number of
+threads as the sparse kernel (threadpoolctl); scipy.sparse is single-threaded.
+
+Per case: median time of each, useful GFLOP/s of the sparse kernel (2 * nnz * M / time) and
+its speedup over dense and over scipy. Times are medians of repeated runs (the machine may be
+shared: repeat, and compare medians).
+
+OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, if set, make a current OpenBLAS pick slow kernels: unset
+them for this command only (the header shows which BLAS kernel is running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+try:
+    from threadpoolctl import threadpool_info, threadpool_limits
+except ImportError:  # pragma: no cover
+    threadpool_info = None
+    threadpool_limits = None
+
+try:
+    import scipy.sparse as sp
+except ImportError:  # pragma: no cover
+    sp = None
+
+from sparsednn.codegen.spmm import compile_sparse_linear  # noqa: E402
+from sparsednn.codegen.target import host_target  # noqa: E402
+
+QUICK = dict(shapes="768x768,3072x768,768x3072", sparsity="0.7,0.9,0.95", m="1,128,512", threads="1")
+FULL = dict(shapes="768x768,3072x768,768x3072", sparsity="0.5,0.7,0.9,0.95,0.98", m="1,16,128,512",
+            threads="1,2")  # fmt: skip
+
+
+class _Limit:
+    """Pin BLAS to n threads (threadpoolctl; without it the env vars set before import)."""
+
+    def __init__(self, n):
+        self.n = n
+        self.ctx = None
+
+    def __enter__(self):
+        if threadpool_limits is not None:
+            self.ctx = threadpool_limits(limits=self.n)
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def median_time(fn, min_time: float, min_reps: int, max_reps: int) -> float:
+    fn()  # warm up (page faults, caches, lazy init)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def random_sparse(rng, k, n, sparsity):
+    """float32 [k, n] with exactly round(sparsity * k * n) zeros at random places."""
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    n_zero = int(round(sparsity * k * n))
+    flat = w.reshape(-1)
+    flat[rng.permutation(k * n)[:n_zero]] = 0.0
+    return w
+
+
+def blas_description() -> str:
+    if threadpool_info is None:
+        return "threadpoolctl not installed: BLAS threads pinned by environment only"
+    parts = []
+    for info in threadpool_info():
+        if info.get("user_api") == "blas":
+            parts.append(f"{info.get('internal_api')} {info.get('version')} "
+                         f"kernel={info.get('architecture')} threads={info.get('num_threads')}")  # fmt: skip
+    return "; ".join(parts) or "no BLAS found by threadpoolctl"
+
+
+def parse_list(text, conv):
+    return [conv(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="the whole grid: " + str(FULL))
+    ap.add_argument("--shapes", help=f"KxN list (default {QUICK['shapes']})")
+    ap.add_argument("--sparsity", help=f"fractions of zeros (default {QUICK['sparsity']})")
+    ap.add_argument("--m", help=f"batch x sequence rows M (default {QUICK['m']})")
+    ap.add_argument("--threads", help=f"thread counts (default {QUICK['threads']})")
+    ap.add_argument("--activation", default="none", choices=["none", "relu", "gelu"])
+    ap.add_argument("--bias", action="store_true", help="with a bias (fused in the sparse kernel)")
+    ap.add_argument("--isa", default=None, help="force avx512|avx2|generic (default: the host's)")
+    ap.add_argument("--no-scipy", action="store_true", help="skip the scipy.sparse baseline")
+    ap.add_argument("--min-time", type=float, default=0.3, help="seconds of repeats per measurement")
+    ap.add_argument("--min-reps", type=int, default=7)
+    ap.add_argument("--max-reps", type=int, default=200)
+    ap.add_argument("--json", metavar="FILE", help="write the table (and machine info) as JSON")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    grid = dict(FULL if args.full else QUICK)
+    for key in ("shapes", "sparsity", "m", "threads"):
+        if getattr(args, key):
+            grid[key] = getattr(args, key)
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in grid["shapes"].split(",")]
+    sparsities = parse_list(grid["sparsity"], float)
+    ms = parse_list(grid["m"], int)
+    threads = parse_list(grid["threads"], int)
+    use_scipy = sp is not None and not args.no_scipy
+    target = host_target(args.isa)
+
+    print(f"# sparsednn kernel benchmark: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cpus, ISA {target.isa} (cpu {target.cpu_name})")  # fmt: skip
+    with _Limit(1):
+        print(f"# BLAS: {blas_description()}")
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        if os.environ.get(var):
+            print(f"# warning: {var}={os.environ[var]} is set: numpy's BLAS may run a slow kernel")
+    print(f"# epilogue: {'bias + ' if args.bias else ''}{args.activation}; times are medians; "
+          "GF/s = useful 2*nnz*M/time of the sparse kernel")
+    header = (f"{'K x N':>10} {'spars':>5} {'M':>4} {'thr':>3} {'sparse us':>10} {'dense us':>10} "
+              f"{'scipy us':>10} {'GF/s':>6} {'vs dense':>8} {'vs scipy':>8}  kernel")  # fmt: skip
+    print(header)
+    rows = []
+    rng = np.random.default_rng(args.seed)
+    for k, n in shapes:
+        for sparsity in sparsities:
+            w = random_sparse(rng, k, n, sparsity)
+            bias = rng.standard_normal(n).astype(np.float32) if args.bias else None
+            kern = compile_sparse_linear(w, bias, args.activation, target=target)
+            w_csr = sp.csr_matrix(w) if use_scipy else None
+            for m in ms:
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                y_sparse = np.empty((m, n), np.float32)
+                y_dense = np.empty((m, n), np.float32)
+
+                def dense():
+                    np.matmul(x, w, out=y_dense)
+                    if bias is not None:
+                        np.add(y_dense, bias, out=y_dense)
+                    if args.activation == "relu":
+                        np.maximum(y_dense, 0, out=y_dense)
+                    # (a numpy GELU would dominate the dense time: not included)
+
+                for nt in threads:
+                    with _Limit(nt):
+                        reps = (args.min_time, args.min_reps, args.max_reps)
+                        t_sparse = median_time(lambda: kern(x, out=y_sparse, num_threads=nt), *reps)
+                        t_dense = median_time(dense, *reps)
+                        t_scipy = median_time(lambda: x @ w_csr, *reps) if use_scipy else float("nan")
+                    if args.activation == "none":
+                        err = float(np.max(np.abs(y_sparse - y_dense))) if m else 0.0
+                        scale = float(np.max(np.abs(y_dense))) if m else 1.0
+                        if err > 1e-4 * max(scale, 1.0):
+                            print(f"# WARNING: sparse and dense differ by {err:.3g}")
+                    gflops = 2.0 * kern.nnz * m / t_sparse / 1e9 if m else 0.0
+                    row = dict(k=k, n=n, sparsity=sparsity, m=m, threads=nt, kernel=kern.name,
+                               nnz=kern.nnz, compile_ms=kern.compile_seconds * 1e3,
+                               sparse_us=t_sparse * 1e6, dense_us=t_dense * 1e6,
+                               scipy_us=t_scipy * 1e6, gflops=gflops,
+                               speedup_dense=t_dense / t_sparse, speedup_scipy=t_scipy / t_sparse)  # fmt: skip
+                    rows.append(row)
+                    print(f"{k:>5}x{n:<4} {sparsity:>5.2f} {m:>4} {nt:>3} {row['sparse_us']:>10.1f} "
+                          f"{row['dense_us']:>10.1f} {row['scipy_us']:>10.1f} {gflops:>6.1f} "
+                          f"{row['speedup_dense']:>7.2f}x {row['speedup_scipy']:>7.2f}x  {kern.name}",
+                          flush=True)  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(target=dict(isa=target.isa, cpu=target.cpu_name), blas=blas_description(),
+                           activation=args.activation, bias=args.bias, rows=rows), f, indent=1)  # fmt: skip
+        print(f"# wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
