@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import string
 
 import numpy as np
 
@@ -128,7 +127,7 @@ def Div(a, b):
 
 @register
 def Pow(x, y):
-    if y.size == 1 and np.issubdtype(x.dtype, np.floating):
+    if y.size == 1 and y.ndim <= x.ndim and np.issubdtype(x.dtype, np.floating):
         e = float(_scalar(y))
         if e == 2.0:
             return np.multiply(x, x)
@@ -421,6 +420,8 @@ _unary_rules(
 # -- normalisation and softmax ------------------------------------------------------------
 @register
 def Softmax(x, *, axis=-1):
+    if x.size == 0:
+        return x.copy()
     e = x - x.max(axis=axis, keepdims=True)
     np.exp(e, out=e)
     e /= e.sum(axis=axis, keepdims=True)
@@ -429,6 +430,8 @@ def Softmax(x, *, axis=-1):
 
 @register
 def LogSoftmax(x, *, axis=-1):
+    if x.size == 0:
+        return x.copy()
     d = x - x.max(axis=axis, keepdims=True)
     d -= np.log(np.exp(d).sum(axis=axis, keepdims=True))
     return d
@@ -436,6 +439,8 @@ def LogSoftmax(x, *, axis=-1):
 
 @register
 def Hardmax(x, *, axis=-1):
+    if x.size == 0:
+        return x.copy()
     idx = np.expand_dims(np.argmax(x, axis=axis), axis)
     y = np.zeros_like(x)
     np.put_along_axis(y, idx, 1, axis=axis)
@@ -1272,6 +1277,8 @@ def _dropout_shape(node):
 
 @register
 def NonZero(x):
+    if x.ndim == 0:
+        return np.zeros((0, int(bool(x))), np.int64)
     return np.array(np.nonzero(x), dtype=np.int64).reshape(x.ndim, -1)
 
 
