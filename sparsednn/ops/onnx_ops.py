@@ -422,7 +422,8 @@ _unary_rules(
 def Softmax(x, *, axis=-1):
     if x.size == 0:
         return x.copy()
-    e = x - x.max(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore"):  # a row of -inf gives NaN, as in onnxruntime
+        e = x - x.max(axis=axis, keepdims=True)
     np.exp(e, out=e)
     e /= e.sum(axis=axis, keepdims=True)
     return e
@@ -432,7 +433,8 @@ def Softmax(x, *, axis=-1):
 def LogSoftmax(x, *, axis=-1):
     if x.size == 0:
         return x.copy()
-    d = x - x.max(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        d = x - x.max(axis=axis, keepdims=True)
     d -= np.log(np.exp(d).sum(axis=axis, keepdims=True))
     return d
 
