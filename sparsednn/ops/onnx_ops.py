@@ -590,13 +590,14 @@ def _einsum_shape(node):
 def _reduce(fn, noop, data, axes_input, axes, keepdims, noop_with_empty_axes):
     if axes_input is not None:
         axes = _ints(axes_input)
-    if not axes:
-        if noop_with_empty_axes:  # only the pointwise part of the op's function body
-            return noop(data).astype(data.dtype, copy=False)
-        axes = None
-    else:
-        axes = tuple(_axis(a, data.ndim) for a in axes)
-    return np.asarray(fn(data, axes, bool(keepdims))).astype(data.dtype, copy=False)
+    with np.errstate(divide="ignore", over="ignore"):  # log(0) = -inf, as ONNX
+        if not axes:
+            if noop_with_empty_axes:  # only the pointwise part of the op's function body
+                return noop(data).astype(data.dtype, copy=False)
+            axes = None
+        else:
+            axes = tuple(_axis(a, data.ndim) for a in axes)
+        return np.asarray(fn(data, axes, bool(keepdims))).astype(data.dtype, copy=False)
 
 
 def _define_reduce(name, fn, noop=lambda x: x):
