@@ -170,7 +170,8 @@ def _block_scores(matrix: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     return np.sqrt(np.square(padded).reshape(gk, bk, gn, bn).sum(axis=(1, 3)))
 
 
-def _expand_block_mask(keep: np.ndarray, block: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+def _expand_block_mask(keep: np.ndarray, block: tuple[int, int],
+                       shape: tuple[int, int]) -> np.ndarray:
     bk, bn = block
     if (bk, bn) == (1, 1):
         return keep

@@ -46,7 +46,7 @@ class Zoo:
         result = self._exports[spec]
         if isinstance(result, ExportFailed):
             if spec.exporter == "dynamo":
-                pytest.skip(f"{spec.name}: the dynamo exporter fails in this torch version: {result}")
+                pytest.skip(f"{spec.name}: the dynamo exporter fails here: {result}")
             pytest.fail(f"{spec.name}: export failed: {result}")
         return result
 

@@ -244,8 +244,20 @@ def _export_settings(spec: ModelSpec) -> dict:
     return {
         "spec": asdict(spec), "config": config, "seed": SEED, "version": EXPORT_VERSION,
         "torch": torch.__version__, "transformers": transformers.__version__,
+        # the exporters' helpers: a dynamo export that failed for want of onnxscript is
+        # tried again once onnxscript is installed
+        "onnx": _version("onnx"), "onnxscript": _version("onnxscript"),
         "example": [EXAMPLE_BATCH, EXAMPLE_SEQ],
     }
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def export_dir(spec: ModelSpec) -> Path:

@@ -61,5 +61,6 @@ def test_bert_base_pruned_90_matches_onnxruntime(zoo, spec, observe):
             seconds = time.perf_counter() - t0
             diffs[batch] = max_abs_diff(got, expected)
             note(f"batch {batch} x seq {SEQ}: max-abs {diffs[batch]:.2e} "
-                 f"(|out| up to {np.abs(expected).max():.1f}), sparsednn run {seconds * 1e3:.0f} ms")
+                 f"(|out| up to {np.abs(expected).max():.1f}), "
+                 f"sparsednn run {seconds * 1e3:.0f} ms")
     assert all(d <= TOLERANCE for d in diffs.values()), diffs
