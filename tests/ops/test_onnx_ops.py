@@ -454,7 +454,7 @@ def test_every_onnx_op_has_a_case():
 
 
 # -- fresh random inputs (hypothesis) -----------------------------------------------------
-SETTINGS = settings(max_examples=25, deadline=None,
+SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 shapes = st.lists(st.integers(0, 4), min_size=0, max_size=4).map(tuple)
 
@@ -734,3 +734,72 @@ def test_shape_rule_rejects_a_genuine_contradiction():
 
     with pytest.raises(InvalidGraphError):
         infer("Add", [(F, ["batch", 3]), (F, [4])])
+
+
+# -- an exporter-style subgraph with symbolic shapes ---------------------------------------
+def test_attention_block_with_runtime_shape_arithmetic_matches_onnxruntime():
+    """The ops of a BERT layer as torch.onnx.export emits them, with dynamic batch and
+    sequence: the Shape -> Gather -> Unsqueeze -> Concat -> Reshape chain runs at run time."""
+    import onnxruntime
+
+    h, d = 2, 4
+    n = helper.make_node
+    nodes = [
+        n("Shape", ["x"], ["shape"]),
+        n("Gather", ["shape", "zero"], ["b"], axis=0),
+        n("Gather", ["shape", "one"], ["s"], axis=0),
+        n("Unsqueeze", ["b", "axes0"], ["b1"]),
+        n("Unsqueeze", ["s", "axes0"], ["s1"]),
+        n("Concat", ["b1", "s1", "heads", "dim"], ["split_shape"], axis=0),
+        n("MatMul", ["x", "wq"], ["q"]),
+        n("Reshape", ["q", "split_shape"], ["q4"]),
+        n("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
+        n("Transpose", ["q4"], ["kt"], perm=[0, 2, 3, 1]),
+        n("MatMul", ["qt", "kt"], ["scores"]),
+        n("Div", ["scores", "sqrt_d"], ["scaled"]),
+        n("Unsqueeze", ["mask", "axes12"], ["m4"]),
+        n("Cast", ["m4"], ["mf"], to=TensorProto.FLOAT),
+        n("Sub", ["one_f", "mf"], ["inv"]),
+        n("Mul", ["inv", "neg_big"], ["bias"]),
+        n("Add", ["scaled", "bias"], ["masked"]),
+        n("Softmax", ["masked"], ["probs"], axis=-1),
+        n("MatMul", ["probs", "qt"], ["ctx"]),
+        n("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+        n("Concat", ["b1", "s1", "hidden"], ["merge_shape"], axis=0),
+        n("Reshape", ["ctx_t", "merge_shape"], ["merged"]),
+        n("Add", ["merged", "x"], ["res"]),
+        n("LayerNormalization", ["res", "gamma", "beta"], ["ln"], axis=-1, epsilon=1e-12),
+        n("Div", ["ln", "sqrt2"], ["g0"]),
+        n("Erf", ["g0"], ["g1"]),
+        n("Add", ["g1", "one_f"], ["g2"]),
+        n("Mul", ["ln", "g2"], ["g3"]),
+        n("Mul", ["g3", "half"], ["y"]),
+    ]
+    consts = {
+        "zero": np.array(0, np.int64), "one": np.array(1, np.int64),
+        "axes0": np.array([0], np.int64), "axes12": np.array([1, 2], np.int64),
+        "heads": np.array([h], np.int64), "dim": np.array([d], np.int64),
+        "hidden": np.array([h * d], np.int64), "sqrt_d": np.array(2.0, np.float32),
+        "one_f": np.array(1.0, np.float32), "neg_big": np.array(-1e4, np.float32),
+        "gamma": pos(h * d), "beta": f32(h * d), "sqrt2": np.array(np.sqrt(2), np.float32),
+        "half": np.array(0.5, np.float32),
+    }
+    graph = helper.make_graph(
+        nodes, "attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", h * d]),
+         helper.make_tensor_value_info("wq", TensorProto.FLOAT, [h * d, h * d]),
+         helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", h * d])],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = sparsednn.InferenceSession(model)
+    assert {"Shape", "Concat", "Reshape", "Softmax"} <= set(session.graph.op_counts())
+    ort = onnxruntime.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+    for batch, seq in [(1, 1), (2, 5), (3, 7)]:
+        mask = np.ones((batch, seq), np.int64)
+        mask[:, seq // 2 + 1:] = 0
+        feed = {"x": f32(batch, seq, h * d), "wq": f32(h * d, h * d), "mask": mask}
+        (got,), (want,) = session.run(None, feed), ort.run(None, feed)
+        assert got.dtype == np.float32 and got.shape == (batch, seq, h * d)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
