@@ -112,6 +112,13 @@ class JITModule:
         return self._asm_text
 
 
+def export_symbol(name: str, address: int) -> None:
+    """Make a compiled function callable by name from modules compiled later (the JIT links
+    declarations of `name` to `address`). The code at `address` must be kept alive."""
+    with _lock:
+        llvm.add_symbol(name, address)
+
+
 def new_module(name: str, target) -> ir.Module:
     """An empty llvmlite IR module for `target` (triple and data layout set)."""
     mod = ir.Module(name=name)

@@ -100,28 +100,34 @@ def _k_blocking(k: int, v: int, tn: int, tuning: SpmmTuning) -> tuple[int, int]:
 def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int) -> _CsrBlocks:
     k, n = weight.shape
     wt = np.ascontiguousarray(weight.T)  # [N, K]
-    rows, cols = np.nonzero(wt)  # row-major order: sorted by (o, k)
-    vals = wt[rows, cols].astype(np.float32)
-    blk = cols // k_block
-    if n_blocks > 1:
-        order = np.argsort(blk, kind="stable")  # by block, then (already) row, then k
-        rows, cols, vals, blk = rows[order], cols[order], vals[order], blk[order]
-    counts = np.bincount(blk * n + rows, minlength=n_blocks * n).reshape(n_blocks, n)
-    starts = np.concatenate([[0], np.cumsum(counts.ravel())]).astype(np.int64)
     row_ptr = np.empty((n_blocks, n + 1), dtype=np.int64)
+    cols, vals = [], []
+    row_nnz = np.zeros(n, dtype=np.int64)
+    start = 0
     for b in range(n_blocks):
-        row_ptr[b, :] = starts[b * n : b * n + n + 1]
-    if len(vals) >= 2**31:
-        raise CompileError(f"too many nonzeros for int32 CSR indices: {len(vals)}")
-    col_local = (cols - blk * k_block).astype(np.int32)
+        # nonzeros of the K-block in row-major order: sorted by (o, k)
+        block = wt[:, b * k_block : min(k, (b + 1) * k_block)]
+        mask = block != 0
+        counts = np.count_nonzero(mask, axis=1)
+        cols.append(np.nonzero(mask)[1].astype(np.int32))  # k relative to the block start
+        vals.append(block[mask])
+        row_ptr[b, 0] = start
+        np.cumsum(counts, out=row_ptr[b, 1:])
+        row_ptr[b, 1:] += start
+        start = int(row_ptr[b, n])
+        row_nnz += counts
+    if start >= 2**31:
+        raise CompileError(f"too many nonzeros for int32 CSR indices: {start}")
+    # at least one element, so that pointers are always to real memory
+    cols.append(np.zeros(1, np.int32))
+    vals.append(np.zeros(1, np.float32))
     return _CsrBlocks(
         k_block=k_block,
         n_blocks=n_blocks,
         row_ptr=np.ascontiguousarray(row_ptr.astype(np.int32)),
-        # at least one element, so that pointers are always to real memory
-        col_idx=np.ascontiguousarray(np.concatenate([col_local, np.zeros(1, np.int32)])),
-        values=np.ascontiguousarray(np.concatenate([vals, np.zeros(1, np.float32)])),
-        row_nnz=np.bincount(rows, minlength=n).astype(np.int64),
+        col_idx=np.ascontiguousarray(np.concatenate(cols)),
+        values=np.ascontiguousarray(np.concatenate(vals).astype(np.float32)),
+        row_nnz=row_nnz,
     )
 
 
@@ -150,10 +156,11 @@ class _SpmmEmitter:
 
     Functions of the module (all but the kernel internal):
       kernel            panels of TN tokens, then one narrower tail panel
-      panel_{T}         T = 1..4 vectors of tokens: pack each K-block, accumulate each row
-      pack_{T}          X[t0:t0+T, kblock] -> panel[k, T], transposed, zero padded
-      finish_tile       V rows x V tokens of sums -> transpose, + bias, activation -> Y
-      transpose_rows    the V x V transpose used by pack
+      panel_{T}         T tokens (1, 2, 4 vectors): pack each K-block, accumulate each row;
+                        after the last block, store each block of V rows
+    and calls two helpers shared by all kernels of the target (compiled once, see _helper):
+      pack_...          X[t0:t0+T, kblock] -> panel[k, 0:T], transposed, zero padded
+      store_block_...   V rows x T tokens of sums -> + bias, activation, transpose -> Y
     """
 
     def __init__(self, module, name, k, n, k_block, n_blocks, target: Target, activation,
@@ -173,6 +180,7 @@ class _SpmmEmitter:
         self.vty = U.vec(self.V)
         self.valign = 4 * self.V
         self.acc_sets = acc_sets
+        self.helpers: list = []  # JIT modules of the helpers the kernel calls
         # A page of zeros standing in for the rows of X past M when packing a tail panel.
         zty = ir.ArrayType(U.f32, self.KB)
         self.zeros = ir.GlobalVariable(module, zty, name="zero_rows")
@@ -182,25 +190,27 @@ class _SpmmEmitter:
         self.zeros.align = 64
 
     def _function(self, name, names, types, internal=True, noinline=False):
-        fn = ir.Function(self.module, ir.FunctionType(U.void, types), name=name)
-        if internal:
-            fn.linkage = "internal"
+        return _new_function(self.module, name, names, types, internal, noinline)
+
+    def _helper_callee(self, kind):
+        """A declaration of a shared helper; the JIT links it to the compiled helper."""
+        jm, name, fnty = _helper(kind, self.target, self.activation, self.has_bias)
+        self.helpers.append(jm)
+        fn = ir.Function(self.module, fnty, name=name)
         fn.attributes.add("nounwind")
-        if noinline:
-            fn.attributes.add("noinline")
-        for arg, nm in zip(fn.args, names):
-            arg.name = nm
-            if isinstance(arg.type, ir.PointerType) and not isinstance(arg.type.pointee, ir.PointerType):
-                arg.add_attribute("noalias")
-        return fn, ir.IRBuilder(fn.append_basic_block("entry")), dict(zip(names, fn.args))
+        return fn
 
     # -- entry point ------------------------------------------------------------------------
 
     def emit(self) -> ir.Function:
-        self._emit_transpose_rows()
-        self._emit_finish_tile()
-        self.pack = self._emit_pack()
-        panels = {nv: self._emit_panel(nv) for nv in range(1, self.NV + 1)}
+        # packing and the epilogue + transposed stores are compiled once per process (see
+        # _helper) and linked by name, so that each kernel compiles only its own loops
+        self.pack = self._helper_callee("pack")
+        self.store_block = self._helper_callee("store_block")
+        # panel widths: powers of two up to NV, and NV; a tail panel takes the narrowest that
+        # fits (fewer functions to compile than one per width)
+        widths = sorted({1 << i for i in range(self.NV.bit_length()) if 1 << i <= self.NV} | {self.NV})
+        panels = {nv: self._emit_panel(nv) for nv in widths}
         fn, b, a = self._function(self.name, _KERNEL_ARGS, _KERNEL_ARG_TYPES, internal=False)
         rest = [a["y"], a["row_begin"], a["row_end"], a["row_ptr"], a["col_idx"], a["values"],
                 a["bias"], a["scratch"]]  # fmt: skip
@@ -215,9 +225,11 @@ class _SpmmEmitter:
         nvec = b.sdiv(b.add(tail, U.int64(self.V - 1)), U.int64(self.V), name="tail_vectors")
         done = fn.append_basic_block("done")
         sw = b.switch(nvec, done)
-        for nv in range(1, self.NV + 1):
-            bb = fn.append_basic_block(f"tail_panel_{nv}")
-            sw.add_case(U.int64(nv), bb)
+        for nv in widths:
+            bb = fn.append_basic_block(f"tail_panel_{nv * self.V}")
+            for need in range(1, nv + 1):
+                if min(w for w in widths if w >= need) == nv:
+                    sw.add_case(U.int64(need), bb)
             b.position_at_end(bb)
             b.call(panels[nv], [a["x"], t0, tail] + rest)
             b.branch(done)
@@ -241,11 +253,16 @@ class _SpmmEmitter:
         partial = U.gep(b, a["scratch"], self.KB * self.TN, name="partial")
         last_kb = self.n_blocks - 1
 
-        def kblock(kb, kc, finish: bool):
-            k0 = b.mul(kb, U.int64(self.KB), name="k0")
-            b.call(self.pack, [a["x"], a["t0"], a["tn"], k0, kc, panel, U.int64(tnp)])
-            row_ptr = U.gep(b, a["row_ptr"], b.mul(kb, U.int64(self.N + 1)), name="block_row_ptr")
+        # one loop over the K-blocks: the last block is shorter and finishes the tiles
+        with U.for_range(b, 0, self.n_blocks, name="kb") as kb:
+            last = b.icmp_signed("==", kb, U.int64(last_kb), name="last_kblock")
             first = b.icmp_signed("==", kb, U.int64(0), name="first_kblock")
+            kc = b.select(last, U.int64(self.K - last_kb * self.KB), U.int64(self.KB), name="kc")
+            k0 = b.mul(kb, U.int64(self.KB), name="k0")
+            x_rows = U.gep(b, a["x"], b.add(b.mul(a["t0"], U.int64(self.K)), k0), name="x_block")
+            zeros = b.bitcast(self.zeros, U.f32_ptr, name="zero_row")
+            b.call(self.pack, [x_rows, U.int64(self.K), a["tn"], kc, panel, U.int64(tnp), zeros])
+            row_ptr = U.gep(b, a["row_ptr"], b.mul(kb, U.int64(self.N + 1)), name="block_row_ptr")
             with U.for_range(b, a["row_begin"], a["row_end"], V, name="rb") as rb:
                 nrows = b.sub(a["row_end"], rb)
                 nrows = b.select(b.icmp_signed("<", nrows, U.int64(V)), nrows, U.int64(V), name="nrows")
@@ -257,15 +274,10 @@ class _SpmmEmitter:
                     o = b.add(rb, r, name="o")
                     acc = U.gep(b, tile, b.mul(r, U.int64(tnp)), name="acc_ptr")
                     self._emit_row(b, a, nv, panel, row_ptr, o, acc, first)
-                if finish:
-                    self._emit_store_tile(b, a, nv, tile, rb, nrows)
-
-        if self.n_blocks == 1:
-            kblock(U.int64(0), U.int64(self.K), finish=True)
-        else:
-            with U.for_range(b, 0, last_kb, name="kb") as kb:
-                kblock(kb, U.int64(self.KB), finish=False)
-            kblock(U.int64(last_kb), U.int64(self.K - last_kb * self.KB), finish=True)
+                with b.if_then(last):
+                    y_block = U.gep(b, a["y"], b.add(b.mul(a["t0"], U.int64(self.N)), rb), name="y_block")
+                    bias = U.gep(b, a["bias"], rb, name="bias_block")
+                    b.call(self.store_block, [tile, U.int64(tnp), a["tn"], nrows, bias, y_block, U.int64(self.N)])
         b.ret_void()
         return fn
 
@@ -315,129 +327,174 @@ class _SpmmEmitter:
 
     # -- output ------------------------------------------------------------------------------
 
-    def _emit_store_tile(self, b, a, nv, tile, rb, nrows):
-        """Y[t0 + t, rb:rb+nrows] = act(tile[0:nrows, t] + bias[rb:rb+nrows]) for t < tn."""
-        V, tnp, N = self.V, nv * self.V, self.N
-        bias = U.gep(b, a["bias"], rb, name="bias_block")
-        ybase = U.gep(b, a["y"], b.add(b.mul(a["t0"], U.int64(N)), rb), name="y_block")
-        with U.for_range(b, 0, nv, name="tb") as tb:
-            t_begin = b.mul(tb, U.int64(V), name="t_begin")
-            src = U.gep(b, tile, t_begin, name="tile_cols")
-            whole = b.and_(
-                b.icmp_signed("==", nrows, U.int64(V)),
-                b.icmp_signed("<=", b.add(t_begin, U.int64(V)), a["tn"]),
-                name="whole_tile",
-            )
-            with b.if_else(whole, likely=True) as (then, otherwise):
-                with then:
-                    dst = U.gep(b, ybase, b.mul(t_begin, U.int64(N)))
-                    b.call(self.finish_tile, [src, U.int64(tnp), bias, dst, U.int64(N)])
-                with otherwise:
-                    # tokens past tn or rows past the range: via a stack tile, valid part only
-                    tmp = self._stack_tile(b)
-                    b.call(self.finish_tile, [src, U.int64(tnp), bias, tmp, U.int64(V)])
-                    with U.for_range(b, t_begin, a["tn"], name="tv") as t:
-                        t_end = b.add(t_begin, U.int64(V))
-                        with b.if_then(b.icmp_signed("<", t, t_end)):
-                            src_row = U.gep(b, tmp, b.mul(b.sub(t, t_begin), U.int64(V)))
-                            dst_row = U.gep(b, ybase, b.mul(t, U.int64(N)))
-                            with U.for_range(b, 0, nrows, name="rv") as r:
-                                b.store(b.load(U.gep(b, src_row, r)), U.gep(b, dst_row, r))
 
-    def _stack_tile(self, b):
-        """A V x V float buffer on the stack (one per function)."""
-        fn = b.function
-        tile = getattr(fn, "_sparsednn_stack_tile", None)
-        if tile is None:
-            aty = ir.ArrayType(U.f32, self.V * self.V)
-            with b.goto_entry_block():
-                slot = b.alloca(aty, name="stack_tile")
-                slot.align = 64
-                tile = b.bitcast(slot, U.f32_ptr, name="stack_tile.ptr")
-            fn._sparsednn_stack_tile = tile
-        return tile
+# --------------------------------------------------------------------------------------------
+# Helpers shared by all kernels of a target: one V x V transpose for packing, and the epilogue
+# + transposed store of a finished tile (per activation and bias). Compiled once per process.
+# --------------------------------------------------------------------------------------------
 
-    def _emit_finish_tile(self):
-        """finish_tile(src, src_stride, bias, dst, dst_stride):
-        dst[t * dst_stride + r] = act(src[r * src_stride + t] + bias[r]) for r, t < V: the
-        epilogue (in place in the tile) and the transposed store of V output rows x V tokens
-        (bias is padded to whole vectors)."""
-        V = self.V
-        fn, b, a = self._function(
-            f"finish_tile_{V}x{V}", ("src", "src_stride", "bias", "dst", "dst_stride"),
-            (U.f32_ptr, U.i64, U.f32_ptr, U.f32_ptr, U.i64), noinline=True,
-        )  # fmt: skip
-        m = U.Math(b, self.vty, self.target.has_fma)
-        if self.has_bias or self.activation != "none":
-            # epilogue in place on the tile rows (one output feature each), as a loop so that
-            # the activation's code is emitted once
-            with U.for_range(b, 0, V, name="r") as r:
-                row = U.gep(b, a["src"], b.mul(r, a["src_stride"]), name="tile_row")
-                if self.has_bias:
-                    bias = U.splat(b, b.load(U.gep(b, a["bias"], r), name="bias"), V, name="bias.splat")
-                v = U.load_vec(b, row, V, self.valign, name="sum")
-                if self.has_bias:
-                    v = b.fadd(v, bias, name="biased")
-                U.store_vec(b, m.activation(v, self.activation), row, self.valign)
-        rows = [U.load_vec(b, U.gep(b, a["src"], b.mul(U.int64(r), a["src_stride"])), V, self.valign,
-                           name=f"row{r}") for r in range(V)]  # fmt: skip
-        for t, col in enumerate(U.transpose(b, rows, name="t")):
-            U.store_vec(b, col, U.gep(b, a["dst"], b.mul(U.int64(t), a["dst_stride"])), 4)
-        b.ret_void()
-        self.finish_tile = fn
 
-    # -- packing -------------------------------------------------------------------------------
+def _new_function(module, name, names, types, internal=True, noinline=False):
+    fn = ir.Function(module, ir.FunctionType(U.void, types), name=name)
+    if internal:
+        fn.linkage = "internal"
+    fn.attributes.add("nounwind")
+    if noinline:
+        fn.attributes.add("noinline")
+    for arg, nm in zip(fn.args, names):
+        arg.name = nm
+        if isinstance(arg.type, ir.PointerType) and not isinstance(arg.type.pointee, ir.PointerType):
+            arg.add_attribute("noalias")
+    return fn, ir.IRBuilder(fn.append_basic_block("entry")), dict(zip(names, fn.args))
 
-    def _emit_transpose_rows(self):
-        """transpose_rows(srcs, offset, dst, dst_stride): dst[j*dst_stride + i] = srcs[i][offset + j]
-        for i, j < V: one V x V transpose, emitted once."""
-        V = self.V
-        fn, b, a = self._function(
-            f"transpose_{V}x{V}_rows", ("srcs", "offset", "dst", "dst_stride"),
-            (ir.PointerType(U.f32_ptr), U.i64, U.f32_ptr, U.i64), noinline=True,
-        )  # fmt: skip
-        rows = []
-        for i in range(V):
-            row = b.load(b.gep(a["srcs"], [U.int64(i)], inbounds=True), name=f"src{i}")
-            rows.append(U.load_vec(b, U.gep(b, row, a["offset"]), V, 4, name=f"row{i}"))
-        for j, col in enumerate(U.transpose(b, rows, name="t")):
-            U.store_vec(b, col, U.gep(b, a["dst"], b.mul(U.int64(j), a["dst_stride"])), self.valign)
-        b.ret_void()
-        self.transpose_rows = fn
 
-    def _emit_pack(self) -> ir.Function:
-        """pack(x, t0, tn, k0, kc, panel, width): panel[k * width + t] = X[t0 + t, k0 + k] for
-        t < width (a multiple of V), k < kc; zero for t >= tn. V x V transposes; the rows of
-        tokens past tn are read from the zero page, never from past the end of X."""
-        V, K = self.V, self.K
-        fn, b, a = self._function(
-            "pack", ("x", "t0", "tn", "k0", "kc", "panel", "width"),
-            (U.f32_ptr, U.i64, U.i64, U.i64, U.i64, U.f32_ptr, U.i64),
-        )  # fmt: skip
-        zeros = b.bitcast(self.zeros, U.f32_ptr, name="zero_row")
-        with b.goto_entry_block():
-            srcs = b.alloca(U.f32_ptr, size=U.int64(V), name="src_rows")
-        kv_end = b.mul(b.sdiv(a["kc"], U.int64(V)), U.int64(V), name="kc_vec")
-        with U.for_range(b, 0, a["width"], V, name="tb") as tb:
-            # source rows of the V tokens of this column block (the zero page past tn)
-            with U.for_range(b, 0, V, name="i") as i:
-                t = b.add(tb, i, name="t")
-                valid = b.icmp_signed("<", t, a["tn"], name="valid")
-                off = b.add(b.mul(b.add(a["t0"], t), U.int64(K)), a["k0"])
-                xrow = b.gep(a["x"], [b.select(valid, off, U.int64(0))], name="x_row")
-                b.store(b.select(valid, xrow, zeros, name="src"), b.gep(srcs, [i]))
-            col0 = U.gep(b, a["panel"], tb, name="panel_cols")
-            with U.for_range(b, 0, kv_end, V, name="kv") as kv:
-                dst = U.gep(b, col0, b.mul(kv, a["width"]))
-                b.call(self.transpose_rows, [srcs, kv, dst, a["width"]])
-            # the last kc % V columns, scalar
-            with U.for_range(b, kv_end, a["kc"], name="kr") as k:
-                dst = U.gep(b, col0, b.mul(k, a["width"]))
-                with U.for_range(b, 0, V, name="ir") as i:
-                    row = b.load(b.gep(srcs, [i]))
-                    b.store(b.load(U.gep(b, row, k)), U.gep(b, dst, i))
-        b.ret_void()
-        return fn
+def _emit_finish_tile(module, name, target: Target, activation: str, has_bias: bool) -> ir.Function:
+    """finish_tile(src, src_stride, bias, dst, dst_stride):
+    dst[t * dst_stride + r] = act(src[r * src_stride + t] + bias[r]) for r, t < V: the
+    epilogue (in place in the tile) and the transposed store of V output rows x V tokens."""
+    V = target.vector_width
+    vty, valign = U.vec(V), 4 * V
+    fn, b, a = _new_function(
+        module, name, ("src", "src_stride", "bias", "dst", "dst_stride"),
+        (U.f32_ptr, U.i64, U.f32_ptr, U.f32_ptr, U.i64),
+    )  # fmt: skip
+    m = U.Math(b, vty, target.has_fma)
+    if has_bias or activation != "none":
+        # epilogue in place on the tile rows (one output feature each), as a loop so that
+        # the activation's code is emitted once
+        with U.for_range(b, 0, V, name="r") as r:
+            row = U.gep(b, a["src"], b.mul(r, a["src_stride"]), name="tile_row")
+            v = U.load_vec(b, row, V, valign, name="sum")
+            if has_bias:
+                bias = U.splat(b, b.load(U.gep(b, a["bias"], r), name="bias"), V, name="bias.splat")
+                v = b.fadd(v, bias, name="biased")
+            U.store_vec(b, m.activation(v, activation), row, valign)
+    rows = [U.load_vec(b, U.gep(b, a["src"], b.mul(U.int64(r), a["src_stride"])), V, valign,
+                       name=f"row{r}") for r in range(V)]  # fmt: skip
+    for t, col in enumerate(U.transpose(b, rows, name="t")):
+        U.store_vec(b, col, U.gep(b, a["dst"], b.mul(U.int64(t), a["dst_stride"])), 4)
+    b.ret_void()
+    return fn
+
+
+def _emit_store_block(module, name, target: Target, activation: str, has_bias: bool) -> ir.Function:
+    """store_block(tile, width, tn, nrows, bias, y, y_stride):
+    y[t * y_stride + r] = act(tile[r * width + t] + bias[r]) for r < nrows <= V, t < tn <= width
+    (width a multiple of V, tile V x width, 4V-byte aligned; bias padded to V)."""
+    V = target.vector_width
+    finish = _emit_finish_tile(module, "finish_tile", target, activation, has_bias)
+    fn, b, a = _new_function(
+        module, name, ("tile", "width", "tn", "nrows", "bias", "y", "y_stride"),
+        (U.f32_ptr, U.i64, U.i64, U.i64, U.f32_ptr, U.f32_ptr, U.i64), internal=False,
+    )  # fmt: skip
+    with b.goto_entry_block():
+        slot = b.alloca(ir.ArrayType(U.f32, V * V), name="stack_tile")
+        slot.align = 4 * V
+    tmp = b.bitcast(slot, U.f32_ptr, name="stack_tile.ptr")
+    with U.for_range(b, 0, a["width"], V, name="t_begin") as t_begin:
+        src = U.gep(b, a["tile"], t_begin, name="tile_cols")
+        whole = b.and_(
+            b.icmp_signed("==", a["nrows"], U.int64(V)),
+            b.icmp_signed("<=", b.add(t_begin, U.int64(V)), a["tn"]),
+            name="whole_tile",
+        )
+        with b.if_else(whole, likely=True) as (then, otherwise):
+            with then:
+                dst = U.gep(b, a["y"], b.mul(t_begin, a["y_stride"]))
+                b.call(finish, [src, a["width"], a["bias"], dst, a["y_stride"]])
+            with otherwise:
+                # tokens past tn or rows past the range: via a stack tile, valid part only
+                b.call(finish, [src, a["width"], a["bias"], tmp, U.int64(V)])
+                t_end = b.add(t_begin, U.int64(V))
+                t_end = b.select(b.icmp_signed("<", t_end, a["tn"]), t_end, a["tn"], name="t_end")
+                with U.for_range(b, t_begin, t_end, name="t") as t:
+                    src_row = U.gep(b, tmp, b.mul(b.sub(t, t_begin), U.int64(V)))
+                    dst_row = U.gep(b, a["y"], b.mul(t, a["y_stride"]))
+                    with U.for_range(b, 0, a["nrows"], name="r") as r:
+                        b.store(b.load(U.gep(b, src_row, r)), U.gep(b, dst_row, r))
+    b.ret_void()
+    return fn
+
+
+def _emit_transpose_rows(module, name, target: Target) -> ir.Function:
+    """transpose_rows(srcs, offset, dst, dst_stride): dst[j*dst_stride + i] = srcs[i][offset + j]
+    for i, j < V (dst 4V-byte aligned): the V x V transpose of packing."""
+    V = target.vector_width
+    fn, b, a = _new_function(
+        module, name, ("srcs", "offset", "dst", "dst_stride"),
+        (ir.PointerType(U.f32_ptr), U.i64, U.f32_ptr, U.i64),
+    )  # fmt: skip
+    rows = []
+    for i in range(V):
+        row = b.load(b.gep(a["srcs"], [U.int64(i)], inbounds=True), name=f"src{i}")
+        rows.append(U.load_vec(b, U.gep(b, row, a["offset"]), V, 4, name=f"row{i}"))
+    for j, col in enumerate(U.transpose(b, rows, name="t")):
+        U.store_vec(b, col, U.gep(b, a["dst"], b.mul(U.int64(j), a["dst_stride"])), 4 * V)
+    b.ret_void()
+    return fn
+
+
+def _emit_pack(module, name, target: Target) -> ir.Function:
+    """pack(x, x_stride, tn, kc, panel, width, zeros): panel[k * width + t] = x[t * x_stride + k]
+    for t < tn, k < kc, and 0 for tn <= t < width (width a multiple of V; panel 4V-byte
+    aligned): V x V transposes. The rows of tokens past tn are read from `zeros` (kc floats),
+    never from past the end of x."""
+    V = target.vector_width
+    transpose_rows = _emit_transpose_rows(module, "transpose_rows", target)
+    fn, b, a = _new_function(
+        module, name, ("x", "x_stride", "tn", "kc", "panel", "width", "zeros"),
+        (U.f32_ptr, U.i64, U.i64, U.i64, U.f32_ptr, U.i64, U.f32_ptr), internal=False,
+    )  # fmt: skip
+    with b.goto_entry_block():
+        srcs = b.alloca(U.f32_ptr, size=U.int64(V), name="src_rows")
+    kv_end = b.mul(b.sdiv(a["kc"], U.int64(V)), U.int64(V), name="kc_vec")
+    with U.for_range(b, 0, a["width"], V, name="tb") as tb:
+        # source rows of the V tokens of this column block (the zero page past tn)
+        with U.for_range(b, 0, V, name="i") as i:
+            t = b.add(tb, i, name="t")
+            valid = b.icmp_signed("<", t, a["tn"], name="valid")
+            xrow = b.gep(a["x"], [b.select(valid, b.mul(t, a["x_stride"]), U.int64(0))], name="x_row")
+            b.store(b.select(valid, xrow, a["zeros"], name="src"), b.gep(srcs, [i]))
+        col0 = U.gep(b, a["panel"], tb, name="panel_cols")
+        with U.for_range(b, 0, kv_end, V, name="kv") as kv:
+            dst = U.gep(b, col0, b.mul(kv, a["width"]))
+            b.call(transpose_rows, [srcs, kv, dst, a["width"]])
+        # the last kc % V columns, scalar
+        with U.for_range(b, kv_end, a["kc"], name="kr") as k:
+            dst = U.gep(b, col0, b.mul(k, a["width"]))
+            with U.for_range(b, 0, V, name="ir") as i:
+                row = b.load(b.gep(srcs, [i]))
+                b.store(b.load(U.gep(b, row, k)), U.gep(b, dst, i))
+    b.ret_void()
+    return fn
+
+
+_helper_cache: dict = {}
+_helper_lock = threading.Lock()
+
+
+def _helper(kind: str, target: Target, activation: str, has_bias: bool):
+    """(JIT module, symbol, function type) of a shared helper ("pack" or "store_block"),
+    compiled on first use and exported to the JIT's linker under its symbol."""
+    if kind == "pack":
+        key = (kind, target)
+        name = f"sparsednn_pack_{target.isa}"
+    else:
+        key = (kind, target, activation, has_bias)
+        name = "sparsednn_" + _kernel_name("store_block", "", target.isa, has_bias, activation)[4:]
+    with _helper_lock:
+        hit = _helper_cache.get(key)
+        if hit is None:
+            module = jit.new_module(name, target)
+            if kind == "pack":
+                fn = _emit_pack(module, name, target)
+            else:
+                fn = _emit_store_block(module, name, target, activation, has_bias)
+            jm = jit.compile_module(module, target)
+            jit.export_symbol(name, jm.function_address(name))
+            hit = (jm, name, fn.function_type)
+            _helper_cache[key] = hit
+        return hit
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,9 +616,10 @@ def _compiled_code(key, name):
         if hit is None:
             k, n, kb, n_blocks, nv, sets, activation, has_bias, target = key
             module = jit.new_module(name, target)
-            _SpmmEmitter(module, name, k, n, kb, n_blocks, target, activation, has_bias, nv, sets).emit()
+            emitter = _SpmmEmitter(module, name, k, n, kb, n_blocks, target, activation, has_bias, nv, sets)
+            emitter.emit()
             jm = jit.compile_module(module, target)
-            hit = (jm, _CTYPES_SIG(jm.function_address(name)))
+            hit = (jm, _CTYPES_SIG(jm.function_address(name)), tuple(emitter.helpers))
             _code_cache[key] = hit
         return hit
 
@@ -601,7 +659,7 @@ class SparseLinearKernel:
         regs = 32 if target.isa == "avx512" else 16
         sets = max(1, min(tuning.acc_sets, 4, (regs - 4) // nv))
         key = (k, n, kb, n_blocks, nv, sets, activation, bias is not None, target)
-        self._jit, self._fn = _compiled_code(key, self.name)
+        self._jit, self._fn, self._helpers = _compiled_code(key, self.name)
         self._ptrs = (
             self._csr.row_ptr.ctypes.data,
             self._csr.col_idx.ctypes.data,
@@ -617,11 +675,15 @@ class SparseLinearKernel:
 
     @property
     def llvm_ir(self) -> str:
-        return self._jit.llvm_ir
+        """Optimised IR of the kernel, then of the shared helpers it calls by address."""
+        parts = [self._jit.llvm_ir] + [f"; ---- helper called by address ----\n{h.llvm_ir}" for h in self._helpers]
+        return "\n".join(parts)
 
     @property
     def asm(self) -> str:
-        return self._jit.asm
+        """Machine code of the kernel, then of the shared helpers it calls by address."""
+        parts = [self._jit.asm] + [f"# ---- helper called by address ----\n{h.asm}" for h in self._helpers]
+        return "\n".join(parts)
 
     def _scratch_floats(self, rows: int) -> int:
         tn = self.tile_tokens
