@@ -160,9 +160,9 @@ def _find_weights(graph: onnx.GraphProto, min_size: int) -> list[_Weight]:
 def _block_scores(matrix: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     """L2 norm of each (bk, bn) block of a [K, N] matrix, as a [ceil(K/bk), ceil(N/bn)] array."""
     bk, bn = block
-    m = np.asarray(matrix, dtype=np.float64) if matrix.dtype != np.float64 else matrix
-    if (bk, bn) == (1, 1):
-        return np.abs(m)
+    if (bk, bn) == (1, 1):  # |w| ranks exactly in the weight's own precision
+        return np.abs(matrix.astype(np.float32) if matrix.dtype == np.float16 else matrix)
+    m = np.asarray(matrix, dtype=np.float64)
     k, n = m.shape
     gk, gn = -(-k // bk), -(-n // bn)
     padded = np.zeros((gk * bk, gn * bn), dtype=np.float64)

@@ -72,3 +72,31 @@ def test_matches_onnxruntime_on_every_shape(zoo, observe, arch, exporter, sparsi
     assert not errors, f"{name}: run failed: " + "; ".join(
         f"at {', '.join(shapes)}: {message}" for message, shapes in by_message.items())
     assert not bad, f"{name}: max-abs > {TOLERANCE} at {bad}"
+
+
+@pytest.mark.parametrize("scope,block", [("global", (1, 1)), ("layer", (4, 1)),
+                                         ("global", (1, 4))],
+                         ids=["global", "layer-4x1", "global-1x4"])
+def test_global_and_block_pruned_model_matches_onnxruntime(zoo, observe, scope, block):
+    import onnxruntime as ort
+
+    import sparsednn
+    from model_checks import ORT_PROVIDERS
+    from sparsednn.prune import prune_model
+
+    spec = ModelSpec("bert", exporter="legacy")
+    pruned, report = prune_model(zoo.model(spec, 0.0), 0.9, scope=scope, block=block)
+    reference = ort.InferenceSession(pruned.SerializeToString(), providers=ORT_PROVIDERS)
+    session = sparsednn.InferenceSession(pruned)
+    diffs = {}
+    with no_recompilation(session):
+        for i, (batch, seq) in enumerate([(1, 128), (3, 7), (8, 64)]):
+            feed = make_inputs(spec, batch, seq, seed=2000 + i)
+            (expected,) = reference.run(["last_hidden_state"], feed)
+            (got,) = session.run(["last_hidden_state"], feed)
+            diffs[f"{batch}x{seq}"] = max_abs_diff(got, expected)
+    sparsities = sorted(round(r["sparsity"], 3) for r in report)
+    observe("max-abs vs onnxruntime, small models",
+            f"{spec.name} @ 90% {scope} {block[0]}x{block[1]} blocks (layers "
+            f"{sparsities[0]:.1%}..{sparsities[-1]:.1%}): max {max(diffs.values()):.2e}")
+    assert all(v <= TOLERANCE for v in diffs.values()), diffs
