@@ -30,6 +30,13 @@ from sparsednn.codegen.target import available_isas, host_target
 from sparsednn.errors import InvalidInputError
 
 ISAS = available_isas()
+
+
+@pytest.fixture(autouse=True)
+def always_split_threads(monkeypatch):
+    """Small test problems would run on one thread (not worth the hand-off): split anyway,
+    so that num_threads=2 exercises the threaded path."""
+    monkeypatch.setattr(SparseLinearKernel, "_NS_PER_EXTRA_THREAD", 0)
 _erfc = np.vectorize(math.erfc, otypes=[np.float64])
 
 
@@ -340,6 +347,14 @@ def test_concurrent_calls_from_python_threads():
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_small_work_stays_on_one_thread(monkeypatch):
+    monkeypatch.undo()
+    kern = compile_sparse_linear(random_weight(np.random.default_rng(2), 64, 64, 0.9), None)
+    assert kern._useful_threads(1, 2) == 1
+    big = compile_sparse_linear(random_weight(np.random.default_rng(2), 1024, 1024, 0.5), None)
+    assert big._useful_threads(512, 2) == 2
 
 
 def test_thread_split_balances_nonzeros():
