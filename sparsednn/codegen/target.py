@@ -41,6 +41,11 @@ class Target:
     vector_width: int  # float32 lanes per vector register: 16, 8 or 4
     triple: str = ""
 
+    def __repr__(self) -> str:
+        enabled = sum(1 for f in self.features.split(",") if f.startswith("+"))
+        return (f"Target(cpu_name={self.cpu_name!r}, isa={self.isa!r}, "
+                f"vector_width={self.vector_width}, features=<{enabled} enabled>)")  # fmt: skip
+
     @property
     def has_fma(self) -> bool:
         return self.isa in ("avx512", "avx2")

@@ -368,3 +368,17 @@ def test_thread_split_balances_nonzeros():
     assert max(costs) / min(costs) < 1.1
     assert ranges[0][1] < 400  # far fewer rows than half
     assert spmm._split_rows(np.zeros(5, np.int64), 2, 16) == [(0, 5)]
+
+
+def test_compile_time_is_recorded(observe):
+    """Compile times of a BERT-sized layer: new code (first of its shape) and cached code
+    (another layer of the same shape: only the CSR arrays are built). Loose bounds only: the
+    figures themselves go to the observations summary."""
+    rng = np.random.default_rng(4)
+    w1, w2 = random_weight(rng, 768, 768, 0.9), random_weight(rng, 768, 768, 0.9)
+    spmm.clear_code_cache()
+    k1 = compile_sparse_linear(w1, None, "gelu")
+    k2 = compile_sparse_linear(w2, None, "gelu")
+    observe("codegen", f"compile {k1.name} 768x768 90%: {k1.compile_seconds * 1e3:.1f} ms "
+                       f"(same shape again: {k2.compile_seconds * 1e3:.1f} ms)")  # fmt: skip
+    assert k1.compile_seconds < 5 and k2.compile_seconds < 1

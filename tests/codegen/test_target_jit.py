@@ -1,0 +1,108 @@
+"""Targets (host detection, forced lower ISAs) and the JIT (compile, link, dump, errors)."""
+
+from __future__ import annotations
+
+import ctypes
+
+import llvmlite.ir as ir
+import numpy as np
+import pytest
+
+from sparsednn.codegen import irutil as U
+from sparsednn.codegen import jit
+from sparsednn.codegen.target import ISA_ENV_VAR, available_isas, host_target
+from sparsednn.errors import CompileError
+
+
+def test_host_target_is_read_once_and_cached():
+    assert host_target() is host_target()
+    t = host_target()
+    assert t.isa in ("avx512", "avx2", "generic")
+    assert t.vector_width == {"avx512": 16, "avx2": 8, "generic": 4}[t.isa]
+    assert t.features.count(",") > 10  # the explicit host feature list, not ""
+    assert "Target(" in repr(t) and t.isa in repr(t)
+
+
+@pytest.mark.parametrize("isa", available_isas())
+def test_forcing_an_isa_by_environment(monkeypatch, isa):
+    monkeypatch.setenv(ISA_ENV_VAR, isa)
+    t = host_target()
+    assert t.isa == isa and t == host_target(isa)
+    feats = dict((f[1:], f[0] == "+") for f in t.features.split(","))
+    if isa == "avx2":
+        assert feats["avx2"] and feats["fma"]
+        assert not any(on for name, on in feats.items() if name.startswith("avx512"))
+    if isa == "generic":
+        assert not any(on for name, on in feats.items() if name.startswith("avx") or name == "fma")
+        assert feats.get("sse2", True)
+
+
+def test_unknown_isa_is_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="unknown ISA"):
+        host_target("neon")
+    monkeypatch.setenv(ISA_ENV_VAR, "sse9")
+    with pytest.raises(ValueError, match="unknown ISA"):
+        host_target()
+
+
+def _axpy_module(target):
+    """void axpy(float *y, const float *x, float a, int64 n): y += a * x (vectors + scalar tail)."""
+    mod = jit.new_module("axpy", target)
+    fn = ir.Function(mod, ir.FunctionType(U.void, [U.f32_ptr, U.f32_ptr, U.f32, U.i64]), name="axpy")
+    y, x, a, n = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    m = U.Math(b, U.f32, target.has_fma)
+    with U.for_range(b, 0, n, name="i") as i:
+        yp = U.gep(b, y, i)
+        b.store(m.fma(a, b.load(U.gep(b, x, i)), b.load(yp)), yp)
+    b.ret_void()
+    return mod
+
+
+@pytest.mark.parametrize("isa", available_isas())
+def test_compile_run_and_dump(isa):
+    target = host_target(isa)
+    jm = jit.compile_module(_axpy_module(target), target)
+    f = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64)(
+        jm.function_address("axpy")
+    )
+    x = np.arange(37, dtype=np.float32)
+    y = np.ones(37, dtype=np.float32)
+    f(y.ctypes.data, x.ctypes.data, 2.0, 37)
+    np.testing.assert_array_equal(y, 1 + 2 * x)
+    assert "define void @axpy(" in jm.llvm_ir
+    assert "axpy:" in jm.asm
+    assert jm.compile_seconds > 0
+    with pytest.raises(CompileError, match="no function named"):
+        jm.function_address("nope")
+
+
+def test_invalid_ir_raises_compile_error():
+    target = host_target()
+    mod = jit.new_module("bad", target)
+    fn = ir.Function(mod, ir.FunctionType(U.i64, []), name="bad")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    b.branch(fn.append_basic_block("no_terminator"))  # a block without a terminator
+    with pytest.raises(CompileError, match="invalid LLVM IR"):
+        jit.compile_module(mod, target)
+
+
+@pytest.mark.parametrize("isa", available_isas())
+def test_transpose_helper_is_a_transpose(isa):
+    """irutil.transpose for V = 16, 8, 4 (the shuffle masks), run natively."""
+    target = host_target(isa)
+    V = target.vector_width
+    mod = jit.new_module("tr", target)
+    fn = ir.Function(mod, ir.FunctionType(U.void, [U.f32_ptr, U.f32_ptr]), name="tr")
+    src, dst = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    rows = [U.load_vec(b, U.gep(b, src, i * V), V) for i in range(V)]
+    for j, col in enumerate(U.transpose(b, rows)):
+        U.store_vec(b, col, U.gep(b, dst, j * V))
+    b.ret_void()
+    jm = jit.compile_module(mod, target)
+    f = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(jm.function_address("tr"))
+    a = np.arange(V * V, dtype=np.float32).reshape(V, V)
+    out = np.zeros_like(a)
+    f(a.ctypes.data, out.ctypes.data)
+    np.testing.assert_array_equal(out, a.T)
