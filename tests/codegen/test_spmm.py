@@ -382,3 +382,11 @@ def test_compile_time_is_recorded(observe):
     observe("codegen", f"compile {k1.name} 768x768 90%: {k1.compile_seconds * 1e3:.1f} ms "
                        f"(same shape again: {k2.compile_seconds * 1e3:.1f} ms)")  # fmt: skip
     assert k1.compile_seconds < 5 and k2.compile_seconds < 1
+
+
+@pytest.mark.parametrize("make", [compile_sparse_linear, compile_dense_linear])
+def test_empty_feature_dimensions(make):
+    kern = make(np.zeros((0, 5), np.float32), np.arange(5, dtype=np.float32), "relu")
+    np.testing.assert_array_equal(kern(np.zeros((3, 0), np.float32)), np.tile(np.arange(5.0), (3, 1)))
+    kern = make(np.zeros((4, 0), np.float32), None, "gelu")
+    assert kern(np.ones((3, 4), np.float32)).shape == (3, 0)
