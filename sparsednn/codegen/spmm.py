@@ -2,10 +2,12 @@
 
 Sparse kernel design (see docs in the class and emitter below):
 
-* Wᵀ is stored in CSR over the N output features (row o = output o; int32 column indices k,
-  float32 values), split into K-blocks so that the packed activations of one block stay in
-  cache. The CSR arrays are data passed by pointer, not code: compile time does not depend on
-  the number of nonzeros.
+* Wᵀ is stored in CSR over the N output features (row o = output o), split into K-blocks so
+  that the packed activations of one block stay in cache. Each nonzero is one 64-bit entry:
+  the byte offset of its panel row (k * TN * 4) in the low half, the float32 weight in the
+  high half, so the inner loop does one scalar load per nonzero and no index arithmetic.
+  The CSR arrays are data passed by pointer, not code: compile time does not depend on the
+  number of nonzeros.
 * X is processed in panels of TN = 4 x V tokens (V = floats per vector; TN = 64 on AVX-512).
   A panel of one K-block is packed transposed into scratch, panel[k, 0:TN] = X[t0:t0+TN, k],
   with V x V in-register transposes; rows past M come from a zero page, never from past X.
@@ -79,9 +81,17 @@ class _CsrBlocks:
     n_blocks: int
     row_ptr: np.ndarray  # int32 [n_blocks, N + 1]: entries of (block b, row o) are
     #                      row_ptr[b, o] .. row_ptr[b, o + 1]
-    col_idx: np.ndarray  # int32 [nnz] column index k relative to the block start
-    values: np.ndarray  # float32 [nnz]
+    entries: np.ndarray  # int64 [nnz]: (k - block start) * row_bytes | float32 bits << 32
     row_nnz: np.ndarray  # int64 [N] nonzeros of each output row (all blocks)
+
+    def columns(self) -> np.ndarray:
+        """k of each entry relative to its block start (for inspection and tests)."""
+        return (self.entries & 0xFFFFFFFF) // self.row_bytes
+
+    def values(self) -> np.ndarray:
+        return (self.entries >> 32).astype(np.uint32).view(np.float32)
+
+    row_bytes: int = 4
 
 
 def _round_up(x: int, m: int) -> int:
@@ -97,7 +107,8 @@ def _k_blocking(k: int, v: int, tn: int, tuning: SpmmTuning) -> tuple[int, int]:
     return kb, n_blocks
 
 
-def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int) -> _CsrBlocks:
+def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int) -> _CsrBlocks:
+    """Blocked CSR of weight.T; row_bytes: bytes between consecutive k of a packed panel."""
     k, n = weight.shape
     wt = np.ascontiguousarray(weight.T)  # [N, K]
     row_ptr = np.empty((n_blocks, n + 1), dtype=np.int64)
@@ -118,16 +129,18 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int) -> _CsrBlocks:
         row_nnz += counts
     if start >= 2**31:
         raise CompileError(f"too many nonzeros for int32 CSR indices: {start}")
+    if k_block * row_bytes >= 2**31:
+        raise CompileError(f"K-block too large for 32-bit panel offsets: {k_block} x {row_bytes} bytes")
     # at least one element, so that pointers are always to real memory
-    cols.append(np.zeros(1, np.int32))
-    vals.append(np.zeros(1, np.float32))
+    offsets = np.concatenate(cols + [np.zeros(1, np.int32)]).astype(np.int64) * row_bytes
+    bits = np.concatenate(vals + [np.zeros(1, np.float32)]).astype(np.float32).view(np.uint32)
     return _CsrBlocks(
         k_block=k_block,
         n_blocks=n_blocks,
         row_ptr=np.ascontiguousarray(row_ptr.astype(np.int32)),
-        col_idx=np.ascontiguousarray(np.concatenate(cols)),
-        values=np.ascontiguousarray(np.concatenate(vals).astype(np.float32)),
+        entries=np.ascontiguousarray(offsets | (bits.astype(np.int64) << 32)),
         row_nnz=row_nnz,
+        row_bytes=row_bytes,
     )
 
 
@@ -137,17 +150,16 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int) -> _CsrBlocks:
 
 # Arguments of the generated kernel (C ABI):
 #   void kernel(const float *x, int64 m, float *y, int64 row_begin, int64 row_end,
-#               const int32 *row_ptr, const int32 *col_idx, const float *values,
-#               const float *bias, float *scratch)
+#               const int32 *row_ptr, const int64 *entries, const float *bias, float *scratch)
 # computes y[0:m, row_begin:row_end]; scratch is 64-byte aligned, scratch_floats(rows) long.
-_KERNEL_ARGS = ("x", "m", "y", "row_begin", "row_end", "row_ptr", "col_idx", "values", "bias", "scratch")
+_KERNEL_ARGS = ("x", "m", "y", "row_begin", "row_end", "row_ptr", "entries", "bias", "scratch")
 _KERNEL_ARG_TYPES = (
-    U.f32_ptr, U.i64, U.f32_ptr, U.i64, U.i64, U.i32_ptr, U.i32_ptr, U.f32_ptr, U.f32_ptr, U.f32_ptr
+    U.f32_ptr, U.i64, U.f32_ptr, U.i64, U.i64, U.i32_ptr, ir.PointerType(U.i64), U.f32_ptr, U.f32_ptr
 )
 _CTYPES_SIG = ctypes.CFUNCTYPE(
     None,
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
 )  # fmt: skip
 
 
@@ -212,8 +224,7 @@ class _SpmmEmitter:
         widths = sorted({1 << i for i in range(self.NV.bit_length()) if 1 << i <= self.NV} | {self.NV})
         panels = {nv: self._emit_panel(nv) for nv in widths}
         fn, b, a = self._function(self.name, _KERNEL_ARGS, _KERNEL_ARG_TYPES, internal=False)
-        rest = [a["y"], a["row_begin"], a["row_end"], a["row_ptr"], a["col_idx"], a["values"],
-                a["bias"], a["scratch"]]  # fmt: skip
+        rest = [a["y"], a["row_begin"], a["row_end"], a["row_ptr"], a["entries"], a["bias"], a["scratch"]]
         tn = U.int64(self.TN)
         n_full = b.sdiv(a["m"], tn, name="full_panels")
         with U.for_range(b, 0, n_full, name="panel") as p:
@@ -261,7 +272,7 @@ class _SpmmEmitter:
             k0 = b.mul(kb, U.int64(self.KB), name="k0")
             x_rows = U.gep(b, a["x"], b.add(b.mul(a["t0"], U.int64(self.K)), k0), name="x_block")
             zeros = b.bitcast(self.zeros, U.f32_ptr, name="zero_row")
-            b.call(self.pack, [x_rows, U.int64(self.K), a["tn"], kc, panel, U.int64(tnp), zeros])
+            b.call(self.pack, [x_rows, U.int64(self.K), a["tn"], kc, panel, U.int64(tnp), U.int64(self.TN), zeros])
             row_ptr = U.gep(b, a["row_ptr"], b.mul(kb, U.int64(self.N + 1)), name="block_row_ptr")
             with U.for_range(b, a["row_begin"], a["row_end"], V, name="rb") as rb:
                 nrows = b.sub(a["row_end"], rb)
@@ -302,10 +313,15 @@ class _SpmmEmitter:
             for s_ in range(S):
                 sets[s_].append(U.alloca_once_value(b, init if s_ == 0 else zero, name=f"acc{i}.{s_}"))
 
+        panel_bytes = b.bitcast(panel, ir.PointerType(ir.IntType(8)), name="panel_bytes")
+
         def accumulate(j, accs):
-            k = b.sext(b.load(U.gep(b, a["col_idx"], j), name="k"), U.i64)
-            w = U.splat(b, b.load(U.gep(b, a["values"], j), name="w"), V, name="w.splat")
-            row = U.gep(b, panel, b.mul(k, U.int64(tnp)), name="panel_row")
+            # one 64-bit entry: byte offset of the panel row | weight bits << 32
+            e = b.load(U.gep(b, a["entries"], j), name="entry")
+            offset = b.sext(b.trunc(e, U.i32), U.i64, name="row_offset")
+            w = b.bitcast(b.trunc(b.lshr(e, U.int64(32)), U.i32), U.f32, name="w")
+            w = U.splat(b, w, V, name="w.splat")
+            row = b.bitcast(b.gep(panel_bytes, [offset], inbounds=True), U.f32_ptr, name="panel_row")
             for i in range(nv):
                 xv = U.load_vec(b, U.gep(b, row, i * V), V, self.valign, name=f"x{i}")
                 b.store(m.fma(w, xv, b.load(accs[i])), accs[i])
@@ -435,15 +451,15 @@ def _emit_transpose_rows(module, name, target: Target) -> ir.Function:
 
 
 def _emit_pack(module, name, target: Target) -> ir.Function:
-    """pack(x, x_stride, tn, kc, panel, width, zeros): panel[k * width + t] = x[t * x_stride + k]
-    for t < tn, k < kc, and 0 for tn <= t < width (width a multiple of V; panel 4V-byte
-    aligned): V x V transposes. The rows of tokens past tn are read from `zeros` (kc floats),
-    never from past the end of x."""
+    """pack(x, x_stride, tn, kc, panel, width, stride, zeros): panel[k * stride + t] =
+    x[t * x_stride + k] for t < tn, k < kc, and 0 for tn <= t < width (width and stride
+    multiples of V; panel 4V-byte aligned): V x V transposes. The rows of tokens past tn are
+    read from `zeros` (kc floats), never from past the end of x."""
     V = target.vector_width
     transpose_rows = _emit_transpose_rows(module, "transpose_rows", target)
     fn, b, a = _new_function(
-        module, name, ("x", "x_stride", "tn", "kc", "panel", "width", "zeros"),
-        (U.f32_ptr, U.i64, U.i64, U.i64, U.f32_ptr, U.i64, U.f32_ptr), internal=False,
+        module, name, ("x", "x_stride", "tn", "kc", "panel", "width", "stride", "zeros"),
+        (U.f32_ptr, U.i64, U.i64, U.i64, U.f32_ptr, U.i64, U.i64, U.f32_ptr), internal=False,
     )  # fmt: skip
     with b.goto_entry_block():
         srcs = b.alloca(U.f32_ptr, size=U.int64(V), name="src_rows")
@@ -457,11 +473,11 @@ def _emit_pack(module, name, target: Target) -> ir.Function:
             b.store(b.select(valid, xrow, a["zeros"], name="src"), b.gep(srcs, [i]))
         col0 = U.gep(b, a["panel"], tb, name="panel_cols")
         with U.for_range(b, 0, kv_end, V, name="kv") as kv:
-            dst = U.gep(b, col0, b.mul(kv, a["width"]))
-            b.call(transpose_rows, [srcs, kv, dst, a["width"]])
+            dst = U.gep(b, col0, b.mul(kv, a["stride"]))
+            b.call(transpose_rows, [srcs, kv, dst, a["stride"]])
         # the last kc % V columns, scalar
         with U.for_range(b, kv_end, a["kc"], name="kr") as k:
-            dst = U.gep(b, col0, b.mul(k, a["width"]))
+            dst = U.gep(b, col0, b.mul(k, a["stride"]))
             with U.for_range(b, 0, V, name="ir") as i:
                 row = b.load(b.gep(srcs, [i]))
                 b.store(b.load(U.gep(b, row, k)), U.gep(b, dst, i))
@@ -645,7 +661,9 @@ class SparseLinearKernel:
         nv = max(1, min(8, tuning.vectors_per_panel))
         self.tile_tokens = nv * V
         kb, n_blocks = _k_blocking(k, V, self.tile_tokens, tuning)
-        self._csr = _build_csr(weight, kb, n_blocks)
+        # panels of every width keep the full panel's row stride, so that the byte offsets in
+        # the entries serve them all
+        self._csr = _build_csr(weight, kb, n_blocks, 4 * self.tile_tokens)
         self.nnz = int(self._csr.row_nnz.sum())
         self.sparsity = 1.0 - self.nnz / (k * n) if k * n else 1.0
         self.name = _kernel_name("spmm", f"csr_{self.tile_tokens}x1", target.isa, bias is not None, activation)
@@ -662,8 +680,7 @@ class SparseLinearKernel:
         self._jit, self._fn, self._helpers = _compiled_code(key, self.name)
         self._ptrs = (
             self._csr.row_ptr.ctypes.data,
-            self._csr.col_idx.ctypes.data,
-            self._csr.values.ctypes.data,
+            self._csr.entries.ctypes.data,
             self._bias.ctypes.data,
         )
         self._splits: dict[int, list[tuple[int, int]]] = {}
