@@ -93,7 +93,7 @@ TUNINGS = [
 ]
 
 
-@settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     k=st.integers(1, 300),
     n=st.integers(1, 300),
@@ -193,7 +193,7 @@ def test_dump_ir_and_asm(isa):
 # ---- the dense kernel ------------------------------------------------------------------------
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     k=st.integers(1, 200),
     n=st.integers(1, 200),
