@@ -10,7 +10,8 @@ exactly the given fraction of zeros, unstructured. BLAS is pinned to the same nu
 threads as the sparse kernel (threadpoolctl); scipy.sparse is single-threaded.
 
 Per case: median time of each, useful GFLOP/s of the sparse kernel (2 * nnz * M / time) and
-its speedup over dense and over scipy. Times are medians of repeated runs (the machine may be
+its speedup over dense and over scipy. With --bias/--activation, dense is numpy's matmul
+followed by the same native epilogue as the dense kernel (scipy: the product only). Times are medians of repeated runs (the machine may be
 shared: repeat, and compare medians).
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, if set, make a current OpenBLAS pick slow kernels: unset
@@ -41,6 +42,7 @@ try:
 except ImportError:  # pragma: no cover
     sp = None
 
+from sparsednn.codegen.epilogue import compile_epilogue  # noqa: E402
 from sparsednn.codegen.spmm import compile_sparse_linear  # noqa: E402
 from sparsednn.codegen.target import host_target  # noqa: E402
 
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
         if os.environ.get(var):
             print(f"# warning: {var}={os.environ[var]} is set: numpy's BLAS may run a slow kernel")
     print(f"# epilogue: {'bias + ' if args.bias else ''}{args.activation}; times are medians; "
-          "GF/s = useful 2*nnz*M/time of the sparse kernel")
+          "GF/s = useful 2*nnz*M/time of the sparse kernel; dense = numpy matmul (+ epilogue)")
     header = (f"{'K x N':>10} {'spars':>5} {'M':>4} {'thr':>3} {'sparse us':>10} {'dense us':>10} "
               f"{'scipy us':>10} {'GF/s':>6} {'vs dense':>8} {'vs scipy':>8}  kernel")  # fmt: skip
     print(header)
@@ -150,6 +152,9 @@ def main(argv=None) -> int:
             w = random_sparse(rng, k, n, sparsity)
             bias = rng.standard_normal(n).astype(np.float32) if args.bias else None
             kern = compile_sparse_linear(w, bias, args.activation, target=target)
+            epilogue = None
+            if bias is not None or args.activation != "none":
+                epilogue = compile_epilogue(n, bias is not None, args.activation, target)
             w_csr = sp.csr_matrix(w) if use_scipy else None
             for m in ms:
                 x = rng.standard_normal((m, k)).astype(np.float32)
@@ -158,11 +163,8 @@ def main(argv=None) -> int:
 
                 def dense():
                     np.matmul(x, w, out=y_dense)
-                    if bias is not None:
-                        np.add(y_dense, bias, out=y_dense)
-                    if args.activation == "relu":
-                        np.maximum(y_dense, 0, out=y_dense)
-                    # (a numpy GELU would dominate the dense time: not included)
+                    if epilogue is not None:  # the same native bias/activation epilogue
+                        epilogue(y_dense, bias)
 
                 for nt in threads:
                     with _Limit(nt):
