@@ -19,6 +19,10 @@ from sparsednn.codegen import irutil as U
 from sparsednn.codegen import jit
 from sparsednn.codegen.target import Target, host_target
 
+# Registers per operation in the main loop: GELU measured 38 / 27 / 21 cycles per 16 floats
+# with 1 / 4 / 8 (AVX-512, 512 x 3072 in place); 4 where there are only 16 vector registers.
+WIDE_VECTORS = {"avx512": 8, "avx2": 4, "generic": 4}
+
 _SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)
 _cache: dict = {}
 _lock = threading.Lock()
@@ -44,7 +48,7 @@ def emit_epilogue(module: ir.Module, name: str, n: int, has_bias: bool, activati
     y.name, m_rows.name, bias.name = "y", "m", "bias"
     y.add_attribute("noalias")
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    math = U.Math(b, vty, target.has_fma)
+    math = U.Math(b, vty, target.has_fma, target.isa)
     n_vec = n // V * V
 
     def apply(v, bias_v):
@@ -68,8 +72,19 @@ def emit_epilogue(module: ir.Module, name: str, n: int, has_bias: bool, activati
                 b.store(b.load(U.gep(b, bias, n_vec + i)), U.gep(b, bias_buf_ptr, i))
     with U.for_range(b, 0, m_rows, name="row") as r:
         row = U.gep(b, y, b.mul(r, U.int64(n)), name="y_row")
-        if n_vec:
-            with U.for_range(b, 0, n_vec, V, name="j") as j:
+        # whole groups of WIDE_VECTORS registers as one wide vector (see irutil.Math)
+        WIDE = WIDE_VECTORS[target.isa] * V
+        n_wide = n // WIDE * WIDE
+        if n_wide:
+            wmath = U.Math(b, U.vec(WIDE), target.has_fma, target.isa)
+            with U.for_range(b, 0, n_wide, WIDE, name="jw") as j:
+                ptr = U.gep(b, row, j)
+                v = U.load_vec(b, ptr, WIDE, 4)
+                if has_bias:
+                    v = b.fadd(v, U.load_vec(b, U.gep(b, bias, j), WIDE, 4))
+                U.store_vec(b, wmath.activation(v, activation), ptr, 4)
+        if n_vec > n_wide:
+            with U.for_range(b, n_wide, n_vec, V, name="j") as j:
                 ptr = U.gep(b, row, j)
                 bias_v = U.load_vec(b, U.gep(b, bias, j), V, 4) if has_bias else None
                 U.store_vec(b, apply(U.load_vec(b, ptr, V, 4), bias_v), ptr, 4)

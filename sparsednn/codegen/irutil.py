@@ -133,6 +133,25 @@ def shuffle(builder: ir.IRBuilder, a, b, lanes: list[int], name: str = "") -> ir
     return builder.shuffle_vector(a, b, mask, name=name)
 
 
+def concat(builder: ir.IRBuilder, parts: list, name: str = "") -> ir.Value:
+    """One vector of the lanes of `parts` in order (a power-of-two count of vectors of one
+    type; free after LLVM splits the wide vector back into registers)."""
+    parts = list(parts)
+    assert len(parts) & (len(parts) - 1) == 0 and len({p.type.count for p in parts}) == 1
+    while len(parts) > 1:
+        n = 2 * parts[0].type.count
+        parts = [shuffle(builder, parts[i], parts[i + 1], list(range(n))) for i in range(0, len(parts), 2)]
+    v = parts[0]
+    if name:
+        v.name = name
+    return v
+
+
+def split(builder: ir.IRBuilder, v, width: int) -> list:
+    """The consecutive `width`-lane pieces of vector v."""
+    return [shuffle(builder, v, v, list(range(i, i + width))) for i in range(0, v.type.count, width)]
+
+
 def transpose(builder: ir.IRBuilder, rows: list, name: str = "t") -> list:
     """Transpose a V x V matrix held as V vectors of V lanes (V = 4, 8 or 16).
 
@@ -187,12 +206,17 @@ def transpose(builder: ir.IRBuilder, rows: list, name: str = "t") -> list:
 
 
 class Math:
-    """Elementwise float math on scalars or vectors of one type, emitted inline (no libm)."""
+    """Elementwise float math on scalars or vectors of one type, emitted inline (no libm).
 
-    def __init__(self, builder: ir.IRBuilder, ty, use_fma: bool):
+    Vectors may be wider than a register (e.g. <64 x float>): LLVM splits each operation into
+    register-sized ones emitted side by side, which interleaves independent dependency chains
+    (GELU: ~40 dependent operations) for the out-of-order core."""
+
+    def __init__(self, builder: ir.IRBuilder, ty, use_fma: bool, isa: str = "generic"):
         self.b = builder
         self.ty = ty
         self.use_fma = use_fma
+        self.isa = isa
         self.module = builder.module
         suffix = type_suffix(ty)
         # llvm.fma is always fused (a libm call where the CPU has no FMA); llvm.fmuladd lets

@@ -296,7 +296,7 @@ class _SpmmEmitter:
         """acc_ptr[0:T] = (first ? 0 : acc_ptr[0:T]) + sum of w * panel[k, 0:T] over the
         nonzeros (k, w) of row o in this K-block."""
         V, tnp = self.V, nv * self.V
-        m = U.Math(b, self.vty, self.target.has_fma)
+        m = U.Math(b, self.vty, self.target.has_fma, self.target.isa)
         zero = U.const(self.vty, 0.0)
         begin = b.sext(b.load(U.gep(b, row_ptr, o)), U.i64, name="nz_begin")
         end = b.sext(b.load(U.gep(b, row_ptr, b.add(o, U.int64(1)))), U.i64, name="nz_end")
@@ -364,31 +364,38 @@ def _new_function(module, name, names, types, internal=True, noinline=False):
     return fn, ir.IRBuilder(fn.append_basic_block("entry")), dict(zip(names, fn.args))
 
 
+# Output vectors per epilogue operation in finish_tile (see irutil.Math on wide vectors).
+_EPILOGUE_GROUP = 4
+
+
 def _emit_finish_tile(module, name, target: Target, activation: str, has_bias: bool) -> ir.Function:
     """finish_tile(src, src_stride, bias, dst, dst_stride):
-    dst[t * dst_stride + r] = act(src[r * src_stride + t] + bias[r]) for r, t < V: the
-    epilogue (in place in the tile) and the transposed store of V output rows x V tokens."""
+    dst[t * dst_stride + r] = act(src[r * src_stride + t] + bias[r]) for r, t < V: the transposed
+    store of V output rows x V tokens, with the epilogue applied after the transpose (a vector
+    is then one token's V outputs, and bias[0:V] one load), on groups of vectors at once."""
     V = target.vector_width
-    vty, valign = U.vec(V), 4 * V
+    valign = 4 * V
+    G = _EPILOGUE_GROUP
     fn, b, a = _new_function(
         module, name, ("src", "src_stride", "bias", "dst", "dst_stride"),
         (U.f32_ptr, U.i64, U.f32_ptr, U.f32_ptr, U.i64),
     )  # fmt: skip
-    m = U.Math(b, vty, target.has_fma)
-    if has_bias or activation != "none":
-        # epilogue in place on the tile rows (one output feature each), as a loop so that
-        # the activation's code is emitted once
-        with U.for_range(b, 0, V, name="r") as r:
-            row = U.gep(b, a["src"], b.mul(r, a["src_stride"]), name="tile_row")
-            v = U.load_vec(b, row, V, valign, name="sum")
-            if has_bias:
-                bias = U.splat(b, b.load(U.gep(b, a["bias"], r), name="bias"), V, name="bias.splat")
-                v = b.fadd(v, bias, name="biased")
-            U.store_vec(b, m.activation(v, activation), row, valign)
+    m = U.Math(b, U.vec(G * V), target.has_fma, target.isa)
     rows = [U.load_vec(b, U.gep(b, a["src"], b.mul(U.int64(r), a["src_stride"])), V, valign,
                        name=f"row{r}") for r in range(V)]  # fmt: skip
-    for t, col in enumerate(U.transpose(b, rows, name="t")):
-        U.store_vec(b, col, U.gep(b, a["dst"], b.mul(U.int64(t), a["dst_stride"])), 4)
+    cols = U.transpose(b, rows, name="t")
+    if has_bias:
+        bias = U.load_vec(b, a["bias"], V, 4, name="bias")
+        bias_wide = U.concat(b, [bias] * G, name="bias.wide")
+    for g in range(0, V, G):
+        group = cols[g : g + G]
+        if has_bias or activation != "none":
+            wide = U.concat(b, group, name=f"tok{g}")
+            if has_bias:
+                wide = b.fadd(wide, bias_wide, name=f"tok{g}.biased")
+            group = U.split(b, m.activation(wide, activation), V)
+        for i, col in enumerate(group):
+            U.store_vec(b, col, U.gep(b, a["dst"], b.mul(U.int64(g + i), a["dst_stride"])), 4)
     b.ret_void()
     return fn
 
