@@ -21,6 +21,7 @@ them for this command only (the header shows which BLAS kernel is running).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 try:
     from threadpoolctl import threadpool_info, threadpool_limits
@@ -42,13 +43,18 @@ try:
 except ImportError:  # pragma: no cover
     sp = None
 
-from sparsednn.codegen.epilogue import compile_epilogue  # noqa: E402
-from sparsednn.codegen.spmm import compile_sparse_linear  # noqa: E402
-from sparsednn.codegen.target import host_target  # noqa: E402
+from sparsednn.codegen.epilogue import compile_epilogue
+from sparsednn.codegen.spmm import compile_sparse_linear
+from sparsednn.codegen.target import host_target
 
-QUICK = dict(shapes="768x768,3072x768,768x3072", sparsity="0.7,0.9,0.95", m="1,128,512", threads="1")
-FULL = dict(shapes="768x768,3072x768,768x3072", sparsity="0.5,0.7,0.9,0.95,0.98", m="1,16,128,512",
-            threads="1,2")  # fmt: skip
+QUICK = {
+    "shapes": "768x768,3072x768,768x3072",
+    "sparsity": "0.7,0.9,0.95",
+    "m": "1,128,512",
+    "threads": "1",
+}
+FULL = {"shapes": "768x768,3072x768,768x3072", "sparsity": "0.5,0.7,0.9,0.95,0.98", "m": "1,16,128,512",
+            "threads": "1,2"}  # fmt: skip
 
 
 class _Limit:
@@ -73,7 +79,9 @@ def median_time(fn, min_time: float, min_reps: int, max_reps: int) -> float:
     fn()  # warm up (page faults, caches, lazy init)
     times = []
     start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
+    while len(times) < max_reps and (
+        len(times) < min_reps or time.perf_counter() - start < min_time
+    ):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
@@ -83,7 +91,7 @@ def median_time(fn, min_time: float, min_reps: int, max_reps: int) -> float:
 def random_sparse(rng, k, n, sparsity):
     """float32 [k, n] with exactly round(sparsity * k * n) zeros at random places."""
     w = rng.standard_normal((k, n)).astype(np.float32)
-    n_zero = int(round(sparsity * k * n))
+    n_zero = round(sparsity * k * n)
     flat = w.reshape(-1)
     flat[rng.permutation(k * n)[:n_zero]] = 0.0
     return w
@@ -105,7 +113,9 @@ def parse_list(text, conv):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--full", action="store_true", help="the whole grid: " + str(FULL))
     ap.add_argument("--shapes", help=f"KxN list (default {QUICK['shapes']})")
     ap.add_argument("--sparsity", help=f"fractions of zeros (default {QUICK['sparsity']})")
@@ -115,7 +125,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bias", action="store_true", help="with a bias (fused in the sparse kernel)")
     ap.add_argument("--isa", default=None, help="force avx512|avx2|generic (default: the host's)")
     ap.add_argument("--no-scipy", action="store_true", help="skip the scipy.sparse baseline")
-    ap.add_argument("--min-time", type=float, default=0.3, help="seconds of repeats per measurement")
+    ap.add_argument(
+        "--min-time", type=float, default=0.3, help="seconds of repeats per measurement"
+    )
     ap.add_argument("--min-reps", type=int, default=7)
     ap.add_argument("--max-reps", type=int, default=200)
     ap.add_argument("--json", metavar="FILE", help="write the table (and machine info) as JSON")
@@ -140,8 +152,10 @@ def main(argv=None) -> int:
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if os.environ.get(var):
             print(f"# warning: {var}={os.environ[var]} is set: numpy's BLAS may run a slow kernel")
-    print(f"# epilogue: {'bias + ' if args.bias else ''}{args.activation}; times are medians; "
-          "GF/s = useful 2*nnz*M/time of the sparse kernel; dense = numpy matmul (+ epilogue)")
+    print(
+        f"# epilogue: {'bias + ' if args.bias else ''}{args.activation}; times are medians; "
+        "GF/s = useful 2*nnz*M/time of the sparse kernel; dense = numpy matmul (+ epilogue)"
+    )
     header = (f"{'K x N':>10} {'spars':>5} {'M':>4} {'thr':>3} {'sparse us':>10} {'dense us':>10} "
               f"{'scipy us':>10} {'GF/s':>6} {'vs dense':>8} {'vs scipy':>8}  kernel")  # fmt: skip
     print(header)
@@ -161,28 +175,34 @@ def main(argv=None) -> int:
                 y_sparse = np.empty((m, n), np.float32)
                 y_dense = np.empty((m, n), np.float32)
 
-                def dense():
-                    np.matmul(x, w, out=y_dense)
+                def dense(x=x, w=w, y=y_dense, epilogue=epilogue, bias=bias):
+                    np.matmul(x, w, out=y)
                     if epilogue is not None:  # the same native bias/activation epilogue
-                        epilogue(y_dense, bias)
+                        epilogue(y, bias)
+
+                def sparse(nt, x=x, y=y_sparse, kern=kern):
+                    kern(x, out=y, num_threads=nt)
+
+                def scipy_csr(x=x, w_csr=w_csr):
+                    return x @ w_csr
 
                 for nt in threads:
                     with _Limit(nt):
                         reps = (args.min_time, args.min_reps, args.max_reps)
-                        t_sparse = median_time(lambda: kern(x, out=y_sparse, num_threads=nt), *reps)
+                        t_sparse = median_time(functools.partial(sparse, nt), *reps)
                         t_dense = median_time(dense, *reps)
-                        t_scipy = median_time(lambda: x @ w_csr, *reps) if use_scipy else float("nan")
+                        t_scipy = median_time(scipy_csr, *reps) if use_scipy else float("nan")
                     if args.activation == "none":
                         err = float(np.max(np.abs(y_sparse - y_dense))) if m else 0.0
                         scale = float(np.max(np.abs(y_dense))) if m else 1.0
                         if err > 1e-4 * max(scale, 1.0):
                             print(f"# WARNING: sparse and dense differ by {err:.3g}")
                     gflops = 2.0 * kern.nnz * m / t_sparse / 1e9 if m else 0.0
-                    row = dict(k=k, n=n, sparsity=sparsity, m=m, threads=nt, kernel=kern.name,
-                               nnz=kern.nnz, compile_ms=kern.compile_seconds * 1e3,
-                               sparse_us=t_sparse * 1e6, dense_us=t_dense * 1e6,
-                               scipy_us=t_scipy * 1e6, gflops=gflops,
-                               speedup_dense=t_dense / t_sparse, speedup_scipy=t_scipy / t_sparse)  # fmt: skip
+                    row = {"k": k, "n": n, "sparsity": sparsity, "m": m, "threads": nt, "kernel": kern.name,
+                               "nnz": kern.nnz, "compile_ms": kern.compile_seconds * 1e3,
+                               "sparse_us": t_sparse * 1e6, "dense_us": t_dense * 1e6,
+                               "scipy_us": t_scipy * 1e6, "gflops": gflops,
+                               "speedup_dense": t_dense / t_sparse, "speedup_scipy": t_scipy / t_sparse}  # fmt: skip
                     rows.append(row)
                     print(f"{k:>5}x{n:<4} {sparsity:>5.2f} {m:>4} {nt:>3} {row['sparse_us']:>10.1f} "
                           f"{row['dense_us']:>10.1f} {row['scipy_us']:>10.1f} {gflops:>6.1f} "
@@ -190,8 +210,8 @@ def main(argv=None) -> int:
                           flush=True)  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(target=dict(isa=target.isa, cpu=target.cpu_name), blas=blas_description(),
-                           activation=args.activation, bias=args.bias, rows=rows), f, indent=1)  # fmt: skip
+            json.dump({"target": {"isa": target.isa, "cpu": target.cpu_name}, "blas": blas_description(),
+                           "activation": args.activation, "bias": args.bias, "rows": rows}, f, indent=1)  # fmt: skip
         print(f"# wrote {args.json}")
     return 0
 

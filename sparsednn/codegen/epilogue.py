@@ -12,8 +12,8 @@ from __future__ import annotations
 import ctypes
 import threading
 
-import llvmlite.ir as ir
 import numpy as np
+from llvmlite import ir
 
 from sparsednn.codegen import irutil as U
 from sparsednn.codegen import jit
@@ -138,5 +138,7 @@ class Epilogue:
         self._fn(y.ctypes.data, y.shape[0], bias_addr)
 
 
-def compile_epilogue(n: int, has_bias: bool, activation: str, target: Target | None = None) -> Epilogue:
+def compile_epilogue(
+    n: int, has_bias: bool, activation: str, target: Target | None = None
+) -> Epilogue:
     return Epilogue(n, has_bias, activation, target or host_target())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import llvmlite.ir as ir
+from llvmlite import ir
 
 f32 = ir.FloatType()
 f64 = ir.DoubleType()
@@ -140,7 +140,10 @@ def concat(builder: ir.IRBuilder, parts: list, name: str = "") -> ir.Value:
     assert len(parts) & (len(parts) - 1) == 0 and len({p.type.count for p in parts}) == 1
     while len(parts) > 1:
         n = 2 * parts[0].type.count
-        parts = [shuffle(builder, parts[i], parts[i + 1], list(range(n))) for i in range(0, len(parts), 2)]
+        parts = [
+            shuffle(builder, parts[i], parts[i + 1], list(range(n)))
+            for i in range(0, len(parts), 2)
+        ]
     v = parts[0]
     if name:
         v.name = name
@@ -149,7 +152,9 @@ def concat(builder: ir.IRBuilder, parts: list, name: str = "") -> ir.Value:
 
 def split(builder: ir.IRBuilder, v, width: int) -> list:
     """The consecutive `width`-lane pieces of vector v."""
-    return [shuffle(builder, v, v, list(range(i, i + width))) for i in range(0, v.type.count, width)]
+    return [
+        shuffle(builder, v, v, list(range(i, i + width))) for i in range(0, v.type.count, width)
+    ]
 
 
 def transpose(builder: ir.IRBuilder, rows: list, name: str = "t") -> list:
@@ -185,13 +190,17 @@ def transpose(builder: ir.IRBuilder, rows: list, name: str = "t") -> list:
         return u
 
     def lanes_of(a_lanes, b_lanes):  # whole 128-bit lanes of a, then of b
-        return [4 * l + j for l in a_lanes for j in range(4)] + [v + 4 * l + j for l in b_lanes for j in range(4)]
+        return [4 * l + j for l in a_lanes for j in range(4)] + [
+            v + 4 * l + j for l in b_lanes for j in range(4)
+        ]
 
     out = [None] * v
     for c in range(4):
         if lanes == 2:  # vperm2f128 0x20 / 0x31
             out[c] = shuffle(builder, u[c], u[4 + c], lanes_of([0], [0]), name=f"{name}.col{c}")
-            out[4 + c] = shuffle(builder, u[c], u[4 + c], lanes_of([1], [1]), name=f"{name}.col{4 + c}")
+            out[4 + c] = shuffle(
+                builder, u[c], u[4 + c], lanes_of([1], [1]), name=f"{name}.col{4 + c}"
+            )
         else:  # two rounds of vshuff32x4 0x88 / 0xDD
             even, odd = lanes_of([0, 2], [0, 2]), lanes_of([1, 3], [1, 3])
             v0 = shuffle(builder, u[c], u[4 + c], even)
@@ -308,7 +317,9 @@ class Math:
         z = b.fmul(ax, self.c(_SQRT1_2), name=f"{name}.z")
         t = b.fdiv(self.c(1.0), self.fma(z, self.c(0.5), self.c(1.0)), name=f"{name}.t")
         p = self.horner(b.fsub(t, self.c(_ERFC_CENTER)), _ERFC_COEFFS, name=f"{name}.p")
-        e = self.exp_split(b.fmul(hi, self.c(-0.5)), self.fma(lo, self.c(-0.5), p), name=f"{name}.e")
+        e = self.exp_split(
+            b.fmul(hi, self.c(-0.5)), self.fma(lo, self.c(-0.5), p), name=f"{name}.e"
+        )
         erfc_z = b.fmul(t, e, name=f"{name}.erfc")
         # past |x| = 13, GELU is x or 0 in float32 (|x * erfc| < 1e-37 unless x is huge)
         erfc_z = b.select(b.fcmp_ordered(">", abs_x, self.c(13.0)), self.c(0.0), erfc_z)

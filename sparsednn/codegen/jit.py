@@ -14,7 +14,7 @@ import threading
 import time
 
 import llvmlite.binding as llvm
-import llvmlite.ir as ir
+from llvmlite import ir
 
 from sparsednn.errors import CompileError
 

@@ -22,12 +22,13 @@ Sparse kernel design (see docs in the class and emitter below):
 from __future__ import annotations
 
 import ctypes
+import itertools
 import threading
 import time
 from dataclasses import dataclass
 
-import llvmlite.ir as ir
 import numpy as np
+from llvmlite import ir
 
 from sparsednn.codegen import irutil as U
 from sparsednn.codegen import jit
@@ -37,12 +38,12 @@ from sparsednn.errors import CompileError, InvalidInputError
 from sparsednn.runtime.threads import parallel_for
 
 __all__ = [
-    "SparseLinearKernel",
     "DenseLinearKernel",
-    "compile_sparse_linear",
+    "SparseLinearKernel",
+    "SpmmTuning",
     "compile_dense_linear",
     "compile_linear",
-    "SpmmTuning",
+    "compile_sparse_linear",
 ]
 
 ACTIVATIONS = U.ACTIVATIONS
@@ -130,7 +131,9 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int) 
     if start >= 2**31:
         raise CompileError(f"too many nonzeros for int32 CSR indices: {start}")
     if k_block * row_bytes >= 2**31:
-        raise CompileError(f"K-block too large for 32-bit panel offsets: {k_block} x {row_bytes} bytes")
+        raise CompileError(
+            f"K-block too large for 32-bit panel offsets: {k_block} x {row_bytes} bytes"
+        )
     # at least one element, so that pointers are always to real memory
     offsets = np.concatenate(cols + [np.zeros(1, np.int32)]).astype(np.int64) * row_bytes
     bits = np.concatenate(vals + [np.zeros(1, np.float32)]).astype(np.float32).view(np.uint32)
@@ -154,7 +157,15 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int) 
 # computes y[0:m, row_begin:row_end]; scratch is 64-byte aligned, scratch_floats(rows) long.
 _KERNEL_ARGS = ("x", "m", "y", "row_begin", "row_end", "row_ptr", "entries", "bias", "scratch")
 _KERNEL_ARG_TYPES = (
-    U.f32_ptr, U.i64, U.f32_ptr, U.i64, U.i64, U.i32_ptr, ir.PointerType(U.i64), U.f32_ptr, U.f32_ptr
+    U.f32_ptr,
+    U.i64,
+    U.f32_ptr,
+    U.i64,
+    U.i64,
+    U.i32_ptr,
+    ir.PointerType(U.i64),
+    U.f32_ptr,
+    U.f32_ptr,
 )
 _CTYPES_SIG = ctypes.CFUNCTYPE(
     None,
@@ -221,10 +232,20 @@ class _SpmmEmitter:
         self.store_block = self._helper_callee("store_block")
         # panel widths: powers of two up to NV, and NV; a tail panel takes the narrowest that
         # fits (fewer functions to compile than one per width)
-        widths = sorted({1 << i for i in range(self.NV.bit_length()) if 1 << i <= self.NV} | {self.NV})
+        widths = sorted(
+            {1 << i for i in range(self.NV.bit_length()) if 1 << i <= self.NV} | {self.NV}
+        )
         panels = {nv: self._emit_panel(nv) for nv in widths}
         fn, b, a = self._function(self.name, _KERNEL_ARGS, _KERNEL_ARG_TYPES, internal=False)
-        rest = [a["y"], a["row_begin"], a["row_end"], a["row_ptr"], a["entries"], a["bias"], a["scratch"]]
+        rest = [
+            a["y"],
+            a["row_begin"],
+            a["row_end"],
+            a["row_ptr"],
+            a["entries"],
+            a["bias"],
+            a["scratch"],
+        ]
         tn = U.int64(self.TN)
         n_full = b.sdiv(a["m"], tn, name="full_panels")
         with U.for_range(b, 0, n_full, name="panel") as p:
@@ -272,30 +293,51 @@ class _SpmmEmitter:
             k0 = b.mul(kb, U.int64(self.KB), name="k0")
             x_rows = U.gep(b, a["x"], b.add(b.mul(a["t0"], U.int64(self.K)), k0), name="x_block")
             zeros = b.bitcast(self.zeros, U.f32_ptr, name="zero_row")
-            b.call(self.pack, [x_rows, U.int64(self.K), a["tn"], kc, panel, U.int64(tnp), U.int64(self.TN), zeros])
+            b.call(
+                self.pack,
+                [
+                    x_rows,
+                    U.int64(self.K),
+                    a["tn"],
+                    kc,
+                    panel,
+                    U.int64(tnp),
+                    U.int64(self.TN),
+                    zeros,
+                ],
+            )
             row_ptr = U.gep(b, a["row_ptr"], b.mul(kb, U.int64(self.N + 1)), name="block_row_ptr")
             with U.for_range(b, a["row_begin"], a["row_end"], V, name="rb") as rb:
                 nrows = b.sub(a["row_end"], rb)
-                nrows = b.select(b.icmp_signed("<", nrows, U.int64(V)), nrows, U.int64(V), name="nrows")
+                nrows = b.select(
+                    b.icmp_signed("<", nrows, U.int64(V)), nrows, U.int64(V), name="nrows"
+                )
                 if self.n_blocks == 1:
                     tile = partial  # just a V x T tile
                 else:
-                    tile = U.gep(b, partial, b.mul(b.sub(rb, a["row_begin"]), U.int64(tnp)), name="tile")
+                    tile = U.gep(
+                        b, partial, b.mul(b.sub(rb, a["row_begin"]), U.int64(tnp)), name="tile"
+                    )
                 with U.for_range(b, 0, nrows, name="r") as r:
                     o = b.add(rb, r, name="o")
                     acc = U.gep(b, tile, b.mul(r, U.int64(tnp)), name="acc_ptr")
                     self._emit_row(b, a, nv, panel, row_ptr, o, acc, first)
                 with b.if_then(last):
-                    y_block = U.gep(b, a["y"], b.add(b.mul(a["t0"], U.int64(self.N)), rb), name="y_block")
+                    y_block = U.gep(
+                        b, a["y"], b.add(b.mul(a["t0"], U.int64(self.N)), rb), name="y_block"
+                    )
                     bias = U.gep(b, a["bias"], rb, name="bias_block")
-                    b.call(self.store_block, [tile, U.int64(tnp), a["tn"], nrows, bias, y_block, U.int64(self.N)])
+                    b.call(
+                        self.store_block,
+                        [tile, U.int64(tnp), a["tn"], nrows, bias, y_block, U.int64(self.N)],
+                    )
         b.ret_void()
         return fn
 
     def _emit_row(self, b, a, nv, panel, row_ptr, o, acc_ptr, first):
         """acc_ptr[0:T] = (first ? 0 : acc_ptr[0:T]) + sum of w * panel[k, 0:T] over the
         nonzeros (k, w) of row o in this K-block."""
-        V, tnp = self.V, nv * self.V
+        V = self.V
         m = U.Math(b, self.vty, self.target.has_fma, self.target.isa)
         zero = U.const(self.vty, 0.0)
         begin = b.sext(b.load(U.gep(b, row_ptr, o)), U.i64, name="nz_begin")
@@ -311,7 +353,9 @@ class _SpmmEmitter:
                 old = U.load_vec(b, U.gep(b, acc_ptr, i * V), V, self.valign, name=f"partial{i}")
                 init = b.select(first, zero, old)
             for s_ in range(S):
-                sets[s_].append(U.alloca_once_value(b, init if s_ == 0 else zero, name=f"acc{i}.{s_}"))
+                sets[s_].append(
+                    U.alloca_once_value(b, init if s_ == 0 else zero, name=f"acc{i}.{s_}")
+                )
 
         panel_bytes = b.bitcast(panel, ir.PointerType(ir.IntType(8)), name="panel_bytes")
 
@@ -321,7 +365,9 @@ class _SpmmEmitter:
             offset = b.sext(b.trunc(e, U.i32), U.i64, name="row_offset")
             w = b.bitcast(b.trunc(b.lshr(e, U.int64(32)), U.i32), U.f32, name="w")
             w = U.splat(b, w, V, name="w.splat")
-            row = b.bitcast(b.gep(panel_bytes, [offset], inbounds=True), U.f32_ptr, name="panel_row")
+            row = b.bitcast(
+                b.gep(panel_bytes, [offset], inbounds=True), U.f32_ptr, name="panel_row"
+            )
             for i in range(nv):
                 xv = U.load_vec(b, U.gep(b, row, i * V), V, self.valign, name=f"x{i}")
                 b.store(m.fma(w, xv, b.load(accs[i])), accs[i])
@@ -359,7 +405,9 @@ def _new_function(module, name, names, types, internal=True, noinline=False):
         fn.attributes.add("noinline")
     for arg, nm in zip(fn.args, names):
         arg.name = nm
-        if isinstance(arg.type, ir.PointerType) and not isinstance(arg.type.pointee, ir.PointerType):
+        if isinstance(arg.type, ir.PointerType) and not isinstance(
+            arg.type.pointee, ir.PointerType
+        ):
             arg.add_attribute("noalias")
     return fn, ir.IRBuilder(fn.append_basic_block("entry")), dict(zip(names, fn.args))
 
@@ -476,7 +524,9 @@ def _emit_pack(module, name, target: Target) -> ir.Function:
         with U.for_range(b, 0, V, name="i") as i:
             t = b.add(tb, i, name="t")
             valid = b.icmp_signed("<", t, a["tn"], name="valid")
-            xrow = b.gep(a["x"], [b.select(valid, b.mul(t, a["x_stride"]), U.int64(0))], name="x_row")
+            xrow = b.gep(
+                a["x"], [b.select(valid, b.mul(t, a["x_stride"]), U.int64(0))], name="x_row"
+            )
             b.store(b.select(valid, xrow, a["zeros"], name="src"), b.gep(srcs, [i]))
         col0 = U.gep(b, a["panel"], tb, name="panel_cols")
         with U.for_range(b, 0, kv_end, V, name="kv") as kv:
@@ -535,7 +585,7 @@ def _check_weight(weight, bias, activation):
         if not np.issubdtype(weight.dtype, np.floating):
             raise InvalidInputError(f"linear weight must be float32, got {weight.dtype}")
         weight = weight.astype(np.float32)
-    k, n = weight.shape
+    n = weight.shape[1]
     if bias is not None:
         bias = np.asarray(bias)
         if bias.shape != (n,):
@@ -604,11 +654,11 @@ def _split_rows(row_nnz: np.ndarray, parts: int, align: int) -> list[tuple[int, 
     for p in range(1, parts):
         target = total * p / parts
         i = int(np.searchsorted(cost, target))  # rows 0..i inclusive reach the target
-        i = int(round((i + 1) / align)) * align
+        i = round((i + 1) / align) * align
         i = min(max(i, bounds[-1]), n)
         bounds.append(i)
     bounds.append(n)
-    ranges = [(s, e) for s, e in zip(bounds, bounds[1:]) if e > s]
+    ranges = [(s, e) for s, e in itertools.pairwise(bounds) if e > s]
     return ranges or [(0, n)]
 
 
@@ -639,7 +689,9 @@ def _compiled_code(key, name):
         if hit is None:
             k, n, kb, n_blocks, nv, sets, activation, has_bias, target = key
             module = jit.new_module(name, target)
-            emitter = _SpmmEmitter(module, name, k, n, kb, n_blocks, target, activation, has_bias, nv, sets)
+            emitter = _SpmmEmitter(
+                module, name, k, n, kb, n_blocks, target, activation, has_bias, nv, sets
+            )
             emitter.emit()
             jm = jit.compile_module(module, target)
             hit = (jm, _CTYPES_SIG(jm.function_address(name)), tuple(emitter.helpers))
@@ -673,7 +725,9 @@ class SparseLinearKernel:
         self._csr = _build_csr(weight, kb, n_blocks, 4 * self.tile_tokens)
         self.nnz = int(self._csr.row_nnz.sum())
         self.sparsity = 1.0 - self.nnz / (k * n) if k * n else 1.0
-        self.name = _kernel_name("spmm", f"csr_{self.tile_tokens}x1", target.isa, bias is not None, activation)
+        self.name = _kernel_name(
+            "spmm", f"csr_{self.tile_tokens}x1", target.isa, bias is not None, activation
+        )
         # bias padded to whole vectors: the epilogue loads bias[o:o+V] for every tile
         self._bias = np.zeros(_round_up(max(n, 1), V), np.float32)
         if bias is not None:
@@ -700,18 +754,26 @@ class SparseLinearKernel:
     @property
     def llvm_ir(self) -> str:
         """Optimised IR of the kernel, then of the shared helpers it calls by address."""
-        parts = [self._jit.llvm_ir] + [f"; ---- helper called by address ----\n{h.llvm_ir}" for h in self._helpers]
+        parts = [self._jit.llvm_ir] + [
+            f"; ---- helper called by address ----\n{h.llvm_ir}" for h in self._helpers
+        ]
         return "\n".join(parts)
 
     @property
     def asm(self) -> str:
         """Machine code of the kernel, then of the shared helpers it calls by address."""
-        parts = [self._jit.asm] + [f"# ---- helper called by address ----\n{h.asm}" for h in self._helpers]
+        parts = [self._jit.asm] + [
+            f"# ---- helper called by address ----\n{h.asm}" for h in self._helpers
+        ]
         return "\n".join(parts)
 
     def _scratch_floats(self, rows: int) -> int:
         tn = self.tile_tokens
-        partial_rows = _round_up(rows, self.target.vector_width) if self._csr.n_blocks > 1 else self.target.vector_width
+        partial_rows = (
+            _round_up(rows, self.target.vector_width)
+            if self._csr.n_blocks > 1
+            else self.target.vector_width
+        )
         return self._csr.k_block * tn + partial_rows * tn
 
     def _run(self, x_addr: int, m: int, y_addr: int, begin: int, end: int) -> None:
@@ -743,14 +805,18 @@ class SparseLinearKernel:
             self._splits[num_threads] = r
         return r
 
-    def __call__(self, x: np.ndarray, out: np.ndarray | None = None, num_threads: int = 1) -> np.ndarray:
+    def __call__(
+        self, x: np.ndarray, out: np.ndarray | None = None, num_threads: int = 1
+    ) -> np.ndarray:
         x, out = _check_call(self.name, self.in_features, self.out_features, x, out)
         m = x.shape[0]
         n = self.out_features
         if m == 0 or n == 0:
             return out
         if not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
-            raise InvalidInputError(f"{self.name}: num_threads must be a positive int, got {num_threads!r}")
+            raise InvalidInputError(
+                f"{self.name}: num_threads must be a positive int, got {num_threads!r}"
+            )
         x_addr, y_addr = x.ctypes.data, out.ctypes.data
         ranges = self.row_ranges(self._useful_threads(m, int(num_threads)))
         if len(ranges) == 1:
@@ -768,7 +834,9 @@ def compile_sparse_linear(weight: np.ndarray, bias: np.ndarray | None = None, ac
                           target: Target | None = None, tuning: SpmmTuning | None = None) -> SparseLinearKernel:  # fmt: skip
     """Compile Y = act(X @ weight + bias) for a sparse weight [K, N] into a native kernel."""
     weight, bias = _check_weight(weight, bias, activation)
-    return SparseLinearKernel(weight, bias, activation, target or host_target(), tuning or DEFAULT_TUNING)
+    return SparseLinearKernel(
+        weight, bias, activation, target or host_target(), tuning or DEFAULT_TUNING
+    )
 
 
 class DenseLinearKernel:
@@ -806,11 +874,15 @@ class DenseLinearKernel:
         if self._epilogue is not None:
             self._epilogue(out, self.bias)
 
-    def __call__(self, x: np.ndarray, out: np.ndarray | None = None, num_threads: int = 1) -> np.ndarray:
+    def __call__(
+        self, x: np.ndarray, out: np.ndarray | None = None, num_threads: int = 1
+    ) -> np.ndarray:
         x, out = _check_call(self.name, self.in_features, self.out_features, x, out)
         m = x.shape[0]
         if not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
-            raise InvalidInputError(f"{self.name}: num_threads must be a positive int, got {num_threads!r}")
+            raise InvalidInputError(
+                f"{self.name}: num_threads must be a positive int, got {num_threads!r}"
+            )
         if m == 0 or self.out_features == 0:
             return out
         parts = min(int(num_threads), max(1, m // 16))
@@ -819,7 +891,12 @@ class DenseLinearKernel:
         else:
             # rows of X in equal slices, one per thread (BLAS releases the GIL)
             bounds = [m * i // parts for i in range(parts + 1)]
-            parallel_for([lambda s=s, e=e: self._run(x[s:e], out[s:e]) for s, e in zip(bounds, bounds[1:])])
+            parallel_for(
+                [
+                    lambda s=s, e=e: self._run(x[s:e], out[s:e])
+                    for s, e in itertools.pairwise(bounds)
+                ]
+            )
         return out
 
     def __repr__(self) -> str:

@@ -101,7 +101,7 @@ def host_isa() -> str:
     return _isa_of(_host_cpu()[1])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _target_for(isa: str) -> Target:
     cpu, features, triple = _host_cpu()
     best = _isa_of(features)
@@ -134,4 +134,4 @@ def host_target(isa: str | None = None) -> Target:
 def available_isas() -> list[str]:
     """ISAs this host can run, best first (for tests and benchmarks)."""
     best = host_isa()
-    return list(ISAS[ISAS.index(best):])
+    return list(ISAS[ISAS.index(best) :])

@@ -8,6 +8,7 @@ K-blocks and narrow panels.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 
@@ -37,6 +38,8 @@ def always_split_threads(monkeypatch):
     """Small test problems would run on one thread (not worth the hand-off): split anyway,
     so that num_threads=2 exercises the threaded path."""
     monkeypatch.setattr(SparseLinearKernel, "_NS_PER_EXTRA_THREAD", 0)
+
+
 _erfc = np.vectorize(math.erfc, otypes=[np.float64])
 
 
@@ -97,7 +100,9 @@ TUNINGS = [
 @given(
     k=st.integers(1, 300),
     n=st.integers(1, 300),
-    m=st.one_of(st.sampled_from([0, 1, 2, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129]), st.integers(0, 300)),
+    m=st.one_of(
+        st.sampled_from([0, 1, 2, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129]), st.integers(0, 300)
+    ),
     sparsity=st.one_of(st.sampled_from([0.0, 0.5, 0.9, 0.98, 1.0]), st.floats(0.0, 1.0)),
     empty=st.sampled_from([0.0, 0.0, 0.3]),
     has_bias=st.booleans(),
@@ -175,7 +180,9 @@ def test_sparse_attributes_and_name():
 @pytest.mark.parametrize("isa", ISAS)
 def test_dump_ir_and_asm(isa):
     rng = np.random.default_rng(1)
-    kern = compile_sparse_linear(random_weight(rng, 40, 24, 0.8), None, "gelu", target=host_target(isa))
+    kern = compile_sparse_linear(
+        random_weight(rng, 40, 24, 0.8), None, "gelu", target=host_target(isa)
+    )
     ir_text, asm = kern.llvm_ir, kern.asm
     assert f"define void @{kern.name}(" in ir_text or f'define void @"{kern.name}"(' in ir_text
     assert kern.name in asm
@@ -240,10 +247,14 @@ def test_special_values_propagate():
     x = np.array([[np.nan, np.inf, 1e30, 1.0]], np.float32)
     for activation in ("none", "relu", "gelu"):
         y = compile_sparse_linear(w, None, activation)(x)
-        assert np.isnan(y[0, 0]) and y[0, 1] == np.inf and y[0, 2] == np.float32(1e30) and y[0, 3] > 0
+        assert (
+            np.isnan(y[0, 0]) and y[0, 1] == np.inf and y[0, 2] == np.float32(1e30) and y[0, 3] > 0
+        )
         y = x.copy()
         compile_epilogue(4, False, activation)(y)
-        assert np.isnan(y[0, 0]) and y[0, 1] == np.inf and y[0, 2] == np.float32(1e30) and y[0, 3] > 0
+        assert (
+            np.isnan(y[0, 0]) and y[0, 1] == np.inf and y[0, 2] == np.float32(1e30) and y[0, 3] > 0
+        )
 
 
 def test_compile_linear_picks_by_sparsity():
@@ -338,7 +349,7 @@ def test_concurrent_calls_from_python_threads():
                 got = kern(xs[j], num_threads=1 + (rep % 2))
                 if not np.array_equal(got, want[j]):
                     errors.append((i, rep))
-        except Exception as e:  # pragma: no cover - reported below
+        except Exception as e:  # noqa: BLE001 - any failure in a worker is reported below
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
@@ -362,7 +373,7 @@ def test_thread_split_balances_nonzeros():
     row_nnz = np.concatenate([np.full(64, 100), np.full(960, 10)])
     ranges = spmm._split_rows(row_nnz, 2, 16)
     assert ranges[0][0] == 0 and ranges[-1][1] == len(row_nnz)
-    assert all(e0 == s1 for (_, e0), (s1, _) in zip(ranges, ranges[1:]))
+    assert all(e0 == s1 for (_, e0), (s1, _) in itertools.pairwise(ranges))
     assert all(s % 16 == 0 for s, _ in ranges)
     costs = [row_nnz[s:e].sum() + 4 * (e - s) for s, e in ranges]  # nonzeros + per-row work
     assert max(costs) / min(costs) < 1.1
@@ -387,6 +398,8 @@ def test_compile_time_is_recorded(observe):
 @pytest.mark.parametrize("make", [compile_sparse_linear, compile_dense_linear])
 def test_empty_feature_dimensions(make):
     kern = make(np.zeros((0, 5), np.float32), np.arange(5, dtype=np.float32), "relu")
-    np.testing.assert_array_equal(kern(np.zeros((3, 0), np.float32)), np.tile(np.arange(5.0), (3, 1)))
+    np.testing.assert_array_equal(
+        kern(np.zeros((3, 0), np.float32)), np.tile(np.arange(5.0), (3, 1))
+    )
     kern = make(np.zeros((4, 0), np.float32), None, "gelu")
     assert kern(np.ones((3, 4), np.float32)).shape == (3, 0)

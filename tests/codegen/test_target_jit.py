@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import ctypes
 
-import llvmlite.ir as ir
 import numpy as np
 import pytest
+from llvmlite import ir
 
 from sparsednn.codegen import irutil as U
 from sparsednn.codegen import jit
@@ -28,7 +28,7 @@ def test_forcing_an_isa_by_environment(monkeypatch, isa):
     monkeypatch.setenv(ISA_ENV_VAR, isa)
     t = host_target()
     assert t.isa == isa and t == host_target(isa)
-    feats = dict((f[1:], f[0] == "+") for f in t.features.split(","))
+    feats = {f[1:]: f[0] == "+" for f in t.features.split(",")}
     if isa == "avx2":
         assert feats["avx2"] and feats["fma"]
         assert not any(on for name, on in feats.items() if name.startswith("avx512"))
@@ -48,7 +48,9 @@ def test_unknown_isa_is_rejected(monkeypatch):
 def _axpy_module(target):
     """void axpy(float *y, const float *x, float a, int64 n): y += a * x (vectors + scalar tail)."""
     mod = jit.new_module("axpy", target)
-    fn = ir.Function(mod, ir.FunctionType(U.void, [U.f32_ptr, U.f32_ptr, U.f32, U.i64]), name="axpy")
+    fn = ir.Function(
+        mod, ir.FunctionType(U.void, [U.f32_ptr, U.f32_ptr, U.f32, U.i64]), name="axpy"
+    )
     y, x, a, n = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     m = U.Math(b, U.f32, target.has_fma)
