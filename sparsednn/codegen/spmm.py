@@ -781,11 +781,13 @@ class SparseLinearKernel:
         self._fn(x_addr, m, y_addr, begin, end, *self._ptrs, scratch)
 
     # Handing work to another thread costs tens of microseconds (measured ~40 us through
-    # parallel_for); one thread takes about 0.35 ns + 0.3 ns per vector of a panel for each
-    # nonzero (measured on AVX-512, 90% sparse BERT shapes).
+    # parallel_for) and every thread packs the whole panel; one thread takes about 0.35 ns +
+    # 0.3 ns per vector of a panel for each nonzero (AVX-512, 90% sparse BERT shapes). A
+    # second thread measured break-even at ~180 us of work (768x768, M=128), so each extra
+    # thread needs 100 us of estimated work.
     _NS_PER_NZ_PANEL = 0.35
     _NS_PER_NZ_VECTOR = 0.3
-    _NS_PER_EXTRA_THREAD = 60_000
+    _NS_PER_EXTRA_THREAD = 100_000
 
     def _useful_threads(self, m: int, num_threads: int) -> int:
         """As many threads as asked, but only as many as the work pays for."""
