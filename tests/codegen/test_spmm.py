@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import threading
 
 import numpy as np
@@ -195,6 +196,8 @@ def test_dump_ir_and_asm(isa):
         assert "%ymm" in asm and "%zmm" not in asm
     else:
         assert "%ymm" not in asm and "%zmm" not in asm and "vfmadd" not in asm
+    if isa != "avx512":  # no EVEX encodings either: mask registers, xmm16-31
+        assert "%k1" not in asm and not re.search(r"%[xy]mm(1[6-9]|2\d|3[01])\b", asm)
 
 
 # ---- the dense kernel ------------------------------------------------------------------------
