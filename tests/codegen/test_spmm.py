@@ -406,3 +406,21 @@ def test_empty_feature_dimensions(make):
     )
     kern = make(np.zeros((4, 0), np.float32), None, "gelu")
     assert kern(np.ones((3, 4), np.float32)).shape == (3, 0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [512, 1024])
+def test_staged_output_for_thrashing_strides(isa, n):
+    """N a multiple of 1 KB / 2 KB: output tiles go through the staging buffer (chunks of
+    256 columns, copied out per chunk and at the end of each thread's row range)."""
+    rng = np.random.default_rng(n)
+    k = 200
+    w = random_weight(rng, k, n, 0.9, empty_cols=0.1)
+    bias = rng.standard_normal(n).astype(np.float32)
+    tuning = SpmmTuning(k_block_bytes=16 * 1024)  # several K-blocks too
+    kern = compile_sparse_linear(w, bias, "gelu", target=host_target(isa), tuning=tuning)
+    assert kern._stage_cols > 0
+    for m in (1, 37, 130):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        for threads in (1, 2):
+            assert_close(kern(x, num_threads=threads), x, w, bias, "gelu")
