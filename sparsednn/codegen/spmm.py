@@ -13,10 +13,14 @@ Sparse kernel design (see docs in the class and emitter below):
   with V x V in-register transposes; rows past M come from a zero page, never from past X.
 * For each output row o: TN/V vector accumulators, acc += broadcast(w) * panel[k, :] for each
   nonzero (k, w) (two interleaved accumulator sets to hide FMA latency); partial sums of
-  earlier K-blocks live in scratch; after the last K-block: + bias[o], activation.
-* V output rows are gathered in a tile and written to Y[t, o:o+V] transposed (V x V shuffles),
-  one vector store per token. The last tail panel (M not a multiple of TN) uses a narrower
-  panel of ceil(tail/V) vectors, and only valid tokens/rows are stored.
+  earlier K-blocks live in scratch.
+* After the last K-block, V output rows form a tile written to Y[t, o:o+V] transposed (V x V
+  shuffles), bias + activation applied after the transpose, one vector store per token; when
+  Y's row stride would make those stores thrash L1 sets, tiles are staged and copied out. The
+  last tail panel (M not a multiple of TN) uses a narrower panel (1, 2 or 4 vectors), and only
+  valid tokens/rows are stored.
+* Packing and the tile stores are helpers shared by all kernels of a target (compiled once per
+  process); compiled kernels are cached per specialisation (shapes, tiling, ISA, epilogue).
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class _CsrBlocks:
     #                      row_ptr[b, o] .. row_ptr[b, o + 1]
     entries: np.ndarray  # int64 [nnz]: (k - block start) * row_bytes | float32 bits << 32
     row_nnz: np.ndarray  # int64 [N] nonzeros of each output row (all blocks)
+    row_bytes: int = 4  # bytes between consecutive k of a packed panel
 
     def columns(self) -> np.ndarray:
         """k of each entry relative to its block start (for inspection and tests)."""
@@ -92,8 +97,6 @@ class _CsrBlocks:
 
     def values(self) -> np.ndarray:
         return (self.entries >> 32).astype(np.uint32).view(np.float32)
-
-    row_bytes: int = 4
 
 
 def _round_up(x: int, m: int) -> int:

@@ -461,3 +461,19 @@ def test_no_access_past_the_buffers(isa, m):
         kern(x, out=y, num_threads=2)
         assert_close(np.array(y), np.array(x), w, bias, "gelu")
         del y
+
+
+def test_csr_entries_round_trip():
+    """The packed 64-bit entries decode to the weight's nonzeros, block by block."""
+    rng = np.random.default_rng(8)
+    w = random_weight(rng, 50, 9, 0.7)
+    w[3, 2] = -0.0  # a negative zero is a zero
+    csr = spmm._build_csr(w, 16, 4, 256)
+    dense = np.zeros((9, 50), np.float32)
+    cols, vals = csr.columns(), csr.values()
+    for b in range(4):
+        for o in range(9):
+            for j in range(csr.row_ptr[b, o], csr.row_ptr[b, o + 1]):
+                dense[o, b * 16 + cols[j]] = vals[j]
+    np.testing.assert_array_equal(dense, w.T)
+    assert csr.row_nnz.tolist() == np.count_nonzero(w, axis=0).tolist()
