@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ from sparsednn.ir import Graph, Node, Value
 from sparsednn.ops import lookup
 from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
 from sparsednn.passes.pipeline import run_pipeline
-from sparsednn.runtime.threads import default_num_threads
+from sparsednn.runtime.threads import default_num_threads, parallel_for, single_threaded_blas
 
 _ONNX_TYPE_NAMES = {
     "float32": "tensor(float)", "float64": "tensor(double)", "float16": "tensor(float16)",
@@ -113,6 +114,11 @@ class InferenceSession:
         env: list[Any] = list(self._template)
         for slot, array in self._check_inputs(input_feed):
             env[slot] = array
+        with single_threaded_blas:
+            self._execute(env)
+        return [np.asarray(env[s]) for s in wanted]
+
+    def _execute(self, env: list[Any]) -> None:
         profiling = self.options.enable_profiling
         for step in self._steps:
             args = [None if s is None else env[s] for s in step.inputs]
@@ -134,7 +140,6 @@ class InferenceSession:
                 env[slot] = r
             for slot in step.frees:
                 env[slot] = None
-        return [np.asarray(env[s]) for s in wanted]
 
     def profile(self) -> list[NodeProfile]:
         """Time spent per node over all runs so far, slowest first (needs enable_profiling)."""
@@ -191,6 +196,8 @@ class InferenceSession:
     def _lower(self, node: Node) -> Callable[..., Any]:
         if node.op == "Linear":
             return self._lower_linear(node)
+        if node.op == "MatMul" and self.options.num_threads > 1:
+            return partial(batched_matmul, num_threads=self.options.num_threads)
         compute = lookup(node.op, node.name).compute
         attrs = node.attrs
         return lambda *args: compute(*args, **attrs)
@@ -283,6 +290,26 @@ class InferenceSession:
                 array = np.ascontiguousarray(array)
             checked.append((self._input_slots[name], array))
         return checked
+
+
+def batched_matmul(a: np.ndarray, b: np.ndarray, num_threads: int) -> np.ndarray:
+    """MatMul of activations (attention's QK^T and PV) split over the batch of matrices,
+    one slice per thread: BLAS runs single-threaded inside sparsednn's own pool."""
+    if a.ndim < 3 or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype or a.dtype.kind != "f":
+        return np.matmul(a, b)
+    batch = a.shape[:-2]
+    a3 = a.reshape(-1, *a.shape[-2:])
+    b3 = b.reshape(-1, *b.shape[-2:])
+    count = a3.shape[0]
+    if count < 2:
+        return np.matmul(a, b)
+    out = np.empty((count, a.shape[-2], b.shape[-1]), a.dtype)
+    bounds = np.linspace(0, count, min(num_threads, count) + 1).astype(int)
+    parallel_for([
+        partial(np.matmul, a3[lo:hi], b3[lo:hi], out=out[lo:hi])
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+    ])
+    return out.reshape(*batch, a.shape[-2], b.shape[-1])
 
 
 def _model_name(model) -> str | None:
