@@ -258,7 +258,10 @@ def import_onnx(model, name: str | None = None) -> Graph:
         v = values[vi.name]
         dtype, shape = _value_type(vi)
         v.dtype = v.dtype or dtype
-        v.shape = v.shape or shape
+        if shape is not None:  # the model's own word on its outputs beats onnx's inference
+            v.shape = shape if v.shape is None or len(v.shape) != len(shape) else tuple(
+                d if d is not None and not (isinstance(d, str) and d.startswith("unk__")) else o
+                for d, o in zip(shape, v.shape))
         graph.outputs.append(v)
     graph.opset = opset
     verify(graph)

@@ -34,16 +34,17 @@ def infer_shapes(graph: Graph) -> Graph:
     return graph
 
 
+def _rank(dim) -> int:
+    """How much a dimension says: a size, a named symbol, onnx's anonymous unk__N, nothing."""
+    if isinstance(dim, int):
+        return 3
+    if isinstance(dim, str):
+        return 1 if dim.startswith("unk__") else 2
+    return 0
+
+
 def _merge(known, inferred):
-    """Combine two views of one shape, preferring concrete sizes, then symbols."""
+    """Combine two views of one shape, dimension by dimension, keeping what says more."""
     if known is None or len(known) != len(inferred):
         return inferred
-    merged = []
-    for k, i in zip(known, inferred):
-        if isinstance(i, int):
-            merged.append(i)
-        elif isinstance(k, int):
-            merged.append(k)
-        else:
-            merged.append(i if i is not None else k)
-    return tuple(merged)
+    return tuple(i if _rank(i) >= _rank(k) else k for k, i in zip(known, inferred))
