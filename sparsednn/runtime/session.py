@@ -11,7 +11,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -19,10 +18,10 @@ import numpy as np
 from sparsednn.errors import InvalidInputError, SparseDNNError
 from sparsednn.frontend.onnx_import import import_onnx
 from sparsednn.ir import Graph, Node, Value
-from sparsednn.ops import lookup
 from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
 from sparsednn.passes.pipeline import run_pipeline
-from sparsednn.runtime.threads import default_num_threads, parallel_for, single_threaded_blas
+from sparsednn.runtime.lowering import LoweringContext, lower
+from sparsednn.runtime.threads import default_num_threads, single_threaded_blas
 
 _ONNX_TYPE_NAMES = {
     "float32": "tensor(float)", "float64": "tensor(double)", "float16": "tensor(float16)",
@@ -174,11 +173,12 @@ class InferenceSession:
             return slots[id(v)]
 
         self._input_slots = {v.name: slot_of(v) for v in self.graph.inputs}
+        ctx = LoweringContext(self.options.num_threads, self.kernels)
         steps: list[Step] = []
         for node in self.graph.nodes:
             ins = [None if v is None else slot_of(v) for v in node.inputs]
             outs = [slot_of(v) for v in node.outputs]
-            steps.append(Step(node, self._lower(node), ins, outs))
+            steps.append(Step(node, lower(node, ctx), ins, outs))
         self._output_slots_by_name = {v.name: slot_of(v) for v in self.graph.outputs}
         # Free each intermediate after its last reader, so peak memory follows the live set.
         keep = set(self._output_slots_by_name.values())
@@ -192,37 +192,6 @@ class InferenceSession:
                 step.frees.append(s)
         self._steps = steps
         self._template = template
-
-    def _lower(self, node: Node) -> Callable[..., Any]:
-        if node.op == "Linear":
-            return self._lower_linear(node)
-        if node.op == "MatMul" and self.options.num_threads > 1:
-            return partial(batched_matmul, num_threads=self.options.num_threads)
-        compute = lookup(node.op, node.name).compute
-        attrs = node.attrs
-        return lambda *args: compute(*args, **attrs)
-
-    def _lower_linear(self, node: Node) -> Callable[..., Any]:
-        from sparsednn.codegen.spmm import compile_dense_linear, compile_sparse_linear
-
-        a = node.attrs
-        compile_kernel = compile_sparse_linear if a["kernel"] == "sparse" else compile_dense_linear
-        kernel = compile_kernel(a["weight"], a["bias"], a["activation"])
-        self.kernels[node.name] = kernel
-        a["kernel"] = kernel.name
-        k, n = a["weight"].shape
-        threads = self.options.num_threads
-        where = f"node {node.name!r} (Linear {k}x{n})"
-
-        def run_linear(x: np.ndarray) -> np.ndarray:
-            if x.dtype != np.float32 or x.ndim < 1 or x.shape[-1] != k:
-                raise SparseDNNError(
-                    f"{where}: expects float32 input [..., {k}], got {x.dtype}{list(x.shape)}"
-                )
-            rows = np.ascontiguousarray(x).reshape(-1, k)
-            return kernel(rows, num_threads=threads).reshape(*x.shape[:-1], n)
-
-        return run_linear
 
     # -- checks ---------------------------------------------------------------------------
     def _output_slots(self, output_names: Sequence[str] | None) -> list[int]:
@@ -290,26 +259,6 @@ class InferenceSession:
                 array = np.ascontiguousarray(array)
             checked.append((self._input_slots[name], array))
         return checked
-
-
-def batched_matmul(a: np.ndarray, b: np.ndarray, num_threads: int) -> np.ndarray:
-    """MatMul of activations (attention's QK^T and PV) split over the batch of matrices,
-    one slice per thread: BLAS runs single-threaded inside sparsednn's own pool."""
-    if a.ndim < 3 or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype or a.dtype.kind != "f":
-        return np.matmul(a, b)
-    batch = a.shape[:-2]
-    a3 = a.reshape(-1, *a.shape[-2:])
-    b3 = b.reshape(-1, *b.shape[-2:])
-    count = a3.shape[0]
-    if count < 2:
-        return np.matmul(a, b)
-    out = np.empty((count, a.shape[-2], b.shape[-1]), a.dtype)
-    bounds = np.linspace(0, count, min(num_threads, count) + 1).astype(int)
-    parallel_for([
-        partial(np.matmul, a3[lo:hi], b3[lo:hi], out=out[lo:hi])
-        for lo, hi in zip(bounds[:-1], bounds[1:])
-    ])
-    return out.reshape(*batch, a.shape[-2], b.shape[-1])
 
 
 def _model_name(model) -> str | None:

@@ -1,0 +1,95 @@
+"""How each node becomes a callable step of the execution plan.
+
+Ops with native kernels register a lowering here: `@lowering("Op") def lower(node, ctx)` returns
+the function the plan calls with the node's input arrays (compiling its kernel once, now).
+Every other op runs its numpy function from the op registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
+
+import numpy as np
+
+from sparsednn.errors import SparseDNNError
+from sparsednn.ir import Node
+from sparsednn.ops import lookup
+from sparsednn.runtime.threads import parallel_for
+
+Lowering = Callable[[Node, "LoweringContext"], Callable[..., Any]]
+LOWERINGS: dict[str, Lowering] = {}
+
+
+@dataclass
+class LoweringContext:
+    num_threads: int
+    kernels: dict[str, Any] = field(default_factory=dict)  # node name -> compiled kernel
+
+
+def lowering(op: str):
+    def wrap(fn: Lowering) -> Lowering:
+        LOWERINGS[op] = fn
+        return fn
+
+    return wrap
+
+
+def lower(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
+    if node.op in LOWERINGS:
+        return LOWERINGS[node.op](node, ctx)
+    compute = lookup(node.op, node.name).compute
+    attrs = node.attrs
+    return lambda *args: compute(*args, **attrs)
+
+
+@lowering("Linear")
+def lower_linear(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
+    from sparsednn.codegen.spmm import compile_dense_linear, compile_sparse_linear
+
+    a = node.attrs
+    compile_kernel = compile_sparse_linear if a["kernel"] == "sparse" else compile_dense_linear
+    kernel = compile_kernel(a["weight"], a["bias"], a["activation"])
+    ctx.kernels[node.name] = kernel
+    a["kernel"] = kernel.name
+    k, n = a["weight"].shape
+    threads = ctx.num_threads
+    where = f"node {node.name!r} (Linear {k}x{n})"
+
+    def run_linear(x: np.ndarray) -> np.ndarray:
+        if x.dtype != np.float32 or x.ndim < 1 or x.shape[-1] != k:
+            raise SparseDNNError(
+                f"{where}: expects float32 input [..., {k}], got {x.dtype}{list(x.shape)}"
+            )
+        rows = np.ascontiguousarray(x).reshape(-1, k)
+        return kernel(rows, num_threads=threads).reshape(*x.shape[:-1], n)
+
+    return run_linear
+
+
+@lowering("MatMul")
+def lower_matmul(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
+    if ctx.num_threads == 1:
+        return np.matmul
+    return partial(batched_matmul, num_threads=ctx.num_threads)
+
+
+def batched_matmul(a: np.ndarray, b: np.ndarray, num_threads: int) -> np.ndarray:
+    """MatMul of activations (attention's QK^T and PV) split over the batch of matrices,
+    one slice per thread: BLAS runs single-threaded inside sparsednn's own pool."""
+    if a.ndim < 3 or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype or a.dtype.kind != "f":
+        return np.matmul(a, b)
+    batch = a.shape[:-2]
+    a3 = a.reshape(-1, *a.shape[-2:])
+    b3 = b.reshape(-1, *b.shape[-2:])
+    count = a3.shape[0]
+    if count < 2:
+        return np.matmul(a, b)
+    out = np.empty((count, a.shape[-2], b.shape[-1]), a.dtype)
+    bounds = np.linspace(0, count, min(num_threads, count) + 1).astype(int)
+    parallel_for([
+        partial(np.matmul, a3[lo:hi], b3[lo:hi], out=out[lo:hi])
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+    ])
+    return out.reshape(*batch, a.shape[-2], b.shape[-1])
