@@ -69,7 +69,25 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
         raise ModelLoadError(f"{where}: not a valid ONNX model ({type(e).__name__}: {e})") from e
     if not proto.HasField("graph"):
         raise ModelLoadError(f"{where}: not a valid ONNX model (it has no graph)")
+    _check_text(proto, where)
     return proto
+
+
+def _check_text(proto: onnx.ModelProto, where: str) -> None:
+    """Refuse text fields (names, op types, attribute names...) that are not valid UTF-8:
+    protobuf hands them over as bytes, which no later stage expects."""
+    stack: list[tuple[object, str]] = [(proto, "model")]
+    while stack:
+        msg, path = stack.pop()
+        for fd, value in msg.ListFields():
+            items = value if fd.is_repeated else (value,)
+            if fd.type == fd.TYPE_STRING:
+                if any(not isinstance(v, str) for v in items):
+                    raise ModelLoadError(
+                        f"{where}: not a valid ONNX model ({path}.{fd.name} is not UTF-8 text)"
+                    )
+            elif fd.type == fd.TYPE_MESSAGE:
+                stack.extend((m, f"{path}.{fd.name}") for m in items)
 
 
 def _load_external_data(proto: onnx.ModelProto, base: Path) -> None:
