@@ -1,4 +1,6 @@
-"""Transformers models exported to ONNX the way users export them, cached on disk.
+"""Hugging Face models exported to ONNX the way users export them, cached on disk.
+
+Needs the `models` extra (torch, transformers); the tests and bench/e2e.py use it.
 
 Each `ModelSpec` names an architecture, a size, an exporter and whether the input shapes are
 static. `export(spec)` builds the model from its transformers config with seeded random
@@ -317,8 +319,6 @@ class Exported:
 
 class ExportFailed(Exception):
     pass
-
-
 
 
 def export(spec: ModelSpec) -> Exported:

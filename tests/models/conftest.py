@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-import model_zoo
-from model_zoo import ExportFailed, ModelSpec
+from sparsednn.models import hf
+from sparsednn.models.hf import ExportFailed, ModelSpec
 
 from model_checks import ORT_PROVIDERS
 
@@ -31,10 +31,10 @@ class Zoo:
         self.reports: dict = {}
         self.create_seconds: dict = {}
 
-    def export(self, spec: ModelSpec) -> model_zoo.Exported:
+    def export(self, spec: ModelSpec) -> hf.Exported:
         if spec not in self._exports:
             try:
-                exported = model_zoo.export(spec)
+                exported = hf.export(spec)
                 m = exported.meta
                 self.observe("exports", f"{spec.name}: OK (opset {m['opset'].get('ai.onnx')}, "
                              f"inputs {m['inputs']}, outputs {m['outputs']}, external data "

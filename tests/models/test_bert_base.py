@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from model_checks import TOLERANCE, max_abs_diff, no_recompilation
-from model_zoo import ModelSpec, make_inputs
+from sparsednn.models.hf import ModelSpec, make_inputs
 
 SPARSITY = 0.9
 SEQ = 128

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from model_checks import TOLERANCE, max_abs_diff
-from model_zoo import EXAMPLE_BATCH, EXAMPLE_SEQ, ModelSpec, hidden_size, make_inputs, num_layers
+from sparsednn.models.hf import EXAMPLE_BATCH, EXAMPLE_SEQ, ModelSpec, hidden_size, make_inputs, num_layers
 
 ARCHS = ["bert", "distilbert", "roberta", "vit"]
 EXPORTERS = ["legacy", "dynamo"]

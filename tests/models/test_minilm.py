@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from model_checks import TOLERANCE, max_abs_diff, no_recompilation
-from model_zoo import ModelSpec, make_inputs, minilm_dir
+from sparsednn.models.hf import ModelSpec, make_inputs, minilm_dir
 
 INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from model_checks import ORT_PROVIDERS
-from model_zoo import ModelSpec, make_inputs, num_layers
+from sparsednn.models.hf import ModelSpec, make_inputs, num_layers
 from sparsednn.prune import prune_model, weight_sparsity
 
 RNG_SEED = 7

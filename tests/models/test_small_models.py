@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from model_checks import TOLERANCE, max_abs_diff, no_recompilation
-from model_zoo import ModelSpec, make_inputs, num_layers
+from sparsednn.models.hf import ModelSpec, make_inputs, num_layers
 
 ARCHS = ["bert", "distilbert", "roberta", "vit"]
 EXPORTERS = ["legacy", "dynamo"]
