@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -134,10 +135,44 @@ def _all_tensors(graph: onnx.GraphProto):
                 yield from attr.tensors
 
 
+# Where each element type keeps its values when not in raw_data, and each value's size in
+# raw_data: a tensor's data is checked against its dims before numpy sees it, so that dims
+# claiming more than the model holds never cause an allocation.
+_TYPED_FIELD = {
+    onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.DOUBLE: "double_data",
+    onnx.TensorProto.INT64: "int64_data", onnx.TensorProto.UINT32: "uint64_data",
+    onnx.TensorProto.UINT64: "uint64_data",
+}
+
+
 def to_array(tensor: onnx.TensorProto, where: str) -> np.ndarray:
     dims = list(tensor.dims)
     if any(d < 0 for d in dims):
         raise InvalidGraphError(f"{where}: tensor {tensor.name!r} has negative dims {dims}")
+    dtype = numpy_dtype(tensor.data_type)
+    if dtype is None:
+        type_name = onnx.TensorProto.DataType.Name(tensor.data_type) if (
+            tensor.data_type in onnx.TensorProto.DataType.values()) else str(tensor.data_type)
+        raise UnsupportedOpError(
+            f"{where}: tensor {tensor.name!r} has element type {type_name}, which sparsednn "
+            f"does not support (supported: {', '.join(sorted({np.dtype(t).name for t in _ONNX_TO_NUMPY.values()}))})"
+        )
+    count = 1
+    for d in dims:
+        count *= d
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        raise ModelLoadError(f"{where}: tensor {tensor.name!r} has external data that was not loaded")
+    if tensor.HasField("raw_data"):
+        held, need = len(tensor.raw_data), count * dtype.itemsize
+        unit = "bytes"
+    else:
+        held = len(getattr(tensor, _TYPED_FIELD.get(tensor.data_type, "int32_data")))
+        need, unit = count, "values"
+    if held != need:
+        raise InvalidGraphError(
+            f"{where}: tensor {tensor.name!r} holds {held} {unit}, "
+            f"which does not match its dims {dims} ({need} {unit})"
+        )
     try:
         array = numpy_helper.to_array(tensor)
     except Exception as e:
@@ -180,12 +215,43 @@ def _value_type(vi: onnx.ValueInfoProto) -> tuple[np.dtype | None, tuple | None]
     dims = []
     for d in tt.shape.dim:
         if d.HasField("dim_value"):
+            if d.dim_value < 0:
+                raise InvalidGraphError(
+                    f"value {vi.name!r} is declared with a negative dimension {d.dim_value}"
+                )
             dims.append(int(d.dim_value))
         elif d.HasField("dim_param") and d.dim_param:
             dims.append(d.dim_param)
         else:
             dims.append(None)
     return dtype, tuple(dims)
+
+
+def _largest_declared_dim(proto: onnx.ModelProto) -> int:
+    g = proto.graph
+    return max((d.dim_value for vi in [*g.input, *g.output, *g.value_info]
+                for d in vi.type.tensor_type.shape.dim), default=0)
+
+
+def _check_arity(opdef, node: onnx.NodeProto, where: str) -> None:
+    """The node gives the op its required inputs and no more inputs than it takes."""
+    params = inspect.signature(opdef.compute).parameters.values()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    variadic = any(p.kind is p.VAR_POSITIONAL for p in params)
+    required = [p.name for p in positional if p.default is p.empty]
+    given = list(node.input)
+    if not variadic and len(given) > len(positional):
+        raise InvalidGraphError(
+            f"{where} ({node.op_type}) has {len(given)} inputs; {node.op_type} takes at most "
+            f"{len(positional)} ({', '.join(p.name for p in positional)})"
+        )
+    for i, name in enumerate(required):
+        if i >= len(given) or given[i] == "":
+            raise InvalidGraphError(
+                f"{where} ({node.op_type}) lacks its required input {i} ({name!r})"
+            )
+    if variadic and not positional and not any(given):
+        raise InvalidGraphError(f"{where} ({node.op_type}) has no inputs")
 
 
 def opset_version(proto: onnx.ModelProto) -> int:
@@ -206,8 +272,18 @@ def import_onnx(model, name: str | None = None) -> Graph:
             f"(sparsednn reads opsets {MIN_OPSET} to {MAX_OPSET}; "
             "convert with onnx.version_converter.convert_version)"
         )
+    initializers = {}
+    for init in proto.graph.initializer:  # checked before onnx's inference reads them
+        if init.name in initializers:
+            raise InvalidGraphError(f"{where}: initializer {init.name!r} is defined twice")
+        initializers[init.name] = to_array(init, where)
+    for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        _value_type(vi)  # negative declared dims
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        # onnx's data propagation walks shape tensors element by element: a declared
+        # dimension in the millions (a "shape" that long) would take it minutes and gigabytes.
+        inferred = onnx.shape_inference.infer_shapes(
+            proto, strict_mode=False, data_prop=_largest_declared_dim(proto) <= 1 << 16)
     except Exception:
         inferred = proto  # shapes are a help, not a requirement: our own pass infers them too
     g = inferred.graph
@@ -216,10 +292,8 @@ def import_onnx(model, name: str | None = None) -> Graph:
     values: dict[str, Value] = {}
     types = {vi.name: _value_type(vi) for vi in [*g.value_info, *g.input, *g.output]}
 
-    for init in g.initializer:
-        if init.name in values:
-            raise InvalidGraphError(f"{where}: initializer {init.name!r} is defined twice")
-        values[init.name] = Value.constant(init.name, to_array(init, where))
+    for name, array in initializers.items():
+        values[name] = Value.constant(name, array)
     for vi in g.input:
         if vi.name in values:  # old exporters also list initializers as inputs
             continue
@@ -242,7 +316,7 @@ def import_onnx(model, name: str | None = None) -> Graph:
             values.update((o, Value(o)) for o in node.output)  # keep reading: report them all
             continue
         attrs = {a.name: _attribute(a, f"{where}: node {node_name!r}") for a in node.attribute}
-        lookup(node.op_type, node_name, attrs)
+        _check_arity(lookup(node.op_type, node_name, attrs), node, f"{where}: node {node_name!r}")
         inputs = []
         for in_name in node.input:
             if in_name == "":
