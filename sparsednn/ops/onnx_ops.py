@@ -25,6 +25,7 @@ import numpy as np
 
 from sparsednn.errors import UnsupportedOpError
 from sparsednn.ir.shapes import broadcast_shapes
+from sparsednn.ir.verify import check_allocation
 from sparsednn.ops.fused_ops import erf as _erf
 from sparsednn.ops.registry import register, shape_rule
 
@@ -775,6 +776,8 @@ def _reshape_shape(node):
         return [(x.dtype, None)]
     if x.shape is None and (0 in shape and not node.attrs.get("allowzero", 0)):
         return [(x.dtype, None)]
+    if shape.count(-1) > 1 or any(d < -1 for d in shape):
+        raise ValueError(f"Reshape: target shape {shape} has more than one -1 or a negative size")
     out = _reshape_target(x.shape, shape, node.attrs.get("allowzero", 0))
     if -1 in out:
         out[out.index(-1)] = _solve_dim(x.shape, [d for d in out if d != -1])
@@ -888,6 +891,7 @@ def _unsqueeze_shape(node):
 @register
 def Expand(x, shape):
     out = np.broadcast_shapes(x.shape, tuple(_ints(shape)))
+    check_allocation(out, x.dtype, "Expand's output")
     return np.array(np.broadcast_to(x, out))
 
 
@@ -900,7 +904,11 @@ def _expand_shape(node):
 
 @register
 def Tile(x, repeats):
-    return np.tile(x, _ints(repeats))
+    reps = _ints(repeats)
+    if len(reps) != x.ndim or any(r < 0 for r in reps):
+        raise ValueError(f"Tile: repeats {reps} must be {x.ndim} non-negative counts")
+    check_allocation([d * r for d, r in zip(x.shape, reps)], x.dtype, "Tile's output")
+    return np.tile(x, reps)
 
 
 @shape_rule("Tile")
@@ -1131,6 +1139,8 @@ def Pad(data, pads, constant_value=None, axes=None, *, mode="constant"):
     for i, a in enumerate(axes):
         width[a] = [pads[i], pads[i + n]]
     grow = [(max(lo, 0), max(hi, 0)) for lo, hi in width]
+    check_allocation([s + lo + hi for s, (lo, hi) in zip(data.shape, grow)], data.dtype,
+                     "Pad's output")
     if mode == "constant":
         value = 0 if constant_value is None or constant_value.size == 0 else _scalar(constant_value)
         out = np.pad(data, grow, mode="constant", constant_values=value)
@@ -1215,7 +1225,11 @@ def _constant_shape(node):
 @register
 def ConstantOfShape(shape, *, value=None):
     fill = np.zeros(1, np.float32) if value is None else np.asarray(value)
-    return np.full(tuple(_ints(shape)), fill.reshape(-1)[0], dtype=fill.dtype)
+    dims = tuple(_ints(shape))
+    if any(d < 0 for d in dims):
+        raise ValueError(f"ConstantOfShape: shape {list(dims)} has a negative size")
+    check_allocation(dims, fill.dtype, "ConstantOfShape's output")
+    return np.full(dims, fill.reshape(-1)[0], dtype=fill.dtype)
 
 
 @shape_rule("ConstantOfShape")
@@ -1226,12 +1240,23 @@ def _constant_of_shape_shape(node):
     return [(dtype, None if shape is None else tuple(shape))]
 
 
+def _range_count(start, limit, delta) -> int:
+    s, l, d = _scalar(start), _scalar(limit), _scalar(delta)
+    if np.issubdtype(np.asarray(start).dtype, np.integer):
+        if int(d) == 0:
+            raise ValueError("Range: delta is 0")
+        return max(-(-(int(l) - int(s)) // int(d)), 0)
+    steps = (float(l) - float(s)) / float(d) if float(d) else float("nan")
+    if not math.isfinite(steps):
+        raise ValueError(f"Range: ({s}, {l}, {d}) has no finite number of elements")
+    return max(int(math.ceil(steps)), 0)
+
+
 @register
 def Range(start, limit, delta):
-    s, l, d = _scalar(start), _scalar(limit), _scalar(delta)
-    n = max(int(math.ceil((float(l) - float(s)) / float(d))), 0)
-    if np.issubdtype(np.asarray(start).dtype, np.integer):
-        n = max(-(-(int(l) - int(s)) // int(d)), 0)
+    s, d = _scalar(start), _scalar(delta)
+    n = _range_count(start, limit, delta)
+    check_allocation((n,), np.asarray(start).dtype, "Range's output")
     return (s + np.arange(n, dtype=np.asarray(start).dtype) * d).astype(np.asarray(start).dtype)
 
 
@@ -1241,7 +1266,7 @@ def _range_shape(node):
     dtype = node.inputs[0].dtype
     if any(c is None for c in consts):
         return [(dtype, (None,))]
-    return [(dtype, Range(*consts).shape)]
+    return [(dtype, (_range_count(*consts),))]  # counted, not computed: it may be huge
 
 
 @register
@@ -1293,6 +1318,9 @@ def _nonzero_shape(node):
 @register
 def OneHot(indices, depth, values, *, axis=-1):
     d = int(_scalar(depth))
+    if d < 0:
+        raise ValueError(f"OneHot: depth {d} is negative")
+    check_allocation((*np.shape(indices), d), np.asarray(values).dtype, "OneHot's output")
     idx = np.asarray(indices).astype(np.int64)
     idx = np.where(idx < 0, idx + d, idx)
     a = _axis(axis, idx.ndim + 1, "OneHot")
