@@ -6,6 +6,7 @@ Errors print as one readable line with a non-zero exit code; `--debug` shows the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -47,6 +48,19 @@ def _parse_shapes(text: str | None) -> dict[str, list[int]] | None:
     return shapes
 
 
+@contextlib.contextmanager
+def benchmark_bar(total_seconds: float):
+    """A bar filling over the benchmark's duration (on a terminal only)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=round(total_seconds), desc="benchmarking", unit="s", leave=False,
+              file=sys.stderr, bar_format="{desc} {bar} {n:.0f}/{total:.0f}s") as bar:
+        yield lambda fraction: bar.update(fraction * total_seconds - bar.n)
+
+
 def engine_summary(session) -> dict:
     """What the engine chose for this model: CPU, ISA, threads, sparse share, compile time."""
     import sparsednn
@@ -78,7 +92,8 @@ def cmd_benchmark(args) -> int:
 
     path = resolve_model(args.model)
     _say(f"compiling {path} ...")
-    options = sparsednn.SessionOptions(intra_op_num_threads=args.threads or 0)
+    options = sparsednn.SessionOptions(intra_op_num_threads=args.threads or 0,
+                                       show_progress=True)
     session = sparsednn.InferenceSession(path, options)
     threads = options.num_threads
     feed = synthetic_inputs(session.graph, args.batch_size, args.seq_len, _parse_shapes(args.shapes))
@@ -106,7 +121,8 @@ def cmd_benchmark(args) -> int:
     shape_text = ", ".join(f"{k}{list(v.shape)}" for k, v in feed.items())
     print(f"== {args.model}: {shape_text}, scenario {args.scenario}, {args.time:g}s per engine ==")
     _say("benchmarking ...")
-    timings = time_engines(engines, feed, args.time, args.warmup, args.scenario)
+    with benchmark_bar(args.time * len(engines)) as advance:
+        timings = time_engines(engines, feed, args.time, args.warmup, args.scenario, advance)
     items = next(iter(feed.values())).shape[0] if feed else 1
     base = timings["sparsednn"].throughput(items)
     report = {"model": args.model, "engine": summary, "inputs": {k: list(v.shape) for k, v in feed.items()},
@@ -138,7 +154,7 @@ def cmd_profile(args) -> int:
     path = resolve_model(args.model)
     _say(f"compiling {path} ...")
     options = sparsednn.SessionOptions(intra_op_num_threads=args.threads or 0,
-                                       enable_profiling=True)
+                                       enable_profiling=True, show_progress=True)
     session = sparsednn.InferenceSession(path, options)
     feed = synthetic_inputs(session.graph, args.batch_size, args.seq_len, _parse_shapes(args.shapes))
     session.run(None, feed)  # warm up, then forget the warm-up's times

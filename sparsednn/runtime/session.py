@@ -21,6 +21,7 @@ from sparsednn.ir import Graph, Node, Value
 from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
 from sparsednn.passes.pipeline import run_pipeline
 from sparsednn.runtime.lowering import LoweringContext, lower
+from sparsednn.runtime.progress import progress_bar
 from sparsednn.runtime.threads import default_num_threads, single_threaded_blas
 
 _ONNX_TYPE_NAMES = {
@@ -36,6 +37,7 @@ class SessionOptions:
 
     intra_op_num_threads: int = 0  # 0: every core this process may use
     enable_profiling: bool = False  # per-node times in InferenceSession.profile()
+    show_progress: bool = False  # a progress bar while compiling (on a terminal only)
     sparse_threshold: float = DEFAULT_SPARSE_THRESHOLD  # fraction of zeros for a sparse kernel
 
     @property
@@ -175,7 +177,8 @@ class InferenceSession:
         self._input_slots = {v.name: slot_of(v) for v in self.graph.inputs}
         ctx = LoweringContext(self.options.num_threads, self.kernels)
         steps: list[Step] = []
-        for node in self.graph.nodes:
+        for node in progress_bar(self.graph.nodes, "compiling", self.options.show_progress,
+                                 unit="node"):
             ins = [None if v is None else slot_of(v) for v in node.inputs]
             outs = [slot_of(v) for v in node.outputs]
             steps.append(Step(node, lower(node, ctx), ins, outs))
