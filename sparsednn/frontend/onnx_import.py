@@ -227,6 +227,26 @@ def _value_type(vi: onnx.ValueInfoProto) -> tuple[np.dtype | None, tuple | None]
     return dtype, tuple(dims)
 
 
+def _skeleton(proto: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
+    """The model without the data of its large initializers, for onnx's shape inference:
+    it needs their types and dims, not their values, and a full copy of a BERT-base would
+    cost another 440 MB at the peak."""
+    skeleton = onnx.ModelProto(ir_version=proto.ir_version)
+    skeleton.opset_import.extend(proto.opset_import)
+    g, sg = proto.graph, skeleton.graph
+    sg.name = g.name
+    sg.node.extend(g.node)
+    sg.input.extend(g.input)
+    sg.output.extend(g.output)
+    sg.value_info.extend(g.value_info)
+    for init in g.initializer:
+        if init.ByteSize() <= max_bytes:
+            sg.initializer.append(init)
+        else:
+            sg.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+    return skeleton
+
+
 def _largest_declared_dim(proto: onnx.ModelProto) -> int:
     g = proto.graph
     return max((d.dim_value for vi in [*g.input, *g.output, *g.value_info]
@@ -283,7 +303,8 @@ def import_onnx(model, name: str | None = None) -> Graph:
         # onnx's data propagation walks shape tensors element by element: a declared
         # dimension in the millions (a "shape" that long) would take it minutes and gigabytes.
         inferred = onnx.shape_inference.infer_shapes(
-            proto, strict_mode=False, data_prop=_largest_declared_dim(proto) <= 1 << 16)
+            _skeleton(proto), strict_mode=False,
+            data_prop=_largest_declared_dim(proto) <= 1 << 16)
     except Exception:
         inferred = proto  # shapes are a help, not a requirement: our own pass infers them too
     g = inferred.graph
