@@ -16,6 +16,7 @@ import numpy as np
 from sparsednn.errors import SparseDNNError
 from sparsednn.ir import Node
 from sparsednn.ops import lookup
+from sparsednn.ops.fused_ops import Linear
 from sparsednn.runtime.threads import parallel_for
 
 Lowering = Callable[[Node, "LoweringContext"], Callable[..., Any]]
@@ -26,6 +27,24 @@ LOWERINGS: dict[str, Lowering] = {}
 class LoweringContext:
     num_threads: int
     kernels: dict[str, Any] = field(default_factory=dict)  # node name -> compiled kernel
+
+
+@dataclass(frozen=True)
+class CompressedWeight:
+    """Stands in a Linear node for a weight whose dense copy was freed once its sparse
+    kernel held the nonzeros: what dumps and summaries need to know of it."""
+
+    shape: tuple[int, int]
+    nnz: int
+    dtype = np.dtype(np.float32)
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def __str__(self) -> str:
+        zeros = 100.0 * (1.0 - self.nnz / max(self.size, 1))
+        return f"float32{list(self.shape)} {zeros:.1f}% zeros, in the sparse kernel"
 
 
 def lowering(op: str):
@@ -49,11 +68,14 @@ def lower_linear(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
     from sparsednn.codegen.spmm import compile_dense_linear, compile_sparse_linear
 
     a = node.attrs
-    compile_kernel = compile_sparse_linear if a["kernel"] == "sparse" else compile_dense_linear
+    sparse = a["kernel"] == "sparse"
+    compile_kernel = compile_sparse_linear if sparse else compile_dense_linear
     kernel = compile_kernel(a["weight"], a["bias"], a["activation"])
     ctx.kernels[node.name] = kernel
     a["kernel"] = kernel.name
     k, n = a["weight"].shape
+    if a["kernel"].startswith("f32_spmm"):  # the kernel holds the nonzeros: free the dense copy
+        a["weight"] = CompressedWeight((k, n), kernel.nnz)
     threads = ctx.num_threads
     where = f"node {node.name!r} (Linear {k}x{n})"
 
@@ -63,9 +85,23 @@ def lower_linear(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
                 f"{where}: expects float32 input [..., {k}], got {x.dtype}{list(x.shape)}"
             )
         rows = np.ascontiguousarray(x).reshape(-1, k)
-        return kernel(rows, num_threads=threads).reshape(*x.shape[:-1], n)
+        y = kernel(rows, num_threads=threads)
+        if sparse and rows.size:
+            _redo_non_finite_rows(rows, y, ones, a)
+        return y.reshape(*x.shape[:-1], n)
 
+    ones = np.ones(k, np.float32)
     return run_linear
+
+
+def _redo_non_finite_rows(rows: np.ndarray, y: np.ndarray, ones: np.ndarray, attrs) -> None:
+    """NaN and Inf as a dense product gives them: the sparse kernel skips zero weights, so a
+    NaN or Inf input never meets them, where the reference's NaN * 0 and Inf * 0 are NaN.
+    Rows holding one (their sum is not finite; one BLAS pass) are recomputed densely."""
+    bad = np.flatnonzero(~np.isfinite(rows @ ones))
+    if bad.size:
+        y[bad] = Linear(rows[bad], weight=attrs["weight"], bias=attrs["bias"],
+                        activation=attrs["activation"])
 
 
 @lowering("MatMul")
