@@ -29,22 +29,37 @@ class LoweringContext:
     kernels: dict[str, Any] = field(default_factory=dict)  # node name -> compiled kernel
 
 
-@dataclass(frozen=True)
 class CompressedWeight:
-    """Stands in a Linear node for a weight whose dense copy was freed once its sparse
-    kernel held the nonzeros: what dumps and summaries need to know of it."""
+    """Stands in a Linear node for a weight that runs on a sparse kernel: its nonzeros as
+    compressed rows, so that the dense copy is freed. Dumps and summaries read its shape and
+    nnz; the rare paths that need it dense (NaN inputs) get it back with np.asarray."""
 
-    shape: tuple[int, int]
-    nnz: int
     dtype = np.dtype(np.float32)
+
+    def __init__(self, dense: np.ndarray):
+        self.shape = tuple(dense.shape)
+        rows, cols = np.nonzero(dense)
+        self.indptr = np.searchsorted(rows, np.arange(self.shape[0] + 1)).astype(np.int32)
+        self.indices = cols.astype(np.int32)
+        self.data = dense[rows, cols].astype(np.float32)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.data.size)
 
     @property
     def size(self) -> int:
         return self.shape[0] * self.shape[1]
 
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        dense = np.zeros(self.shape, np.float32)
+        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
+        dense[rows, self.indices] = self.data
+        return dense if dtype is None else dense.astype(dtype)
+
     def __str__(self) -> str:
         zeros = 100.0 * (1.0 - self.nnz / max(self.size, 1))
-        return f"float32{list(self.shape)} {zeros:.1f}% zeros, in the sparse kernel"
+        return f"float32{list(self.shape)} {zeros:.1f}% zeros, compressed"
 
 
 def lowering(op: str):
@@ -74,8 +89,8 @@ def lower_linear(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
     ctx.kernels[node.name] = kernel
     a["kernel"] = kernel.name
     k, n = a["weight"].shape
-    if a["kernel"].startswith("f32_spmm"):  # the kernel holds the nonzeros: free the dense copy
-        a["weight"] = CompressedWeight((k, n), kernel.nnz)
+    if sparse:  # the kernel holds the nonzeros: free the dense copy
+        a["weight"] = CompressedWeight(a["weight"])
     threads = ctx.num_threads
     where = f"node {node.name!r} (Linear {k}x{n})"
 
@@ -100,7 +115,7 @@ def _redo_non_finite_rows(rows: np.ndarray, y: np.ndarray, ones: np.ndarray, att
     Rows holding one (their sum is not finite; one BLAS pass) are recomputed densely."""
     bad = np.flatnonzero(~np.isfinite(rows @ ones))
     if bad.size:
-        y[bad] = Linear(rows[bad], weight=attrs["weight"], bias=attrs["bias"],
+        y[bad] = Linear(rows[bad], weight=np.asarray(attrs["weight"]), bias=attrs["bias"],
                         activation=attrs["activation"])
 
 
