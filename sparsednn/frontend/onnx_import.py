@@ -247,10 +247,36 @@ def _skeleton(proto: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
     return skeleton
 
 
-def _largest_declared_dim(proto: onnx.ModelProto) -> int:
+def _data_propagation_is_safe(proto: onnx.ModelProto) -> bool:
+    """Whether onnx's data propagation stays small on this model. It holds every propagated
+    value as a shape, one protobuf dim (~140 bytes) per element, and walks shape tensors
+    element by element: a ConstantOfShape of 2**32 elements makes it allocate ~600 GB, and a
+    value declared as a 'shape' millions long takes it minutes."""
     g = proto.graph
-    return max((d.dim_value for vi in [*g.input, *g.output, *g.value_info]
-                for d in vi.type.tensor_type.shape.dim), default=0)
+    declared = max((d.dim_value for vi in [*g.input, *g.output, *g.value_info]
+                    for d in vi.type.tensor_type.shape.dim), default=0)
+    return declared <= 1 << 16 and not any(n.op_type == "ConstantOfShape" for n in g.node)
+
+
+def _check_attribute_types(node: onnx.NodeProto, opset: int, where: str) -> None:
+    """Each attribute has the type the op's ONNX schema gives it, and is given once."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except Exception:  # not an ONNX op: the op registry reports it
+        return
+    A = onnx.AttributeProto.AttributeType
+    seen = set()
+    for attr in node.attribute:
+        if attr.name in seen:
+            raise InvalidGraphError(f"{where} ({node.op_type}): attribute {attr.name!r} is given twice")
+        seen.add(attr.name)
+        spec = schema.attributes.get(attr.name)
+        if spec is not None and attr.type != int(spec.type.value):
+            got = A.Name(attr.type) if attr.type in A.values() else str(attr.type)
+            raise InvalidGraphError(
+                f"{where} ({node.op_type}): attribute {attr.name!r} must be "
+                f"{A.Name(int(spec.type.value))}, got {got}"
+            )
 
 
 def _check_arity(opdef, node: onnx.NodeProto, where: str) -> None:
@@ -300,11 +326,8 @@ def import_onnx(model, name: str | None = None) -> Graph:
     for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
         _value_type(vi)  # negative declared dims
     try:
-        # onnx's data propagation walks shape tensors element by element: a declared
-        # dimension in the millions (a "shape" that long) would take it minutes and gigabytes.
         inferred = onnx.shape_inference.infer_shapes(
-            _skeleton(proto), strict_mode=False,
-            data_prop=_largest_declared_dim(proto) <= 1 << 16)
+            _skeleton(proto), strict_mode=False, data_prop=_data_propagation_is_safe(proto))
     except Exception:
         inferred = proto  # shapes are a help, not a requirement: our own pass infers them too
     g = inferred.graph
@@ -336,6 +359,7 @@ def import_onnx(model, name: str | None = None) -> Graph:
             unsupported.append(f"{domain}{node.op_type} (node {node_name!r})")
             values.update((o, Value(o)) for o in node.output)  # keep reading: report them all
             continue
+        _check_attribute_types(node, opset, f"{where}: node {node_name!r}")
         attrs = {a.name: _attribute(a, f"{where}: node {node_name!r}") for a in node.attribute}
         _check_arity(lookup(node.op_type, node_name, attrs), node, f"{where}: node {node_name!r}")
         inputs = []
