@@ -75,13 +75,21 @@ def _optimize(mod: llvm.ModuleRef, tm: llvm.TargetMachine, opt: str | int) -> No
 
 
 class JITModule:
-    """A compiled LLVM module and the MCJIT engine that keeps its code alive."""
+    """A compiled LLVM module and the MCJIT engine that keeps its code alive.
 
-    def __init__(self, engine, module: llvm.ModuleRef, target, compile_seconds: float):
+    from_cache: the machine code was loaded from the on-disk kernel cache (see cache.py); the
+    optimised IR and assembly are then regenerated on demand from `source` (a callable that
+    emits the module again), for dumps only."""
+
+    def __init__(self, engine, module: llvm.ModuleRef | None, target, compile_seconds: float,
+                 from_cache: bool = False, source=None, opt: str | int = "light"):  # fmt: skip
         self._engine = engine
         self._module = module
         self.target = target
         self.compile_seconds = compile_seconds
+        self.from_cache = from_cache
+        self._source = source
+        self._opt = opt
         self._ir_text: str | None = None
         self._asm_text: str | None = None
 
@@ -96,8 +104,21 @@ class JITModule:
     def llvm_ir(self) -> str:
         """The optimised LLVM IR of the module, as text."""
         if self._ir_text is None:
-            with _lock:
-                self._ir_text = str(self._module)
+            if self._module is None:  # loaded from the cache: emit and optimise it again
+                if self._source is None:
+                    return "; loaded from the kernel cache: no IR available\n"
+                text = str(self._source())
+                with _lock:
+                    tm = target_machine(self.target)
+                    mod = llvm.parse_assembly(text)
+                    mod.triple = self.target.triple or llvm.get_process_triple()
+                    mod.data_layout = str(tm.target_data)
+                    if self._opt:
+                        _optimize(mod, tm, self._opt)
+                    self._ir_text = str(mod)
+            else:
+                with _lock:
+                    self._ir_text = str(self._module)
         return self._ir_text
 
     @property
@@ -127,13 +148,16 @@ def new_module(name: str, target) -> ir.Module:
     return mod
 
 
-def compile_module(module: ir.Module | str, target, opt: str | int = "light") -> JITModule:
+def compile_module(module: ir.Module | str, target, opt: str | int = "light",
+                   cache_key: str | None = None) -> JITModule:  # fmt: skip
     """Verify, optimise (see _optimize) and JIT-compile an IR module for `target`.
 
-    Raises CompileError on failure."""
+    cache_key: also store the machine code in the on-disk kernel cache under this key (see
+    load_cached). Raises CompileError on failure."""
     ensure_llvm_initialized()
     t0 = time.perf_counter()
     text = str(module)
+    objects: list[bytes] = []
     with _lock:
         tm = target_machine(target)
         try:
@@ -148,7 +172,39 @@ def compile_module(module: ir.Module | str, target, opt: str | int = "light") ->
         try:
             # The engine takes ownership of (and disposes) its target machine: give it its own.
             engine = llvm.create_mcjit_compiler(mod, target.create_target_machine(opt=3))
+            if cache_key is not None:
+                engine.set_object_cache(lambda _m, buf: objects.append(bytes(buf)), None)
             engine.finalize_object()
         except RuntimeError as e:
             raise CompileError(f"LLVM JIT compilation failed: {e}")
-    return JITModule(engine, mod, target, time.perf_counter() - t0)
+    if cache_key is not None and objects:
+        from sparsednn.codegen import cache
+
+        cache.store_object(cache_key, objects[0])
+    return JITModule(engine, mod, target, time.perf_counter() - t0, opt=opt)
+
+
+def load_cached(cache_key: str, target, source=None, opt: str | int = "light") -> JITModule | None:
+    """The module stored by compile_module(..., cache_key=cache_key), loaded without running
+    LLVM's optimiser or code generator, or None if the cache has no (valid) entry. Symbols it
+    calls by name (export_symbol) must be exported before. source: a callable that emits the
+    module again, for llvm_ir / asm dumps."""
+    from sparsednn.codegen import cache
+
+    obj = cache.load_object(cache_key)
+    if obj is None:
+        return None
+    ensure_llvm_initialized()
+    t0 = time.perf_counter()
+    with _lock:
+        try:
+            empty = llvm.parse_assembly("")
+            empty.triple = target.triple or llvm.get_process_triple()
+            empty.data_layout = str(target_machine(target).target_data)
+            engine = llvm.create_mcjit_compiler(empty, target.create_target_machine(opt=3))
+            engine.set_object_cache(None, lambda _m: obj)
+            engine.finalize_object()
+        except RuntimeError:
+            return None
+    return JITModule(engine, None, target, time.perf_counter() - t0, from_cache=True,
+                     source=source, opt=opt)  # fmt: skip
