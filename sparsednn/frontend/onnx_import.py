@@ -99,28 +99,47 @@ def _load_external_data(proto: onnx.ModelProto, base: Path) -> None:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
-        target = (base / location).resolve()
+        what = f"tensor {tensor.name!r}: external data"
+        if not location or "\0" in location:
+            raise ModelLoadError(f"{what} has no usable location ({location!r})")
+        try:
+            target = (base / location).resolve()
+        except (OSError, RuntimeError, ValueError) as e:  # symlink loops, too long names
+            raise ModelLoadError(f"{what} location {location!r} cannot be resolved: {e}") from e
         if os.path.isabs(location) or not target.is_relative_to(base):
             raise ModelLoadError(
-                f"tensor {tensor.name!r}: external data location {location!r} "
-                f"lies outside the model's folder {str(base)!r}; refused"
+                f"{what} location {location!r} lies outside the model's folder "
+                f"{str(base)!r}; refused"
             )
+        if not target.exists():
+            raise ModelLoadError(f"{what} file {str(target)!r} is missing")
         if not target.is_file():
+            raise ModelLoadError(f"{what} location {str(target)!r} is not a regular file")
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = info.get("length")
+            length = None if length in (None, "") else int(length)
+        except ValueError:
             raise ModelLoadError(
-                f"tensor {tensor.name!r}: external data file {str(target)!r} is missing"
-            )
-        offset = int(info.get("offset", 0) or 0)
-        length = info.get("length")
+                f"{what}: offset {info.get('offset')!r} and length {info.get('length')!r} "
+                "must be integers"
+            ) from None
         size = target.stat().st_size
-        length = size - offset if length is None else int(length)
+        length = size - offset if length is None else length
         if offset < 0 or length < 0 or offset + length > size:
             raise ModelLoadError(
-                f"tensor {tensor.name!r}: external data file {str(target)!r} has {size} bytes, "
+                f"{what} file {str(target)!r} has {size} bytes, "
                 f"but the model asks for {length} bytes at offset {offset}"
             )
-        with open(target, "rb") as f:
-            f.seek(offset)
-            tensor.raw_data = f.read(length)
+        try:
+            with open(target, "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+        except OSError as e:
+            raise ModelLoadError(f"{what} file {str(target)!r} cannot be read: {e}") from e
+        if len(data) != length:  # the file shrank since it was measured
+            raise ModelLoadError(f"{what} file {str(target)!r} ended early")
+        tensor.raw_data = data
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
 
