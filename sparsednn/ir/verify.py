@@ -39,6 +39,13 @@ def memory_limit() -> int:
     return _machine_memory()
 
 
+def describe_memory_limit() -> str:
+    """memory_limit() in words, for error messages."""
+    where = "SPARSEDNN_MEMORY_LIMIT" if os.environ.get(
+        "SPARSEDNN_MEMORY_LIMIT", "").strip().isdigit() else "this machine's memory"
+    return f"{where}, {format_bytes(memory_limit())}"
+
+
 def format_bytes(n: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if abs(n) < 1024 or unit == "PiB":
@@ -55,8 +62,8 @@ def check_allocation(shape, dtype, what: str) -> None:
     nbytes = count * np.dtype(dtype if dtype is not None else np.float32).itemsize
     if nbytes > memory_limit():
         raise MemoryError(
-            f"{what} of shape {list(shape)} would need {format_bytes(nbytes)}, more than this "
-            f"machine's memory ({format_bytes(memory_limit())}); refused before allocating"
+            f"{what} of shape {list(shape)} would need {format_bytes(nbytes)}, more than "
+            f"{describe_memory_limit()}; refused before allocating"
         )
 
 
