@@ -18,6 +18,7 @@ import numpy as np
 from sparsednn.errors import InvalidInputError, SparseDNNError
 from sparsednn.frontend.onnx_import import import_onnx
 from sparsednn.ir import Graph, Node, Value
+from sparsednn.ir.verify import describe_memory_limit, format_bytes, memory_limit
 from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
 from sparsednn.passes.pipeline import run_pipeline
 from sparsednn.runtime.lowering import LoweringContext, lower
@@ -195,6 +196,7 @@ class InferenceSession:
                 step.frees.append(s)
         self._steps = steps
         self._template = template
+        self._size_terms = _size_terms(self.graph)
 
     # -- checks ---------------------------------------------------------------------------
     def _output_slots(self, output_names: Sequence[str] | None) -> list[int]:
@@ -231,9 +233,7 @@ class InferenceSession:
         symbols: dict[str, tuple[int, str]] = {}
         checked = []
         for name, value in expected.items():
-            array = feed[name]
-            if not isinstance(array, np.ndarray):
-                array = np.asarray(array)
+            array = _as_array(feed[name], value, f"{self.graph.name}: input {name!r}")
             if value.dtype is not None and array.dtype != value.dtype:
                 raise InvalidInputError(
                     f"{self.graph.name}: input {name!r} must be {np.dtype(value.dtype).name}, "
@@ -258,10 +258,68 @@ class InferenceSession:
                                 f"{self.graph.name}: dimension {want!r} is {seen[0]} in input "
                                 f"{seen[1]!r} but {got} in input {name!r}"
                             )
-            if not array.flags.c_contiguous:  # (ascontiguousarray would make 0-d inputs 1-d)
-                array = np.ascontiguousarray(array)
+            if not (array.flags.c_contiguous and array.flags.aligned):
+                array = array.copy(order="C")  # (ascontiguousarray would make 0-d inputs 1-d)
             checked.append((self._input_slots[name], array))
+        self._check_memory({sym: size for sym, (size, _) in symbols.items()})
         return checked
+
+    def _check_memory(self, sizes: dict[str, int]) -> None:
+        """Refuse inputs whose largest intermediate tensor would not fit in memory, before
+        anything is allocated (sizes estimated from the symbolic shapes of the plan)."""
+        limit = memory_limit()
+        for nbytes, dims, example in self._size_terms:
+            total = nbytes
+            for d in dims:
+                total *= sizes.get(d, 0)
+            if total > limit:
+                shape = [sizes.get(d, d) if isinstance(d, str) else d for d in example.shape]
+                raise InvalidInputError(
+                    f"{self.graph.name}: these inputs ({', '.join(f'{k}={v}' for k, v in sizes.items())}) "
+                    f"would make {example.name!r} of shape {shape} ({format_bytes(total)}), "
+                    f"more than {describe_memory_limit()}; refused before running"
+                )
+
+
+def _as_array(x: Any, value: Value, where: str) -> np.ndarray:
+    """An input as a plain ndarray of native byte order. Lists, tuples and scalars are
+    converted to the declared dtype when that loses no kind (ints to float, say)."""
+    if isinstance(x, np.ndarray):
+        array = x if type(x) is np.ndarray else np.asarray(x)
+    else:
+        try:
+            array = np.asarray(x)
+        except (ValueError, TypeError) as e:  # ragged lists, say
+            raise InvalidInputError(f"{where} cannot be made an array: {e}") from None
+        want = value.dtype
+        if want is not None and array.dtype != want and array.dtype.kind in "biuf" and (
+                np.can_cast(array.dtype, want, "same_kind") or array.size == 0):
+            converted = array.astype(want)
+            if want.kind in "iu" and not np.array_equal(converted, array):
+                raise InvalidInputError(f"{where}: values do not fit in {want.name}")
+            array = converted
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
+
+
+def _size_terms(graph: Graph) -> list[tuple[int, tuple[str, ...], Value]]:
+    """Per distinct set of symbols, the largest intermediate: (bytes per unit of the symbols,
+    the symbols, the value) for every non-constant value whose dims are ints or symbols."""
+    largest: dict[tuple[str, ...], tuple[int, tuple[str, ...], Value]] = {}
+    for v in graph.values():
+        if v.is_const or v.shape is None or not all(isinstance(d, (int, str)) for d in v.shape):
+            continue
+        dims = tuple(sorted(d for d in v.shape if isinstance(d, str)))
+        if not dims:
+            continue  # a static shape: verify() checked it fits
+        nbytes = np.dtype(v.dtype if v.dtype is not None else np.float32).itemsize
+        for d in v.shape:
+            if isinstance(d, int):
+                nbytes *= d
+        if dims not in largest or nbytes > largest[dims][0]:
+            largest[dims] = (nbytes, dims, v)
+    return list(largest.values())
 
 
 def _model_name(model) -> str | None:
