@@ -421,6 +421,7 @@ _unary_rules(
 # -- normalisation and softmax ------------------------------------------------------------
 @register
 def Softmax(x, *, axis=-1):
+    axis = _axis(axis, x.ndim, "Softmax")
     if x.size == 0:
         return x.copy()
     with np.errstate(invalid="ignore"):  # a row of -inf gives NaN, as in onnxruntime
@@ -432,6 +433,7 @@ def Softmax(x, *, axis=-1):
 
 @register
 def LogSoftmax(x, *, axis=-1):
+    axis = _axis(axis, x.ndim, "LogSoftmax")
     if x.size == 0:
         return x.copy()
     with np.errstate(invalid="ignore"):
@@ -442,6 +444,7 @@ def LogSoftmax(x, *, axis=-1):
 
 @register
 def Hardmax(x, *, axis=-1):
+    axis = _axis(axis, x.ndim, "Hardmax")
     if x.size == 0:
         return x.copy()
     idx = np.expand_dims(np.argmax(x, axis=axis), axis)
@@ -923,7 +926,7 @@ def _tile_shape(node):
 
 @register
 def Concat(*inputs, axis):
-    return np.concatenate(inputs, axis=axis)
+    return np.concatenate(inputs, axis=_axis(axis, inputs[0].ndim, "Concat"))
 
 
 @shape_rule("Concat")
