@@ -113,8 +113,9 @@ def shape_ops_model(seed: int = 0) -> onnx.ModelProto:
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     inits = {
-        "shape2": i64(2, 4), "reps": i64(1, 2), "rshape": i64(-1, 2, 2), "lim": i64(4),
+        "shape2": i64(2, 4), "reps": i64(1, 2), "rshape": i64(-1, 2, 2),
         "zero": i64(0), "one": i64(1), "idx": i64(0, 2), "axes": i64(0),
+        "start": np.int64(0), "limit": np.int64(4), "delta": np.int64(1),
         "gamma": f32(rng.standard_normal(4)), "beta": f32(rng.standard_normal(4)),
         "w": f32(np.where(rng.random((4, 8)) < 0.8, 0, rng.standard_normal((4, 8)))),
         "sqrt2": f32(np.sqrt(2)), "half": f32(0.5), "onef": f32(1.0),
@@ -125,7 +126,7 @@ def shape_ops_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Expand", ["x", "shape2"], ["e"]),
         helper.make_node("Add", ["c", "e"], ["s0"]),
         helper.make_node("Tile", ["s0", "reps"], ["t"]),                       # [2, 8]
-        helper.make_node("Range", ["zero", "lim", "one"], ["r"]),              # [4]
+        helper.make_node("Range", ["start", "limit", "delta"], ["r"]),              # [4]
         helper.make_node("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
         helper.make_node("Reshape", ["t", "rshape"], ["rs"]),                  # [4, 2, 2]
         helper.make_node("Shape", ["rs"], ["sh"]),
