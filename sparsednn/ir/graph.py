@@ -25,6 +25,10 @@ class Value:
     dtype: np.dtype | None = None
     shape: Shape | None = None
     const: np.ndarray | None = None
+    # The contents of a small integer tensor computed from shapes, when known symbolically:
+    # Shape(x) of an x shaped [batch, 128] holds ("batch", 128). Lets shape rules see through
+    # the Shape -> Gather -> Concat -> Reshape chains of dynamic-shape exports.
+    symbolic_value: tuple[Dim, ...] | None = None
     producer: Node | None = field(default=None, repr=False)
 
     @property

@@ -79,6 +79,14 @@ def _const_ints(v) -> list[int] | None:
     return _ints(v.const)
 
 
+def _known_ints(v) -> list[int | str] | None:
+    """Like _const_ints, but also the symbolic contents of shape tensors ("batch", 128)."""
+    ints = _const_ints(v)
+    if ints is None and v is not None and v.symbolic_value is not None:
+        return list(v.symbolic_value)
+    return ints
+
+
 def _same_as_input(node):
     x = node.inputs[0]
     return [(x.dtype, x.shape)]
@@ -774,12 +782,12 @@ def Reshape(data, shape, *, allowzero=0):
 @shape_rule("Reshape")
 def _reshape_shape(node):
     x, s = node.inputs
-    shape = _const_ints(s)
+    shape = _known_ints(s)
     if shape is None:
         return [(x.dtype, None)]
     if x.shape is None and (0 in shape and not node.attrs.get("allowzero", 0)):
         return [(x.dtype, None)]
-    if shape.count(-1) > 1 or any(d < -1 for d in shape):
+    if shape.count(-1) > 1 or any(isinstance(d, int) and d < -1 for d in shape):
         raise ValueError(f"Reshape: target shape {shape} has more than one -1 or a negative size")
     out = _reshape_target(x.shape, shape, node.attrs.get("allowzero", 0))
     if -1 in out:
@@ -901,7 +909,7 @@ def Expand(x, shape):
 @shape_rule("Expand")
 def _expand_shape(node):
     x, s = node.inputs
-    shape = _const_ints(s)
+    shape = _known_ints(s)
     return [(x.dtype, None if shape is None else broadcast_shapes(x.shape, tuple(shape)))]
 
 
@@ -1020,10 +1028,33 @@ def Slice(data, starts, ends, axes=None, steps=None):
     return data[_slices(data.shape, starts, ends, axes, steps)]
 
 
+def _slice_to_symbols(shape, params):
+    """Slices [0:symbol] with step 1 (the position ids [:, :sequence] of exports) end at the
+    symbol; whatever else has a symbolic end is unknown."""
+    starts, ends, axes, steps = params
+    if starts is None or ends is None:
+        return None
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    out = list(shape)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        if not isinstance(axis, int):
+            return None
+        if start == 0 and step == 1 and isinstance(end, str):
+            out[_axis(axis, len(shape))] = end
+        elif not all(isinstance(p, int) for p in (start, end, step)):
+            out[_axis(axis, len(shape))] = None
+        else:
+            return None
+    return tuple(out)
+
+
 @shape_rule("Slice")
 def _slice_shape(node):
     x = node.inputs[0]
     params = [node.input(i) for i in range(1, 5)]
+    if x.shape is not None and params[1] is not None and params[1].const is None:
+        return [(x.dtype, _slice_to_symbols(x.shape, [_known_ints(p) for p in params]))]
     if any(p is not None and p.const is None for p in params) or x.shape is None:
         return [(x.dtype, None)]
     starts, ends, axes, steps = [None if p is None else p.const for p in params]
@@ -1239,7 +1270,7 @@ def ConstantOfShape(shape, *, value=None):
 def _constant_of_shape_shape(node):
     value = node.attrs.get("value")
     dtype = np.dtype(np.float32) if value is None else np.asarray(value).dtype
-    shape = _const_ints(node.inputs[0])
+    shape = _known_ints(node.inputs[0])
     return [(dtype, None if shape is None else tuple(shape))]
 
 
@@ -1268,6 +1299,9 @@ def _range_shape(node):
     consts = [v.const for v in node.inputs]
     dtype = node.inputs[0].dtype
     if any(c is None for c in consts):
+        start, limit, delta = (_known_ints(v) for v in node.inputs)
+        if start == [0] and delta == [1] and limit is not None and isinstance(limit[0], str):
+            return [(dtype, (limit[0],))]  # range(0, sequence)
         return [(dtype, (None,))]
     return [(dtype, (_range_count(*consts),))]  # counted, not computed: it may be huge
 
