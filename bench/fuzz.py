@@ -47,7 +47,7 @@ def case_data(case):
     if kind == 0:
         return "bytes", rng.bytes(int(rng.integers(1, 4096)))
     if kind <= 4:
-        return "byte-mutation", mutate(valid[sorted(valid)[case % 2]], rng)
+        return "byte-mutation", mutate(valid[sorted(valid)[case % len(valid)]], rng)
     data, _ = structured_mutation(RngChooser(rng))
     if kind == 9:
         return "structured+bytes", mutate(data, rng)

@@ -364,7 +364,16 @@ MUTATORS = {
     "dims": _m_dims, "op": _m_op, "opset": _m_opset, "attribute_value": _m_attribute_value,
     "value_info": _m_value_info,
 }
-BASE_MODELS = {"small_mlp": small_mlp, "shape_ops": shape_ops_model}
+def tiny_encoder(seed: int = 0) -> onnx.ModelProto:
+    """A one-layer BERT-like encoder (hidden 16, 2 heads, vocab 50), 80% sparse: embeddings,
+    LayerNorm, attention with its mask, GELU, as sparsednn.models builds them."""
+    from sparsednn.models.encoders import EncoderConfig, build_encoder
+
+    config = EncoderConfig(16, 1, 2, 32, vocab=50, max_positions=16)
+    return build_encoder(config, 0.8, seed=seed, name="tiny_encoder")
+
+
+BASE_MODELS = {"small_mlp": small_mlp, "shape_ops": shape_ops_model, "tiny_encoder": tiny_encoder}
 
 
 def structured_mutation(c: Chooser, base: str | None = None,
