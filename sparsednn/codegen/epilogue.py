@@ -112,10 +112,22 @@ class Epilogue:
         key = (n, has_bias, activation, target)
         with _lock:
             hit = _cache.get(key)
+            self.cache_hit = hit is not None
             if hit is None:
-                module = jit.new_module(self.name, target)
-                emit_epilogue(module, self.name, n, has_bias, activation, target)
-                jm = jit.compile_module(module, target)
+
+                def emit():
+                    module = jit.new_module(self.name, target)
+                    emit_epilogue(module, self.name, n, has_bias, activation, target)
+                    return module
+
+                from sparsednn.codegen import cache
+
+                ckey = cache.digest("code", cache.code_version(), "epilogue", self.name,
+                                    (target.cpu_name, target.features, target.triple))  # fmt: skip
+                jm = jit.load_cached(ckey, target, source=emit)
+                if jm is None:
+                    jm = jit.compile_module(emit(), target, cache_key=ckey)
+                self.cache_hit = jm.from_cache
                 hit = (jm, _SIG(jm.function_address(self.name)))
                 _cache[key] = hit
         self._jit, self._fn = hit

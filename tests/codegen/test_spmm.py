@@ -39,6 +39,7 @@ def always_split_threads(monkeypatch):
     """Small test problems would run on one thread (not worth the hand-off): split anyway,
     so that num_threads=2 exercises the threaded path."""
     monkeypatch.setattr(SparseLinearKernel, "_NS_PER_EXTRA_THREAD", 0)
+    monkeypatch.setattr(DenseLinearKernel, "_NS_PER_EXTRA_THREAD", 0)
 
 
 _erfc = np.vectorize(math.erfc, otypes=[np.float64])
@@ -477,3 +478,221 @@ def test_csr_entries_round_trip():
                 dense[o, b * 16 + cols[j]] = vals[j]
     np.testing.assert_array_equal(dense, w.T)
     assert csr.row_nnz.tolist() == np.count_nonzero(w, axis=0).tolist()
+
+
+# ---- the SpMV variant (few tokens, AVX-512) --------------------------------------------------
+
+needs_avx512 = pytest.mark.skipif("avx512" not in ISAS, reason="the SpMV variant is AVX-512 only")
+
+
+@needs_avx512
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    k=st.integers(1, 200),
+    n=st.integers(1, 150),
+    m=st.integers(1, spmm.SPMV_MAX_M),
+    sparsity=st.one_of(st.sampled_from([0.0, 0.5, 0.9, 0.98, 1.0]), st.floats(0.0, 1.0)),
+    structure=st.sampled_from(["random", "empty", "blocks4x1", "2:4"]),
+    has_bias=st.booleans(),
+    activation=st.sampled_from(["none", "relu", "gelu"]),
+    num_threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_spmv_matches_reference(k, n, m, sparsity, structure, has_bias, activation, num_threads,
+                                 seed):  # fmt: skip
+    rng = np.random.default_rng(seed)
+    w = structured_weight(rng, k, n, sparsity, structure)
+    bias = rng.standard_normal(n).astype(np.float32) if has_bias else None
+    kern = compile_sparse_linear(w, bias, activation, target=host_target("avx512"))
+    assert m <= kern.spmv_max_m
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    y = kern(x, num_threads=num_threads)
+    assert_close(y, x, w, bias, activation)
+    layout = kern.spmv_layout
+    assert layout.steps % spmm._SPMV_UNROLL == 0
+    assert int((layout.idx[: layout.steps * 16] != 0x80).sum()) == kern.nnz
+
+
+def structured_weight(rng, k, n, sparsity, structure):
+    """Unstructured random, with empty rows/columns, 4x1 blocks (4 consecutive outputs share
+    a pattern) or 2:4 along K."""
+    if structure == "random":
+        return random_weight(rng, k, n, sparsity)
+    if structure == "empty":
+        return random_weight(rng, k, n, sparsity, 0.3, 0.3)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    if structure == "blocks4x1":
+        keep = rng.random((k, -(-n // 4))) >= sparsity
+        return w * np.repeat(keep, 4, axis=1)[:, :n]
+    # 2:4 along K: two of every four inputs kept per output
+    kp = -(-k // 4) * 4
+    scores = rng.random((kp, n)).reshape(kp // 4, 4, n)
+    keep = scores >= np.sort(scores, axis=1)[:, 1:2, :]  # the top two of four
+    return w * keep.reshape(kp, n)[:k]
+
+
+@needs_avx512
+def test_spmv_special_values_and_tail_slices():
+    """inf/NaN in x reach only outputs whose weights use them (padding lanes read x but have
+    weight 0); N not a multiple of 16 stores only the valid outputs."""
+    k, n = 70, 37
+    w = np.zeros((k, n), np.float32)
+    w[0, 0] = 1.0
+    w[1, 1:] = 2.0
+    x = np.ones((3, k), np.float32)
+    x[:, 0] = np.inf
+    x[1, 5] = np.nan
+    kern = compile_sparse_linear(w, None, "none", target=host_target("avx512"))
+    out = np.full((3, n), 7.0, np.float32)
+    kern(x, out=out)
+    assert np.all(out[:, 0] == np.inf)
+    np.testing.assert_array_equal(out[:, 1:], 2.0)
+
+
+@needs_avx512
+@pytest.mark.parametrize("m", [1, 3, 8, 9])
+def test_spmv_and_panel_kernels_agree(m):
+    rng = np.random.default_rng(m)
+    w = random_weight(rng, 300, 130, 0.9)
+    bias = rng.standard_normal(130).astype(np.float32)
+    kern = compile_sparse_linear(w, bias, "gelu", target=host_target("avx512"))
+    x = rng.standard_normal((m, 300)).astype(np.float32)
+    y = kern(x)
+    max_m, kern.spmv_max_m = kern.spmv_max_m, 0  # force the panel kernel
+    y_panel = kern(x)
+    kern.spmv_max_m = max_m
+    np.testing.assert_allclose(y, y_panel, rtol=2e-5, atol=2e-5)
+    assert_close(y, x, w, bias, "gelu")
+
+
+# ---- token-panel split across threads (large M) ----------------------------------------------
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [128, 129, 200, 300])
+def test_token_split_across_threads(isa, m):
+    rng = np.random.default_rng(m)
+    w = random_weight(rng, 200, 70, 0.8)
+    bias = rng.standard_normal(70).astype(np.float32)
+    kern = compile_sparse_linear(w, bias, "relu", target=host_target(isa))
+    x = rng.standard_normal((m, 200)).astype(np.float32)
+    y1 = kern(x, num_threads=1)
+    for threads in (2, 3):
+        np.testing.assert_array_equal(kern(x, num_threads=threads), y1)
+    assert_close(y1, x, w, bias, "relu")
+
+
+@pytest.mark.parametrize("m", [1, 5, 40, 200])
+def test_dense_column_and_row_split(m):
+    rng = np.random.default_rng(m)
+    w = random_weight(rng, 90, 100, 0.2)
+    bias = rng.standard_normal(100).astype(np.float32)
+    kern = compile_dense_linear(w, bias, "gelu")
+    x = rng.standard_normal((m, 90)).astype(np.float32)
+    for threads in (1, 2, 3):
+        assert_close(kern(x, num_threads=threads), x, w, bias, "gelu")
+
+
+# ---- the on-disk kernel cache ----------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    from sparsednn.codegen import cache
+
+    monkeypatch.setenv("SPARSEDNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("SPARSEDNN_KERNEL_CACHE", raising=False)
+    spmm.clear_code_cache()
+    yield cache.cache_root()
+    spmm.clear_code_cache()
+
+
+def _cache_files(root, sub):
+    return sorted((root / sub).glob("*")) if (root / sub).exists() else []
+
+
+def test_cache_hit_after_miss_gives_identical_results(fresh_cache):
+    rng = np.random.default_rng(30)
+    w = random_weight(rng, 160, 96, 0.9)
+    bias = rng.standard_normal(96).astype(np.float32)
+    x1 = rng.standard_normal((1, 160)).astype(np.float32)
+    x2 = rng.standard_normal((77, 160)).astype(np.float32)
+    cold = compile_sparse_linear(w, bias, "gelu")
+    assert not cold.cache_hit
+    want = (cold(x1), cold(x2))
+    assert _cache_files(fresh_cache, "code") and _cache_files(fresh_cache, "data")
+    spmm.clear_code_cache()  # as in a new process: the code must come from disk
+    warm = compile_sparse_linear(w, bias, "gelu")
+    assert warm.cache_hit and warm._jit.from_cache
+    np.testing.assert_array_equal(warm(x1), want[0])
+    np.testing.assert_array_equal(warm(x2), want[1])
+    assert "define" in warm.llvm_ir  # dumps still work (regenerated)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_corrupted_cache_files_are_rebuilt(fresh_cache, damage):
+    rng = np.random.default_rng(31)
+    w = random_weight(rng, 100, 48, 0.85)
+    x = rng.standard_normal((20, 100)).astype(np.float32)
+    want = compile_sparse_linear(w, None, "relu")(x)
+    files = _cache_files(fresh_cache, "code") + _cache_files(fresh_cache, "data")
+    assert files
+    for f in files:
+        blob = f.read_bytes()
+        if damage == "truncate":
+            f.write_bytes(blob[: len(blob) // 2])
+        elif damage == "flip":
+            i = len(blob) * 2 // 3
+            f.write_bytes(blob[:i] + bytes([blob[i] ^ 0x40]) + blob[i + 1 :])
+        elif damage == "garbage":
+            f.write_bytes(b"not a cache file" * 10)
+        else:
+            f.write_bytes(b"")
+    spmm.clear_code_cache()
+    again = compile_sparse_linear(w, None, "relu")
+    assert not again.cache_hit
+    np.testing.assert_array_equal(again(x), want)
+    # and rebuilt: a third time hits
+    spmm.clear_code_cache()
+    assert compile_sparse_linear(w, None, "relu").cache_hit
+
+
+def test_cache_keys_depend_on_weights_and_can_be_disabled(fresh_cache, monkeypatch):
+    rng = np.random.default_rng(32)
+    w = random_weight(rng, 64, 32, 0.9)
+    compile_sparse_linear(w)
+    w2 = w.copy()
+    w2[np.nonzero(w)[0][0], np.nonzero(w)[1][0]] += 1.0  # one weight changed
+    k2 = compile_sparse_linear(w2)
+    assert not k2.cache_hit
+    assert len(_cache_files(fresh_cache, "data")) == 2
+    x = rng.standard_normal((9, 64)).astype(np.float32)
+    assert_close(k2(x), x, w2, None, "none")
+    monkeypatch.setenv("SPARSEDNN_KERNEL_CACHE", "0")
+    spmm.clear_code_cache()
+    k3 = compile_sparse_linear(random_weight(rng, 64, 32, 0.9))
+    assert not k3.cache_hit
+    assert len(_cache_files(fresh_cache, "data")) == 2
+
+
+def test_concurrent_writers_leave_whole_files(fresh_cache):
+    """Threads building the same kernel at once: every file in the cache is complete."""
+    rng = np.random.default_rng(33)
+    w = random_weight(rng, 120, 64, 0.9)
+    errors = []
+
+    def build():
+        try:
+            compile_sparse_linear(w, None, "gelu")
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert not list(fresh_cache.rglob("*.tmp"))
+    spmm.clear_code_cache()
+    assert compile_sparse_linear(w, None, "gelu").cache_hit
