@@ -1074,11 +1074,20 @@ def _slice_shape(node):
 
 
 @register
+def _indices(indices, n: int, op: str) -> np.ndarray:
+    """Indices into an axis of size n, negative ones counted from the end; IndexError for
+    any outside [-n, n) (numpy would wrap a second time instead)."""
+    idx = np.asarray(indices).astype(np.int64, copy=False)
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+        bad = idx[(idx < -n) | (idx >= n)].reshape(-1)[0]
+        raise IndexError(f"{op}: index {bad} is out of range for an axis of size {n}")
+    return np.where(idx < 0, idx + n, idx)
+
+
+@register
 def Gather(data, indices, *, axis=0):
     a = _axis(axis, data.ndim, "Gather")
-    idx = np.asarray(indices).astype(np.int64, copy=False)
-    idx = np.where(idx < 0, idx + data.shape[a], idx)
-    return np.take(data, idx, axis=a)
+    return np.take(data, _indices(indices, data.shape[a], "Gather"), axis=a)
 
 
 @shape_rule("Gather")
@@ -1091,8 +1100,8 @@ def _gather_shape(node):
 @register
 def GatherElements(data, indices, *, axis=0):
     a = _axis(axis, data.ndim, "GatherElements")
-    idx = np.where(indices < 0, indices + data.shape[a], indices)
-    return np.take_along_axis(data, idx.astype(np.int64, copy=False), axis=a)
+    idx = _indices(indices, data.shape[a], "GatherElements")
+    return np.take_along_axis(data, idx, axis=a)
 
 
 @shape_rule("GatherElements")
@@ -1147,7 +1156,7 @@ def ScatterND(data, indices, updates, *, reduction="none"):
 def ScatterElements(data, indices, updates, *, axis=0, reduction="none"):
     a = _axis(axis, data.ndim, "ScatterElements")
     index = list(np.indices(indices.shape, sparse=True))
-    index[a] = np.where(indices < 0, indices + data.shape[a], indices).astype(np.int64)
+    index[a] = _indices(indices, data.shape[a], "ScatterElements")
     return _scatter(data.copy(), tuple(index), updates, reduction, "ScatterElements")
 
 
