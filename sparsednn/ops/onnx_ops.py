@@ -1073,7 +1073,6 @@ def _slice_shape(node):
     return [(x.dtype, tuple(out))]
 
 
-@register
 def _indices(indices, n: int, op: str) -> np.ndarray:
     """Indices into an axis of size n, negative ones counted from the end; IndexError for
     any outside [-n, n) (numpy would wrap a second time instead)."""
