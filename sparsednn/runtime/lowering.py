@@ -129,7 +129,8 @@ def lower_matmul(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
 def batched_matmul(a: np.ndarray, b: np.ndarray, num_threads: int) -> np.ndarray:
     """MatMul of activations (attention's QK^T and PV) split over the batch of matrices,
     one slice per thread: BLAS runs single-threaded inside sparsednn's own pool."""
-    if a.ndim < 3 or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype or a.dtype.kind != "f":
+    if (a.ndim < 3 or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype or a.dtype.kind != "f"
+            or a.size == 0 or b.size == 0):  # (reshape(-1, ...) cannot size empty batches)
         return np.matmul(a, b)
     batch = a.shape[:-2]
     a3 = a.reshape(-1, *a.shape[-2:])
