@@ -58,3 +58,76 @@ def Gelu(x, *, approximate="none"):
         c = np.sqrt(2.0 / np.pi).astype(x.dtype)
         return (0.5 * x * (1.0 + np.tanh(c * (x + 0.044715 * x**3)))).astype(x.dtype)
     return gelu(x)
+
+
+def _split_heads(x: np.ndarray, num_heads: int, head_size: int) -> np.ndarray:
+    """[B, S, H·D] or [B, S, H, D] -> [B, H, S, D]."""
+    return x.reshape(x.shape[0], x.shape[1], num_heads, head_size).transpose(0, 2, 1, 3)
+
+
+@register(domain=DOMAIN)
+def Attention(q, k, v, mask=None, *, num_heads, head_size, scale, fully_masked="nan"):
+    """Multi-head attention as exported graphs compute it, on the Linear layers' layout:
+    softmax(q·kᵀ·scale + mask)·v per head, q [B, Sq, H·D] (or [B, Sq, H, D]), k and v
+    [B, Skv, H·D] (or 4-D), mask broadcasting to [B, H, Sq, Skv]; output [B, Sq, H·D].
+
+    A row whose scores are all -inf gives NaN (Softmax's answer), or 0 when fully_masked is
+    "zero" (graphs that replace the softmax's NaN by 0, as torch's SDPA exports do)."""
+    qh, kh, vh = (_split_heads(x, num_heads, head_size) for x in (q, k, v))
+    scores = np.matmul(qh, kh.transpose(0, 1, 3, 2)) * np.float32(scale)
+    if mask is not None:
+        scores = scores + mask
+    with np.errstate(invalid="ignore"):
+        e = scores - scores.max(axis=-1, keepdims=True)
+    np.exp(e, out=e)
+    e /= e.sum(axis=-1, keepdims=True)
+    if fully_masked == "zero":
+        e[np.isnan(e)] = 0.0
+    out = np.matmul(e, vh).astype(q.dtype, copy=False)
+    return np.ascontiguousarray(out.transpose(0, 2, 1, 3)).reshape(
+        q.shape[0], q.shape[1], num_heads * head_size)
+
+
+@shape_rule("Attention")
+def _attention_shape(node):
+    q = node.inputs[0]
+    n = node.attrs["num_heads"] * node.attrs["head_size"]
+    return [(q.dtype, None if q.shape is None else (q.shape[0], q.shape[1], n))]
+
+
+def _layer_norm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float):
+    """Normalise over the last axis in float32, then ·scale + bias."""
+    mean = x.mean(axis=-1, keepdims=True, dtype=np.float32)
+    d = x - mean
+    var = np.multiply(d, d).mean(axis=-1, keepdims=True, dtype=np.float32)
+    d *= 1.0 / np.sqrt(var + np.float32(epsilon))
+    d *= scale
+    if bias is not None:
+        d += bias
+    return d.astype(x.dtype, copy=False)
+
+
+@register(domain=DOMAIN)
+def LayerNorm(x, *, scale, bias=None, epsilon=1e-5):
+    """LayerNormalization over the last axis, with its scale and bias owned by the node."""
+    return _layer_norm(x, scale, bias, epsilon)
+
+
+@register(domain=DOMAIN)
+def AddLayerNorm(a, b, *, scale, bias=None, epsilon=1e-5):
+    """LayerNorm(a + b): a residual connection and the layer norm after it."""
+    return _layer_norm(np.add(a, b), scale, bias, epsilon)
+
+
+@shape_rule("LayerNorm")
+def _layer_norm_shape(node):
+    x = node.inputs[0]
+    return [(x.dtype, x.shape)]
+
+
+@shape_rule("AddLayerNorm")
+def _add_layer_norm_shape(node):
+    from sparsednn.ir.shapes import broadcast_shapes
+
+    a, b = node.inputs
+    return [(a.dtype, broadcast_shapes(a.shape, b.shape))]

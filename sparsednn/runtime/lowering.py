@@ -145,3 +145,24 @@ def batched_matmul(a: np.ndarray, b: np.ndarray, num_threads: int) -> np.ndarray
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ])
     return out.reshape(*batch, a.shape[-2], b.shape[-1])
+
+
+@lowering("Attention")
+def lower_attention(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
+    """The fused attention kernel (sparsednn/codegen/attention.py), specialised on the heads."""
+    from sparsednn.codegen.attention import compile_attention
+
+    a = node.attrs
+    heads, head_size = a["num_heads"], a["head_size"]
+    kernel = compile_attention(heads, head_size)
+    ctx.kernels[node.name] = kernel
+    scale = float(a["scale"])
+    masked_row_value = 0.0 if a.get("fully_masked", "nan") == "zero" else float("nan")
+    threads = ctx.num_threads
+    where = f"node {node.name!r} (Attention, {heads} heads of {head_size})"
+
+    def run_attention(q, k, v, mask=None):
+        return kernel(q, k, v, mask, scale=scale, masked_row_value=masked_row_value,
+                      num_threads=threads, where=where)
+
+    return run_attention

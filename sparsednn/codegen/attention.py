@@ -1,0 +1,482 @@
+"""Fused multi-head attention: softmax(q·kᵀ·scale + mask)·v, per (batch, head), in one kernel.
+
+    kernel = compile_attention(num_heads=12, head_size=64)
+    out = kernel(q, k, v, mask, scale=0.125, num_threads=2)    # [B, Sq, H·D]
+
+q is [B, Sq, H·D] (or [B, Sq, H, D]), k and v [B, Skv, H·D] (or [B, Skv, H, D]): the layout the
+Linear layers produce, read in place (head h is the columns h·D .. h·D+D-1 of every row), and
+the output is written straight in that layout too, so the head split/merge Reshape and
+Transpose nodes of the exported graph cost nothing. The optional additive mask broadcasts to
+[B, H, Sq, Skv] (typically [B, 1, 1, Skv] or [B, 1, Sq, Skv]); it is read with per-axis strides.
+
+Code is specialised on (H, D, ISA) only; sequence lengths, strides and the scale are run-time
+arguments. Per (batch, head) pair:
+
+1. Kᵀ of the head is packed into per-thread scratch, `kt[d, 0:Sp]` (Sp = Skv rounded up to a
+   vector; padding columns zeroed), with V×V register transposes.
+2. Query rows in blocks of R: scores for R rows × C vectors of keys accumulate over d in
+   registers (broadcast q[r, d], FMA with kt[d, j:j+V]); `s = acc·scale + mask` goes to a
+   scratch row, the lanes past Skv get -inf (a scalar fix-up handles the last partial vector).
+3. Softmax per row: max, p = exp(s - max) (the vector exp of irutil.Math, flushed to exactly 0
+   below e^-87, so padded keys weigh exactly 0), sum; the reciprocal of the sum is applied at the
+   end. A row whose scores are all -inf (every key masked with -inf) has no maximum: its weights
+   are all 0 and the output row is `masked_row_value` (NaN as onnxruntime's Softmax gives; 0 for
+   graphs that guard the softmax with Where(IsNaN(p), 0, p), as torch's SDPA exports do).
+4. out[r, :] = Σ_j p[r, j]·v[j, :] / sum: R rows × ⌈D/V⌉ accumulators, broadcast p[r, j], FMA with
+   the rows of v in place; a D that is not a multiple of V uses narrower vectors for the rest.
+
+Pairs are split over threads (`num_threads`) with runtime.threads.parallel_for; each thread has
+its own scratch. Shapes are checked in Python before any native code runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import itertools
+import math
+import threading
+
+import numpy as np
+from llvmlite import ir
+
+from sparsednn.codegen import jit
+from sparsednn.codegen.irutil import (
+    Math,
+    alloca_once,
+    const,
+    f32,
+    f32_ptr,
+    for_range,
+    gep,
+    i64,
+    int64,
+    load_vec,
+    splat,
+    store_vec,
+    transpose,
+    vec,
+    void,
+)
+from sparsednn.codegen.target import Target, host_target
+from sparsednn.errors import SparseDNNError
+
+# Vector registers of accumulators per phase (the rest hold loads and broadcasts).
+_ACC_BUDGET = {"avx512": 16, "avx2": 8, "generic": 8}
+_MAX_ROWS = 8
+# A second thread only when the work pays for the hand-off (~40 us, see codegen/README.md):
+# ~4 flops per (pair, query, key, d) at well under 50 GFLOP/s on small problems.
+_FLOPS_PER_EXTRA_THREAD = 4e6
+
+_ARGS = [
+    ("q", f32_ptr), ("k", f32_ptr), ("v", f32_ptr), ("mask", f32_ptr), ("out", f32_ptr),
+    ("scratch", f32_ptr),
+    ("sq", i64), ("skv", i64), ("ldq", i64), ("ldk", i64), ("ldv", i64), ("ldo", i64),
+    ("qb", i64), ("kb", i64), ("vb", i64), ("ob", i64),
+    ("mb", i64), ("mh", i64), ("mr", i64), ("ldt", i64),
+    ("scale", f32), ("masked_row_value", f32), ("begin", i64), ("end", i64),
+]  # fmt: skip
+_CTYPES = ctypes.CFUNCTYPE(
+    None, *[ctypes.c_float if ty == f32 else ctypes.c_int64 if ty == i64 else ctypes.c_void_p
+            for _, ty in _ARGS]
+)  # fmt: skip
+
+
+def _pieces(d: int, width: int) -> list[tuple[int, int]]:
+    """(offset, lanes) vector pieces covering d floats: full vectors, then power-of-two tails."""
+    out, off = [], 0
+    while d - off >= width:
+        out.append((off, width))
+        off += width
+    w = width // 2
+    while off < d and w >= 1:
+        if d - off >= w:
+            out.append((off, w))
+            off += w
+        w //= 2
+    return out
+
+
+def block_rows(head_size: int, target: Target) -> int:
+    """Query rows per block: as many as the PV accumulators (R × ⌈D/V⌉) allow."""
+    vectors = len(_pieces(head_size, target.vector_width))
+    return max(1, min(_MAX_ROWS, _ACC_BUDGET[target.isa] // vectors))
+
+
+def key_vectors(rows: int, target: Target) -> int:
+    """Key vectors per step of the score loop (R × C accumulators)."""
+    return max(1, min(4, _ACC_BUDGET[target.isa] // rows))
+
+
+class _Emitter:
+    def __init__(self, module: ir.Module, target: Target, heads: int, head_size: int,
+                 has_mask: bool):
+        self.module, self.t = module, target
+        self.H, self.D, self.V = heads, head_size, target.vector_width
+        self.has_mask = has_mask
+        self.R = block_rows(head_size, target)
+        self.C = key_vectors(self.R, target)
+        self.vty = vec(self.V)
+
+    def math(self, b, width: int) -> Math:
+        ty = vec(width) if width > 1 else vec(1)
+        return Math(b, ty, self.t.has_fma, self.t.isa)
+
+    # -- the function -----------------------------------------------------------------------
+    def emit(self, name: str) -> ir.Function:
+        fnty = ir.FunctionType(void, [ty for _, ty in _ARGS])
+        fn = ir.Function(self.module, fnty, name=name)
+        for arg, (n, _) in zip(fn.args, _ARGS):
+            arg.name = n
+            if isinstance(arg.type, ir.PointerType):
+                arg.add_attribute("noalias")
+        a = {n: arg for arg, (n, _) in zip(fn.args, _ARGS)}
+        self.a = a
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        self.b = b
+        self.m = self.math(b, self.V)
+        V, D = self.V, self.D
+        # Sp: keys rounded up to whole vectors
+        sp = b.mul(b.sdiv(b.add(a["skv"], int64(V - 1)), int64(V)), int64(V), name="sp")
+        self.sp = sp
+        kt = a["scratch"]
+        sbuf = gep(b, kt, b.mul(int64(D), a["ldt"]), name="sbuf")
+        with for_range(b, a["begin"], a["end"], name="pair") as p:
+            bi = b.sdiv(p, int64(self.H), name="b")
+            h = b.srem(p, int64(self.H), name="h")
+            hd = b.mul(h, int64(D))
+            qp = gep(b, a["q"], b.add(b.mul(bi, a["qb"]), hd), name="qp")
+            kp = gep(b, a["k"], b.add(b.mul(bi, a["kb"]), hd), name="kp")
+            vp = gep(b, a["v"], b.add(b.mul(bi, a["vb"]), hd), name="vp")
+            op = gep(b, a["out"], b.add(b.mul(bi, a["ob"]), hd), name="op")
+            mp = None
+            if self.has_mask:
+                mp = gep(b, a["mask"], b.add(b.mul(bi, a["mb"]), b.mul(h, a["mh"])), name="mp")
+            self.pack_kt(kp, kt)
+            R = self.R
+            nblocks = b.sdiv(a["sq"], int64(R))
+            with for_range(b, 0, nblocks, name="blk") as blk:
+                self.row_block(R, b.mul(blk, int64(R)), qp, vp, op, mp, kt, sbuf)
+            if R > 1:
+                with for_range(b, b.mul(nblocks, int64(R)), a["sq"], name="row") as i:
+                    self.row_block(1, i, qp, vp, op, mp, kt, sbuf)
+        b.ret_void()
+        return fn
+
+    # -- 1. Kᵀ into scratch -------------------------------------------------------------------
+    def pack_kt(self, kp, kt):
+        b, a, V, D = self.b, self.a, self.V, self.D
+        ldk, ldt, skv = a["ldk"], a["ldt"], a["skv"]
+        full = b.mul(b.sdiv(skv, int64(V)), int64(V), name="kfull")
+        dfull = (D // V) * V
+        if dfull:
+            with for_range(b, 0, full, step=V, name="kj") as j:
+                for d0 in range(0, dfull, V):
+                    rows = [
+                        load_vec(b, gep(b, kp, b.add(b.mul(b.add(j, int64(t)), ldk), int64(d0))), V)
+                        for t in range(V)
+                    ]
+                    cols = transpose(b, rows) if V > 1 else rows
+                    for u in range(V):
+                        store_vec(b, cols[u], gep(b, kt, b.add(b.mul(int64(d0 + u), ldt), j)),
+                                  align=4 * V)
+        # the rest: dims past the last full vector for the full key blocks, then tail keys
+        if dfull < D:
+            with for_range(b, 0, full, name="kjs") as j:
+                for d in range(dfull, D):
+                    x = b.load(gep(b, kp, b.add(b.mul(j, ldk), int64(d))))
+                    b.store(x, gep(b, kt, b.add(b.mul(int64(d), ldt), j)))
+        with for_range(b, full, skv, name="kjt") as j, for_range(b, 0, D, name="kd") as d:
+            x = b.load(gep(b, kp, b.add(b.mul(j, ldk), d)))
+            b.store(x, gep(b, kt, b.add(b.mul(d, ldt), j)))
+        with for_range(b, skv, self.sp, name="kjz") as j, for_range(b, 0, D, name="kdz") as d:
+            b.store(ir.Constant(f32, 0.0), gep(b, kt, b.add(b.mul(d, ldt), j)))
+
+    # -- 2-4. a block of R query rows ---------------------------------------------------------
+    def row_block(self, R, i0, qp, vp, op, mp, kt, sbuf):
+        b, a, V = self.b, self.a, self.V
+        ldt = a["ldt"]
+        qrows = [gep(b, qp, b.mul(b.add(i0, int64(r)), a["ldq"])) for r in range(R)]
+        srows = [gep(b, sbuf, b.mul(int64(r), ldt)) for r in range(R)]
+        mrows = None
+        if mp is not None:
+            mrows = [gep(b, mp, b.mul(b.add(i0, int64(r)), a["mr"])) for r in range(R)]
+        nfull = b.sdiv(a["skv"], int64(V), name="nfull")
+        C = self.C
+        nchunks = b.sdiv(nfull, int64(C))
+        with for_range(b, 0, nchunks, name="jc") as jc:
+            self.scores(R, C, b.mul(jc, int64(C * V)), qrows, srows, mrows, kt, full=True)
+        if C > 1:
+            with for_range(b, b.mul(nchunks, int64(C)), nfull, name="jv") as jv:
+                self.scores(R, 1, b.mul(jv, int64(V)), qrows, srows, mrows, kt, full=True)
+        tail_start = b.mul(nfull, int64(V))
+        has_tail = b.icmp_signed("<", tail_start, a["skv"])
+        with b.if_then(has_tail):
+            self.scores(R, 1, tail_start, qrows, srows, mrows, kt, full=False)
+        inv = [self.softmax(srows[r]) for r in range(R)]
+        self.weighted_sum(R, i0, srows, inv, vp, op)
+
+    def scores(self, R, C, j0, qrows, srows, mrows, kt, full: bool):
+        """s[r, j0 : j0 + C·V] = q[r]·kt[:, j] · scale + mask[r, j] (full vectors of keys), or
+        the last partial vector (full=False): lanes past Skv get -inf."""
+        b, a, V, m = self.b, self.a, self.V, self.m
+        ldt = a["ldt"]
+        accs = [[alloca_once(b, self.vty, name=f"acc{r}_{c}") for c in range(C)] for r in range(R)]
+        zero = const(self.vty, 0.0)
+        for row in accs:
+            for slot in row:
+                b.store(zero, slot)
+        with for_range(b, 0, self.D, name="d") as d:
+            krow = gep(b, kt, b.add(b.mul(d, ldt), j0))
+            kv = [load_vec(b, gep(b, krow, c * V), V, align=4 * V) for c in range(C)]
+            for r in range(R):
+                qs = splat(b, b.load(gep(b, qrows[r], d)), V)
+                for c in range(C):
+                    b.store(m.fma(qs, kv[c], b.load(accs[r][c])), accs[r][c])
+        scale = splat(b, a["scale"], V)
+        for r in range(R):
+            for c in range(C):
+                j = b.add(j0, int64(c * V))
+                acc = b.load(accs[r][c])
+                if full and mrows is not None:
+                    s = m.fma(acc, scale, load_vec(b, gep(b, mrows[r], j), V))
+                else:
+                    s = b.fmul(acc, scale)
+                store_vec(b, s, gep(b, srows[r], j), align=4 * V)
+        if full:
+            return
+        # the partial vector: mask the valid keys, -inf past Skv (up to Sp)
+        skv = a["skv"]
+        for r in range(R):
+            if mrows is not None:
+                with for_range(b, j0, skv, name="mj") as j:
+                    ptr = gep(b, srows[r], j)
+                    b.store(b.fadd(b.load(ptr), b.load(gep(b, mrows[r], j))), ptr)
+            with for_range(b, skv, self.sp, name="pj") as j:
+                b.store(ir.Constant(f32, float("-inf")), gep(b, srows[r], j))
+
+    def _reduce(self, v, op):
+        b = self.b
+        w = v.type.count
+        while w > 1:
+            h = w // 2
+            lo = b.shuffle_vector(v, v, ir.Constant(vec(h, ir.IntType(32)), list(range(h))))
+            hi = b.shuffle_vector(v, v, ir.Constant(vec(h, ir.IntType(32)), list(range(h, w))))
+            v = op(lo, hi)
+            w = h
+        return b.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+    def softmax(self, srow):
+        """p = exp(s - max) in place over the Sp scores of a row; returns 1 / Σp (or the
+        masked-row value when every score is -inf)."""
+        b, V, m = self.b, self.V, self.m
+        nv = b.sdiv(self.sp, int64(V))
+        mx_slot = alloca_once(b, self.vty, name="mx")
+        b.store(const(self.vty, float("-inf")), mx_slot)
+        with for_range(b, 0, nv, name="smx") as jv:
+            x = load_vec(b, gep(b, srow, b.mul(jv, int64(V))), V, align=4 * V)
+            b.store(m.max(x, b.load(mx_slot)), mx_slot)
+        mx = self._reduce(b.load(mx_slot), lambda x, y: self._max_scalarish(x, y))
+        ninf = ir.Constant(f32, float("-inf"))
+        mx = b.select(b.fcmp_ordered("==", mx, ninf), ir.Constant(f32, 0.0), mx, name="rowmax")
+        mxv = splat(b, mx, V)
+        sum_slot = alloca_once(b, self.vty, name="sum")
+        b.store(const(self.vty, 0.0), sum_slot)
+        with for_range(b, 0, nv, name="sexp") as jv:
+            ptr = gep(b, srow, b.mul(jv, int64(V)))
+            x = b.fsub(load_vec(b, ptr, V, align=4 * V), mxv)
+            e = m.exp_split(m.max(x, m.c(-87.0)), m.c(0.0), name="e")
+            e = b.select(b.fcmp_ordered("<", x, m.c(-87.0)), m.c(0.0), e)
+            store_vec(b, e, ptr, align=4 * V)
+            b.store(b.fadd(b.load(sum_slot), e), sum_slot)
+        total = self._reduce(b.load(sum_slot), lambda x, y: b.fadd(x, y))
+        inv = b.fdiv(ir.Constant(f32, 1.0), total)
+        return b.select(b.fcmp_ordered(">", total, ir.Constant(f32, 0.0)), inv,
+                        self.a["masked_row_value"], name="inv")
+
+    def _max_scalarish(self, x, y):
+        b = self.b
+        return b.select(b.fcmp_unordered(">", x, y), x, y)
+
+    def weighted_sum(self, R, i0, srows, inv, vp, op):
+        """out[i0 + r, 0:D] = inv[r] · Σ_j p[r, j] · v[j, 0:D]."""
+        b, a = self.b, self.a
+        pieces = _pieces(self.D, self.V)
+        maths = {w: self.math(b, w) for _, w in pieces}
+        accs = [[alloca_once(b, vec(w), name=f"o{r}_{off}") for off, w in pieces] for r in range(R)]
+        for row in accs:
+            for slot, (_, w) in zip(row, pieces):
+                b.store(const(vec(w), 0.0), slot)
+        with for_range(b, 0, a["skv"], name="pv") as j:
+            vrow = gep(b, vp, b.mul(j, a["ldv"]))
+            vv = [load_vec(b, gep(b, vrow, off), w) for off, w in pieces]
+            for r in range(R):
+                p = b.load(gep(b, srows[r], j))
+                for (off, w), x, slot in zip(pieces, vv, accs[r]):
+                    b.store(maths[w].fma(splat(b, p, w), x, b.load(slot)), slot)
+        for r in range(R):
+            orow = gep(b, op, b.mul(b.add(i0, int64(r)), a["ldo"]))
+            for (off, w), slot in zip(pieces, accs[r]):
+                y = b.fmul(b.load(slot), splat(b, inv[r], w))
+                store_vec(b, y, gep(b, orow, off))
+
+
+def _emit_module(heads: int, head_size: int, target: Target) -> tuple[ir.Module, dict]:
+    mod = jit.new_module(f"attention_h{heads}_d{head_size}_{target.isa}", target)
+    names = {}
+    for has_mask in (True, False):
+        name = f"f32_attention_h{heads}_d{head_size}_{target.isa}" + ("_mask" if has_mask else "")
+        _Emitter(mod, target, heads, head_size, has_mask).emit(name)
+        names[has_mask] = name
+    return mod, names
+
+
+# --------------------------------------------------------------------------------------------
+# Scratch: one growable 64-byte aligned buffer per thread
+# --------------------------------------------------------------------------------------------
+_tls = threading.local()
+
+
+def thread_scratch(n_floats: int) -> tuple[int, np.ndarray]:
+    """(address, buffer) of at least n_floats 64-byte aligned floats owned by this thread."""
+    s = getattr(_tls, "attention_scratch", None)
+    if s is None or s[1] < n_floats:
+        size = max(n_floats, 1 << 14)
+        buf = np.empty(size + 16, dtype=np.float32)
+        s = ((buf.ctypes.data + 63) & ~63, size, buf)
+        _tls.attention_scratch = s
+    return s[0], s[2]
+
+
+def _kt_stride(skv: int, width: int) -> int:
+    """Row stride of the packed Kᵀ: Skv rounded up to a vector, plus a vector when the stride
+    would be a multiple of 512 bytes (rows of kt falling into a few L1 sets)."""
+    sp = -(-skv // width) * width
+    if sp and (sp * 4) % 512 == 0:
+        sp += width
+    return max(sp, width)
+
+
+def _dims(x: np.ndarray, n: int, heads: int, head_size: int):
+    """(batch, sequence) of a [B, S, H·D] or [B, S, H, D] array, else None."""
+    if x.ndim == 3 and x.shape[2] == n:
+        return x.shape[0], x.shape[1]
+    if x.ndim == 4 and x.shape[2:] == (heads, head_size):
+        return x.shape[0], x.shape[1]
+    return None
+
+
+class AttentionKernel:
+    """softmax(q·kᵀ·scale + mask)·v for `num_heads` heads of `head_size`; see the module doc."""
+
+    def __init__(self, num_heads: int, head_size: int, target: Target):
+        self.num_heads, self.head_size, self.target = num_heads, head_size, target
+        mod, names = _emit_module(num_heads, head_size, target)
+        self._jm = jit.compile_module(mod, target)
+        self.name = names[True]
+        self._fns = {has: _CTYPES(self._jm.function_address(n)) for has, n in names.items()}
+        self.rows_per_block = block_rows(head_size, target)
+        self.compile_seconds = self._jm.compile_seconds
+
+    @property
+    def llvm_ir(self) -> str:
+        return self._jm.llvm_ir
+
+    @property
+    def asm(self) -> str:
+        return self._jm.asm
+
+    def __call__(self, q, k, v, mask=None, *, scale: float, masked_row_value: float = math.nan,
+                 num_threads: int = 1, where: str = "attention") -> np.ndarray:
+        H, D = self.num_heads, self.head_size
+        n = H * D
+        arrays = []
+        for label, x in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+                raise SparseDNNError(
+                    f"{where}: {label} must be a float32 array, got "
+                    f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', []))}")
+            if _dims(x, n, H, D) is None:
+                raise SparseDNNError(
+                    f"{where}: {label} must be [batch, sequence, {n}] or [batch, sequence, {H}, "
+                    f"{D}] ({H} heads of {D}), got {list(x.shape)}")
+            arrays.append(np.ascontiguousarray(x))
+        q, k, v = arrays
+        (bq, sq), (bk, skv), (bv, sv) = (_dims(x, n, H, D) for x in arrays)
+        if not (bq == bk == bv) or skv != sv:
+            raise SparseDNNError(
+                f"{where}: q {list(q.shape)}, k {list(k.shape)} and v {list(v.shape)} must share "
+                "the batch size, and k and v the sequence length")
+        B = bq
+        out = np.empty((B, sq, n), np.float32)
+        if B == 0 or sq == 0 or n == 0:
+            return out
+        if skv == 0:  # softmax over no keys: nothing to weigh
+            out.fill(0.0)
+            return out
+        mstrides = (0, 0, 0)
+        has_mask = mask is not None
+        if has_mask:
+            mask, mstrides = self._mask(mask, (B, H, sq, skv), where)
+        ldt = _kt_stride(skv, self.target.vector_width)
+        floats = (D + self.rows_per_block) * ldt
+        fn = self._fns[has_mask]
+        addr = [x.ctypes.data for x in (q, k, v)]
+        m_addr = mask.ctypes.data if has_mask else 0
+        o_addr = out.ctypes.data
+        pairs = B * H
+        common = (sq, skv, n, n, n, n, sq * n, skv * n, skv * n, sq * n, *mstrides, ldt,
+                  float(scale), float(masked_row_value))
+
+        def run(lo: int, hi: int) -> None:
+            s_addr, _keep = thread_scratch(floats)
+            fn(*addr, m_addr, o_addr, s_addr, *common, lo, hi)
+
+        threads = self.useful_threads(pairs, sq, skv, num_threads)
+        if threads == 1:
+            run(0, pairs)
+        else:
+            from sparsednn.runtime.threads import parallel_for
+
+            bounds = np.linspace(0, pairs, threads + 1).astype(int).tolist()
+            parallel_for([functools.partial(run, lo, hi) for lo, hi in itertools.pairwise(bounds)])
+        return out
+
+    def useful_threads(self, pairs: int, sq: int, skv: int, num_threads: int) -> int:
+        flops = 4.0 * pairs * sq * skv * self.head_size
+        return max(1, min(int(num_threads), pairs, 1 + int(flops // _FLOPS_PER_EXTRA_THREAD)))
+
+    @staticmethod
+    def _mask(mask, target_shape, where):
+        """The mask as a float32 array whose last axis is contiguous, and its element strides
+        over (batch, head, query row); broadcast axes get stride 0."""
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.float32:
+            raise SparseDNNError(
+                f"{where}: the mask must be a float32 array, got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)}{list(getattr(mask, 'shape', []))}")
+        if mask.ndim > 4 or any(
+            m not in (1, t) for m, t in zip(mask.shape[::-1], target_shape[::-1])
+        ):
+            raise SparseDNNError(
+                f"{where}: mask {list(mask.shape)} does not broadcast to [batch, heads, queries, "
+                f"keys] = {list(target_shape)}")
+        m = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        if m.shape[3] != target_shape[3]:  # one value for every key: spell it out
+            m = np.broadcast_to(m, (*m.shape[:3], target_shape[3]))
+        m = np.ascontiguousarray(m)
+        strides = tuple(0 if m.shape[i] == 1 else m.strides[i] // 4 for i in range(3))
+        return m, strides
+
+
+@functools.cache
+def _cached(num_heads: int, head_size: int, target: Target) -> AttentionKernel:
+    return AttentionKernel(num_heads, head_size, target)
+
+
+def compile_attention(num_heads: int, head_size: int, target: Target | None = None
+                      ) -> AttentionKernel:
+    """The attention kernel for `num_heads` heads of `head_size` (cached per process)."""
+    if num_heads < 1 or head_size < 1:
+        raise SparseDNNError(f"attention needs heads and head size >= 1, got {num_heads}, "
+                             f"{head_size}")
+    return _cached(int(num_heads), int(head_size), target or host_target())
