@@ -94,7 +94,7 @@ def main() -> int:
     parser.add_argument("--batch", default=None, help="comma list of batch sizes")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--time", type=float, default=5.0, help="seconds per engine per case")
-    parser.add_argument("--peers", default="onnxruntime,openvino")
+    parser.add_argument("--peers", default="onnxruntime,openvino,openvino-default")
     parser.add_argument("--memory", action="store_true", help="peak RSS per session")
     parser.add_argument("--json", default="bench/results/e2e.json")
     parser.add_argument("--png", default="bench/results/e2e.png")

@@ -131,14 +131,14 @@ def cmd_benchmark(args) -> int:
         s = t.summary(items)
         s["label"] = labels[name]
         lat = s["latency_ms"]
-        line = (f"  {labels[name]:28s} {s['throughput_items_per_s']:10.2f} items/s   latency ms "
+        line = (f"  {labels[name]:32s} {s['throughput_items_per_s']:10.2f} items/s   latency ms "
                 f"mean {lat['mean']:.2f}  median {lat['median']:.2f}  p90 {lat['p90']:.2f}  "
                 f"p99 {lat['p99']:.2f}   iterations {t.iterations}")
         if name != "sparsednn":
             ratio = base / max(t.throughput(items), 1e-12)
             s["sparsednn_speedup"] = round(ratio, 3)
             s["max_abs_diff"] = max_abs[name]
-            line += f"\n  {'':28s} sparsednn is {ratio:.2f}x faster; max-abs diff {max_abs[name]:.2e}"
+            line += f"\n  {'':32s} sparsednn is {ratio:.2f}x faster; max-abs diff {max_abs[name]:.2e}"
         report["results"].append(s)
         print(line)
     if args.json:
@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--time", type=float, default=10.0, help="seconds per engine")
     bench.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     bench.add_argument("--scenario", choices=["sync", "async"], default="sync")
-    bench.add_argument("--compare", action="append", choices=["onnxruntime", "openvino"],
+    bench.add_argument("--compare", action="append",
+                       choices=["onnxruntime", "openvino", "openvino-default"],
                        help="also run this peer on the same model and inputs")
     bench.add_argument("--json", help="write the report as JSON to this file")
     bench.set_defaults(run=cmd_benchmark)
