@@ -258,11 +258,12 @@ class InferenceSession:
                                 f"{self.graph.name}: dimension {want!r} is {seen[0]} in input "
                                 f"{seen[1]!r} but {got} in input {name!r}"
                             )
-            if not (array.flags.c_contiguous and array.flags.aligned):
-                array = array.copy(order="C")  # (ascontiguousarray would make 0-d inputs 1-d)
             checked.append((self._input_slots[name], array))
         self._check_memory({sym: size for sym, (size, _) in symbols.items()})
-        return checked
+        # Copies last, once the sizes are known to fit (a broadcast view may be huge).
+        return [(slot, array if array.flags.c_contiguous and array.flags.aligned
+                 else array.copy(order="C"))  # (ascontiguousarray would make 0-d inputs 1-d)
+                for slot, array in checked]
 
     def _check_memory(self, sizes: dict[str, int]) -> None:
         """Refuse inputs whose largest intermediate tensor would not fit in memory, before
