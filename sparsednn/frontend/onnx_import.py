@@ -12,6 +12,7 @@ from onnx import numpy_helper
 
 from sparsednn.errors import InvalidGraphError, ModelLoadError, UnsupportedOpError
 from sparsednn.ir import Graph, Value, verify
+from sparsednn.ir.verify import describe_memory_limit, format_bytes, memory_limit
 from sparsednn.ops import lookup, supported_ops
 from sparsednn.ops.registry import OPS
 
@@ -130,6 +131,11 @@ def _load_external_data(proto: onnx.ModelProto, base: Path) -> None:
             raise ModelLoadError(
                 f"{what} file {str(target)!r} has {size} bytes, "
                 f"but the model asks for {length} bytes at offset {offset}"
+            )
+        if length > memory_limit():
+            raise ModelLoadError(
+                f"{what}: {format_bytes(length)} in {str(target)!r} is more than "
+                f"{describe_memory_limit()}; refused before reading"
             )
         try:
             with open(target, "rb") as f:
