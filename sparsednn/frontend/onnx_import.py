@@ -198,6 +198,11 @@ def to_array(tensor: onnx.TensorProto, where: str) -> np.ndarray:
             f"{where}: tensor {tensor.name!r} holds {held} {unit}, "
             f"which does not match its dims {dims} ({need} {unit})"
         )
+    if count * dtype.itemsize > memory_limit():
+        raise InvalidGraphError(
+            f"{where}: tensor {tensor.name!r} (dims {dims}) needs "
+            f"{format_bytes(count * dtype.itemsize)}, more than {describe_memory_limit()}"
+        )
     try:
         array = numpy_helper.to_array(tensor)
     except Exception as e:
