@@ -166,3 +166,34 @@ def lower_attention(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
                       num_threads=threads, where=where)
 
     return run_attention
+
+
+def _lower_layer_norm(node: Node, ctx: LoweringContext, residual: bool) -> Callable[..., Any]:
+    from sparsednn.codegen.norm import compile_layer_norm
+
+    a = node.attrs
+    scale = np.ascontiguousarray(a["scale"], np.float32)
+    bias = None if a.get("bias") is None else np.ascontiguousarray(a["bias"], np.float32)
+    eps = float(a.get("epsilon", 1e-5))
+    n = scale.shape[0]
+    kernel = compile_layer_norm(n, residual)
+    ctx.kernels[node.name] = kernel
+    threads = ctx.num_threads
+    where = f"node {node.name!r} ({node.op}, {n} features)"
+    if residual:
+        return lambda x, y: kernel(x, y, scale=scale, bias=bias, epsilon=eps,
+                                   num_threads=threads, where=where)
+    return lambda x: kernel(x, scale=scale, bias=bias, epsilon=eps, num_threads=threads,
+                            where=where)
+
+
+@lowering("LayerNorm")
+def lower_layer_norm(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
+    """Layer norm over the last axis (sparsednn/codegen/norm.py)."""
+    return _lower_layer_norm(node, ctx, residual=False)
+
+
+@lowering("AddLayerNorm")
+def lower_add_layer_norm(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
+    """Residual Add + layer norm in one pass (sparsednn/codegen/norm.py)."""
+    return _lower_layer_norm(node, ctx, residual=True)
