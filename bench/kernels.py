@@ -5,12 +5,16 @@
     python bench/kernels.py --shapes 768x768 --sparsity 0.9 --m 128,512 --threads 1,2 --json out.json
 
 Shapes are KxN (in features x out features) of Y[M, N] = X[M, K] @ W[K, N]; BERT-base has
-768x768 (attention), 768x3072 (FFN up) and 3072x768 (FFN down). Weights are random with
-exactly the given fraction of zeros, unstructured. BLAS is pinned to the same number of
-threads as the sparse kernel (threadpoolctl); scipy.sparse is single-threaded.
+768x768 (attention), 768x3072 (FFN up) and 3072x768 (FFN down), BERT-large 1024x1024,
+1024x4096 and 4096x1024. Weights (--weights): "random", exactly the given fraction of zeros at
+random places; "magnitude", real-looking weights (per-output and per-input scales varying
+~4x, heavy tails) pruned by magnitude to the given sparsity. BLAS is pinned to the same number
+of threads as the sparse kernel (threadpoolctl); scipy.sparse is single-threaded.
 
-Per case: median time of each, useful GFLOP/s of the sparse kernel (2 * nnz * M / time) and
-its speedup over dense and over scipy. With --bias/--activation, dense is numpy's matmul
+Per case: median time of each (sparse and dense timed in alternating rounds, so that both see
+the same machine load), useful GFLOP/s of the sparse kernel (2 * nnz * M / time), that as a
+fraction of the dense FMA peak measured at the start of the run with the same threads (a large
+BLAS GEMM), and the speedups over dense and over scipy. With --bias/--activation, dense is numpy's matmul
 followed by the same native epilogue as the dense kernel (scipy: the product only). Times are medians of repeated runs (the machine may be
 shared: repeat, and compare medians).
 
@@ -53,8 +57,9 @@ QUICK = {
     "m": "1,128,512",
     "threads": "1",
 }
-FULL = {"shapes": "768x768,3072x768,768x3072", "sparsity": "0.5,0.7,0.9,0.95,0.98", "m": "1,16,128,512",
-            "threads": "1,2"}  # fmt: skip
+FULL = {"shapes": "768x768,3072x768,768x3072,1024x1024,4096x1024,1024x4096",
+        "sparsity": "0.5,0.7,0.8,0.9,0.95,0.98", "m": "1,16,128,512,2048",
+        "threads": f"1,{os.cpu_count() or 1}"}  # fmt: skip
 
 
 class _Limit:
@@ -76,16 +81,40 @@ class _Limit:
 
 
 def median_time(fn, min_time: float, min_reps: int, max_reps: int) -> float:
-    fn()  # warm up (page faults, caches, lazy init)
-    times = []
+    return median_times([fn], min_time, min_reps, max_reps)[0]
+
+
+def median_times(fns, min_time: float, min_reps: int, max_reps: int) -> list[float]:
+    """Median time of each function, timed in alternating rounds (one call of each per round)
+    so that all see the same load of a shared machine."""
+    for fn in fns:
+        fn()  # warm up (page faults, caches, lazy init)
+    times = [[] for _ in fns]
     start = time.perf_counter()
-    while len(times) < max_reps and (
-        len(times) < min_reps or time.perf_counter() - start < min_time
+    while len(times[0]) < max_reps and (
+        len(times[0]) < min_reps or time.perf_counter() - start < min_time * len(fns)
     ):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [float(np.median(ts)) for ts in times]
+
+
+def dense_peak_gflops(threads: int, size: int = 1536) -> float:
+    """GFLOP/s of a large float32 GEMM with BLAS on `threads` threads (the best of a few)."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((size, size)).astype(np.float32)
+    b = rng.standard_normal((size, size)).astype(np.float32)
+    c = np.empty_like(a)
+    with _Limit(threads):
+        np.matmul(a, b, out=c)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            np.matmul(a, b, out=c)
+            best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best / 1e9
 
 
 def random_sparse(rng, k, n, sparsity):
@@ -94,6 +123,20 @@ def random_sparse(rng, k, n, sparsity):
     n_zero = round(sparsity * k * n)
     flat = w.reshape(-1)
     flat[rng.permutation(k * n)[:n_zero]] = 0.0
+    return w
+
+
+def magnitude_pruned(rng, k, n, sparsity):
+    """Real-looking weights pruned by magnitude: Student-t entries (heavy tails) times
+    log-normal per-output and per-input scales (~4x spread), the smallest |w| of the layer
+    set to zero; rows and columns then keep very different numbers of nonzeros."""
+    w = rng.standard_t(5, (k, n)).astype(np.float32)
+    w *= np.exp(rng.normal(0.0, 0.7, n)).astype(np.float32)[None, :]
+    w *= np.exp(rng.normal(0.0, 0.5, k)).astype(np.float32)[:, None]
+    n_zero = round(sparsity * k * n)
+    if n_zero:
+        flat = w.reshape(-1)
+        flat[np.argpartition(np.abs(flat), n_zero - 1)[:n_zero]] = 0.0
     return w
 
 
@@ -122,11 +165,13 @@ def main(argv=None) -> int:
     ap.add_argument("--m", help=f"batch x sequence rows M (default {QUICK['m']})")
     ap.add_argument("--threads", help=f"thread counts (default {QUICK['threads']})")
     ap.add_argument("--activation", default="none", choices=["none", "relu", "gelu"])
+    ap.add_argument("--weights", default="random", choices=["random", "magnitude"],
+                    help="random masks, or magnitude-pruned real-looking weights")
     ap.add_argument("--bias", action="store_true", help="with a bias (fused in the sparse kernel)")
     ap.add_argument("--isa", default=None, help="force avx512|avx2|generic (default: the host's)")
     ap.add_argument("--no-scipy", action="store_true", help="skip the scipy.sparse baseline")
     ap.add_argument(
-        "--min-time", type=float, default=0.3, help="seconds of repeats per measurement"
+        "--min-time", type=float, default=0.2, help="seconds of repeats per measurement"
     )
     ap.add_argument("--min-reps", type=int, default=7)
     ap.add_argument("--max-reps", type=int, default=200)
@@ -153,17 +198,21 @@ def main(argv=None) -> int:
         if os.environ.get(var):
             print(f"# warning: {var}={os.environ[var]} is set: numpy's BLAS may run a slow kernel")
     print(
-        f"# epilogue: {'bias + ' if args.bias else ''}{args.activation}; times are medians; "
-        "GF/s = useful 2*nnz*M/time of the sparse kernel; dense = numpy matmul (+ epilogue)"
+        f"# epilogue: {'bias + ' if args.bias else ''}{args.activation}; weights: {args.weights}; "
+        "times are medians; GF/s = useful 2*nnz*M/time of the sparse kernel; %peak = that over "
+        "the dense GEMM peak with the same threads; dense = numpy matmul (+ epilogue)"
     )
+    peaks = {nt: dense_peak_gflops(nt) for nt in threads}
+    print("# dense GEMM peak: " + ", ".join(f"{nt} thread(s) {g:.0f} GFLOP/s" for nt, g in peaks.items()))
     header = (f"{'K x N':>10} {'spars':>5} {'M':>4} {'thr':>3} {'sparse us':>10} {'dense us':>10} "
-              f"{'scipy us':>10} {'GF/s':>6} {'vs dense':>8} {'vs scipy':>8}  kernel")  # fmt: skip
+              f"{'scipy us':>10} {'GF/s':>6} {'%peak':>5} {'vs dense':>8} {'vs scipy':>8}  kernel")  # fmt: skip
     print(header)
     rows = []
     rng = np.random.default_rng(args.seed)
     for k, n in shapes:
         for sparsity in sparsities:
-            w = random_sparse(rng, k, n, sparsity)
+            make = magnitude_pruned if args.weights == "magnitude" else random_sparse
+            w = make(rng, k, n, sparsity)
             bias = rng.standard_normal(n).astype(np.float32) if args.bias else None
             kern = compile_sparse_linear(w, bias, args.activation, target=target)
             epilogue = None
@@ -189,8 +238,8 @@ def main(argv=None) -> int:
                 for nt in threads:
                     with _Limit(nt):
                         reps = (args.min_time, args.min_reps, args.max_reps)
-                        t_sparse = median_time(functools.partial(sparse, nt), *reps)
-                        t_dense = median_time(dense, *reps)
+                        t_sparse, t_dense = median_times([functools.partial(sparse, nt), dense],
+                                                         *reps)  # fmt: skip
                         t_scipy = median_time(scipy_csr, *reps) if use_scipy else float("nan")
                     if args.activation == "none":
                         err = float(np.max(np.abs(y_sparse - y_dense))) if m else 0.0
@@ -198,7 +247,10 @@ def main(argv=None) -> int:
                         if err > 1e-4 * max(scale, 1.0):
                             print(f"# WARNING: sparse and dense differ by {err:.3g}")
                     gflops = 2.0 * kern.nnz * m / t_sparse / 1e9 if m else 0.0
+                    variant = "spmv" if m <= kern.spmv_max_m else "panel"
                     row = {"k": k, "n": n, "sparsity": sparsity, "m": m, "threads": nt, "kernel": kern.name,
+                               "variant": variant, "weights": args.weights,
+                               "peak_gflops": peaks[nt], "fraction_of_peak": gflops / peaks[nt],
                                "nnz": kern.nnz, "compile_ms": kern.compile_seconds * 1e3,
                                "sparse_us": t_sparse * 1e6, "dense_us": t_dense * 1e6,
                                "scipy_us": t_scipy * 1e6, "gflops": gflops,
@@ -206,12 +258,14 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(f"{k:>5}x{n:<4} {sparsity:>5.2f} {m:>4} {nt:>3} {row['sparse_us']:>10.1f} "
                           f"{row['dense_us']:>10.1f} {row['scipy_us']:>10.1f} {gflops:>6.1f} "
-                          f"{row['speedup_dense']:>7.2f}x {row['speedup_scipy']:>7.2f}x  {kern.name}",
+                          f"{100 * gflops / peaks[nt]:>4.0f}% "
+                          f"{row['speedup_dense']:>7.2f}x {row['speedup_scipy']:>7.2f}x  {kern.name} ({variant})",
                           flush=True)  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"target": {"isa": target.isa, "cpu": target.cpu_name}, "blas": blas_description(),
-                           "activation": args.activation, "bias": args.bias, "rows": rows}, f, indent=1)  # fmt: skip
+                           "activation": args.activation, "bias": args.bias, "weights": args.weights,
+                           "dense_peak_gflops": peaks, "rows": rows}, f, indent=1)  # fmt: skip
         print(f"# wrote {args.json}")
     return 0
 

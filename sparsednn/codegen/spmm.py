@@ -680,15 +680,16 @@ SPMV_LANES = 16
 # tokens per pass over the weights (each a separate accumulator chain set)
 _SPMV_GROUPS = (4, 2, 1)
 _SPMV_UNROLL = 4  # steps per iteration, each into its own accumulators
-_SPMV_ARGS = ("x", "m", "y", "s_begin", "s_end", "slice_ptr", "idx", "val", "off", "bias",
-              "scratch")  # fmt: skip
+_SPMV_ARGS = ("x", "m", "y", "s_begin", "s_end", "slice_ptr", "idx", "val", "off", "perm",
+              "bias", "scratch")  # fmt: skip
 _SPMV_ARG_TYPES = (U.f32_ptr, U.i64, U.f32_ptr, U.i64, U.i64, U.i32_ptr,
-                   ir.PointerType(ir.IntType(8)), U.f32_ptr, U.i32_ptr, U.f32_ptr, U.f32_ptr)  # fmt: skip
+                   ir.PointerType(ir.IntType(8)), U.f32_ptr, U.i32_ptr, U.i32_ptr, U.f32_ptr,
+                   U.f32_ptr)  # fmt: skip
 _SPMV_SIG = ctypes.CFUNCTYPE(
     None,
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-    ctypes.c_void_p,
+    ctypes.c_void_p, ctypes.c_void_p,
 )  # fmt: skip
 
 
@@ -700,6 +701,8 @@ class _SpmvLayout:
     idx: np.ndarray  # uint8 [(steps + 1) * 16], 64-byte aligned: lane's k within the chunk
     val: np.ndarray  # float32 [(steps + 1) * 16], 64-byte aligned
     off: np.ndarray  # int32 [steps + 1]: first k of the step's chunk
+    perm: np.ndarray  # int32 [n_slices * 16 + 1]: output row of each lane (rows sorted by
+    #                   nonzeros, -1 past N), then 1 if that is the identity
 
     @property
     def steps(self) -> int:
@@ -716,12 +719,34 @@ def _aligned_empty(count: int, dtype, align: int = 64) -> np.ndarray:
     return buf[start : start + count * dtype.itemsize].view(dtype)
 
 
-def _build_spmv(o, k, v, n_rows: int, n_cols: int, unroll: int = 2) -> _SpmvLayout:
-    """Steps of the SpMV kernel from the nonzeros (o, k, v) of Wᵀ sorted by (o, k)."""
+def _build_spmv(o, k, v, n_rows: int, n_cols: int, unroll: int = 2,
+                sort_rows: bool | None = None) -> _SpmvLayout:  # fmt: skip
+    """Steps of the SpMV kernel from the nonzeros (o, k, v) of Wᵀ sorted by (o, k).
+
+    Output rows are reordered by their number of nonzeros (most first), so that the 16 lanes of
+    a slice have similar counts: a chunk takes as many steps as its fullest lane, and with
+    magnitude-pruned weights (rows of very different density) this halves the steps."""
     L, C = SPMV_LANES, SPMV_CHUNK
     n_sl = max(1, -(-n_rows // L))
     n_ch = max(1, -(-n_cols // C))
     o = o.astype(np.int64)
+    perm = np.argsort(-np.bincount(o, minlength=n_rows), kind="stable")  # lane slot -> row
+    if sort_rows is None:  # keep the order unless sorting saves a tenth of the steps
+        plain = _build_spmv(o, k, v, n_rows, n_cols, unroll, False)
+        if len(o) == 0:
+            return plain
+        by_count = _build_spmv(o, k, v, n_rows, n_cols, unroll, True)
+        return by_count if by_count.steps < 0.9 * plain.steps else plain
+    if not sort_rows:
+        perm = np.arange(n_rows)
+    rank = np.empty(max(n_rows, 1), np.int64)
+    rank[perm] = np.arange(n_rows)
+    order = np.lexsort((k, rank[o])) if len(o) else np.zeros(0, np.int64)
+    o, k, v = rank[o][order], k[order], v[order]
+    # (one more element: 1 if the order is the identity, so that whole slices store as vectors)
+    perm_pad = np.full(n_sl * L + 1, -1, np.int32)
+    perm_pad[:n_rows] = perm
+    perm_pad[-1] = int(np.array_equal(perm, np.arange(n_rows)))
     c = k.astype(np.int64) // C
     g = o * n_ch + c  # (row, chunk) runs, consecutive since sorted by (o, k)
     counts = np.bincount(g, minlength=n_sl * L * n_ch).reshape(n_sl, L, n_ch)
@@ -756,7 +781,7 @@ def _build_spmv(o, k, v, n_rows: int, n_cols: int, unroll: int = 2) -> _SpmvLayo
         run_chunks = np.tile(np.arange(n_ch), n_sl)[nz]
         base = np.repeat(run_starts - np.r_[0, np.cumsum(run_lens)[:-1]], run_lens)
         off[base + np.arange(int(run_lens.sum()))] = np.repeat(run_chunks * C, run_lens)
-    return _SpmvLayout(slice_ptr.astype(np.int32), idx, val, off)
+    return _SpmvLayout(slice_ptr.astype(np.int32), idx, val, off, perm_pad)
 
 
 class _SpmvEmitter:
@@ -770,6 +795,7 @@ class _SpmvEmitter:
         self.module, self.name, self.K, self.N = module, name, k, n
         self.target, self.activation, self.has_bias = target, activation, has_bias
         self.KP = _round_up(max(k, 1), SPMV_CHUNK)
+        self.n_slices = max(1, -(-n // SPMV_LANES))
         self.v16 = U.vec(SPMV_LANES)
         self.i8v = ir.VectorType(ir.IntType(8), SPMV_LANES)
         self.i32v = ir.VectorType(U.i32, SPMV_LANES)
@@ -855,7 +881,14 @@ class _SpmvEmitter:
                         b.store(math.fma(xv, w, b.load(accs[t][u])), accs[t][u])
             o0 = b.mul(s, U.int64(L), name="o0")
             bias = U.load_vec(b, U.gep(b, a["bias"], o0), L, 4) if self.has_bias else None
-            whole = b.icmp_signed("<=", b.add(o0, U.int64(L)), U.int64(N), name="whole")
+            # lanes are rows perm[o0 + i] (rows sorted by nonzeros): stored one by one
+            n_valid = b.sub(U.int64(N), o0)
+            n_valid = b.select(b.icmp_signed("<", n_valid, U.int64(L)), n_valid, U.int64(L))
+            rows = [b.sext(b.load(U.gep(b, a["perm"], b.add(o0, U.int64(i)))), U.i64)
+                    for i in range(L)]  # fmt: skip
+            whole = b.icmp_signed("==", n_valid, U.int64(L), name="whole")
+            ident_flag = b.load(U.gep(b, a["perm"], U.int64(self.n_slices * L)))
+            contiguous = b.and_(whole, b.icmp_signed("!=", ident_flag, ir.Constant(U.i32, 0)))
             for t in range(T):
                 parts = [b.load(slot) for slot in accs[t]]
                 while len(parts) > 1:
@@ -864,14 +897,21 @@ class _SpmvEmitter:
                 if bias is not None:
                     r = b.fadd(r, bias)
                 r = math.activation(r, self.activation)
-                dst = U.gep(b, a["y"], b.add(o0, U.int64(t * N)))
-                with b.if_else(whole, likely=True) as (then, otherwise):
-                    with then:
-                        U.store_vec(b, r, dst, 4)
-                    with otherwise:
-                        U.store_vec(b, r, tmp, 64)
-                        with U.for_range(b, 0, b.sub(U.int64(N), o0), name="tail") as i:
-                            b.store(b.load(U.gep(b, tmp, i)), U.gep(b, dst, i))
+                y_t = U.gep(b, a["y"], t * N)
+                with b.if_else(contiguous, likely=True) as (vec_store, by_lane):
+                    with vec_store:
+                        U.store_vec(b, r, U.gep(b, y_t, o0), 4)
+                    with by_lane:
+                        U.store_vec(b, r, tmp, 64)  # lane by lane: scalar loads beat extracts
+                        with b.if_else(whole, likely=True) as (then, otherwise):
+                            with then:
+                                for i in range(L):
+                                    b.store(b.load(U.gep(b, tmp, i)), U.gep(b, y_t, rows[i]))
+                            with otherwise:
+                                with U.for_range(b, 0, n_valid, name="tail") as i:
+                                    row = b.sext(b.load(U.gep(b, a["perm"], b.add(o0, i))),
+                                                 U.i64)  # fmt: skip
+                                    b.store(b.load(U.gep(b, tmp, i)), U.gep(b, y_t, row))
         b.ret_void()
         return fn
 
@@ -1274,10 +1314,11 @@ class SparseLinearKernel:
             if self._spmv is not None:
                 return self._spmv
             arrays = self._spmv_arrays
-            if {"slice_ptr", "idx", "val", "off"} <= arrays.keys():
+            if {"slice_ptr", "idx", "val", "off", "perm"} <= arrays.keys():
                 layout = _SpmvLayout(np.ascontiguousarray(arrays["slice_ptr"], np.int32),
                                      _aligned_copy(arrays["idx"]), _aligned_copy(arrays["val"]),
-                                     np.ascontiguousarray(arrays["off"], np.int32))  # fmt: skip
+                                     np.ascontiguousarray(arrays["off"], np.int32),
+                                     np.ascontiguousarray(arrays["perm"], np.int32))  # fmt: skip
             else:
                 layout = _build_spmv(*self._triplets(), self.out_features, self.in_features,
                                      _SPMV_UNROLL)
@@ -1286,13 +1327,18 @@ class SparseLinearKernel:
                         "row_ptr": self._csr.row_ptr, "entries": self._csr.entries,
                         "row_nnz": self._csr.row_nnz, "spmv_slice_ptr": layout.slice_ptr,
                         "spmv_idx": layout.idx, "spmv_val": layout.val, "spmv_off": layout.off,
+                        "spmv_perm": layout.perm,
                     })  # fmt: skip
             jm, fn = self._spmv_code
             n_slices = len(layout.slice_ptr) - 1
             kp = _round_up(max(self.in_features, 1), SPMV_CHUNK)
+            bias = np.zeros(len(layout.perm), np.float32)  # in lane order
+            valid = layout.perm >= 0
+            bias[valid] = self._bias[layout.perm[valid]]
             ptrs = (layout.slice_ptr.ctypes.data, layout.idx.ctypes.data,
-                    layout.val.ctypes.data, layout.off.ctypes.data, self._bias.ctypes.data)  # fmt: skip
-            self._spmv = sp = (fn, ptrs, n_slices, max(_SPMV_GROUPS) * kp + 64, layout, jm)
+                    layout.val.ctypes.data, layout.off.ctypes.data, layout.perm.ctypes.data,
+                    bias.ctypes.data)  # fmt: skip
+            self._spmv = sp = (fn, ptrs, n_slices, max(_SPMV_GROUPS) * kp + 64, layout, jm, bias)
             return sp
 
     @property
@@ -1376,7 +1422,7 @@ class SparseLinearKernel:
         return out
 
     def _run_spmv(self, x_addr: int, m: int, y_addr: int, num_threads: int) -> None:
-        fn, ptrs, n_slices, scratch, layout, _ = self._spmv or self._spmv_state()
+        fn, ptrs, n_slices, scratch, layout = (self._spmv or self._spmv_state())[:5]
         threads = 1
         if num_threads > 1:
             est = layout.steps * m * self._NS_PER_SPMV_STEP
