@@ -894,7 +894,10 @@ def _unsqueeze_shape(node):
     if axes is None or x.shape is None:
         return [(x.dtype, None)]
     r = len(x.shape) + len(axes)
-    axes = {_axis(a, r) for a in axes}
+    unique = {_axis(a, r) for a in axes}
+    if len(unique) != len(axes):
+        raise ValueError(f"Unsqueeze: axes {axes} repeat an axis")
+    axes = unique
     rest = iter(x.shape)
     return [(x.dtype, tuple(1 if i in axes else next(rest) for i in range(r)))]
 
