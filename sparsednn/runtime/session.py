@@ -92,8 +92,16 @@ class InferenceSession:
         self.options = sess_options or SessionOptions()
         start = time.perf_counter()
         model_name = _model_name(path_or_bytes)
-        graph = import_onnx(path_or_bytes, name=model_name)
-        self.graph: Graph = run_pipeline(graph, sparse_threshold=self.options.sparse_threshold)
+        try:
+            graph = import_onnx(path_or_bytes, name=model_name)
+            self.graph: Graph = run_pipeline(graph, sparse_threshold=self.options.sparse_threshold)
+        except (SparseDNNError, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a bug met by a malformed model: still a sparsednn error
+            raise SparseDNNError(
+                f"{model_name or 'model'}: internal error while compiling "
+                f"({type(e).__name__}: {e}); the model is probably malformed"
+            ) from e
         self.kernels: dict[str, Any] = {}
         self._build_plan()
         self.compile_seconds = time.perf_counter() - start
