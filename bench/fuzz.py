@@ -10,8 +10,9 @@ Tile and Range, unknown types and opsets: 4 in 10), and a structured mutation fo
 byte mutation (1 in 10). Each loaded model is run on inputs of its declared shapes.
 
 Outcomes: ok (it loaded and ran), error (a clean sparsednn error), unexpected (any other
-exception: a bug), unguarded (a clean error, but caused by a failed allocation that
-sparsednn's own memory checks did not catch first), hang (no answer within --timeout
+exception: a bug), unguarded (a sparsednn error, but caused by a failed allocation that
+sparsednn's own memory checks did not catch first, or by a bug that the session's backstop
+reported as an internal error), hang (no answer within --timeout
 seconds) and crash (the worker process died). Cases run in worker processes under a memory
 cap (--rlimit-gib of address space), with SPARSEDNN_MEMORY_LIMIT at --limit-mib: a crash or
 hang is counted, not fatal; the parent starts a new worker after the case that killed one.
