@@ -357,6 +357,18 @@ def _kt_stride(skv: int, width: int) -> int:
     return max(sp, width)
 
 
+def _output(out, shape: tuple, where: str) -> np.ndarray:
+    """`out` checked to be a writable C-contiguous float32 array of `shape`, or a new one."""
+    if out is None:
+        return np.empty(shape, np.float32)
+    if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != shape
+            or not out.flags.c_contiguous or not out.flags.writeable):
+        raise SparseDNNError(
+            f"{where}: out must be a writable C-contiguous float32 array of shape {list(shape)}, "
+            f"got {getattr(out, 'dtype', type(out).__name__)}{list(getattr(out, 'shape', []))}")
+    return out
+
+
 def _dims(x: np.ndarray, n: int, heads: int, head_size: int):
     """(batch, sequence) of a [B, S, H·D] or [B, S, H, D] array, else None."""
     if x.ndim == 3 and x.shape[2] == n:
@@ -387,7 +399,8 @@ class AttentionKernel:
         return self._jm.asm
 
     def __call__(self, q, k, v, mask=None, *, scale: float, masked_row_value: float = math.nan,
-                 num_threads: int = 1, where: str = "attention") -> np.ndarray:
+                 num_threads: int = 1, where: str = "attention",
+                 out: np.ndarray | None = None) -> np.ndarray:
         H, D = self.num_heads, self.head_size
         n = H * D
         arrays = []
@@ -408,7 +421,7 @@ class AttentionKernel:
                 f"{where}: q {list(q.shape)}, k {list(k.shape)} and v {list(v.shape)} must share "
                 "the batch size, and k and v the sequence length")
         B = bq
-        out = np.empty((B, sq, n), np.float32)
+        out = _output(out, (B, sq, n), where)
         if B == 0 or sq == 0 or n == 0:
             return out
         if skv == 0:  # softmax over no keys: nothing to weigh

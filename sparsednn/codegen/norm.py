@@ -29,7 +29,7 @@ import numpy as np
 from llvmlite import ir
 
 from sparsednn.codegen import jit
-from sparsednn.codegen.attention import _pieces
+from sparsednn.codegen.attention import _output, _pieces
 from sparsednn.codegen.irutil import (
     Math,
     alloca_once,
@@ -58,11 +58,11 @@ _ELEMENTS_PER_EXTRA_THREAD = 400_000
 def _repeats(full: tuple, part: tuple) -> bool:
     """Whether an array of shape `part` broadcast to `full` is `part` repeated over leading
     dimensions (part = full with some leading dimensions dropped or set to 1)."""
-    if len(part) > len(full) or not part:
+    if len(part) > len(full) or not part or part[-1] != full[-1]:
         return False
     part = (1,) * (len(full) - len(part)) + tuple(part)
     k = 0
-    while k < len(full) and part[k] == 1 and full[k] != 1:
+    while k < len(full) - 1 and part[k] == 1 and full[k] != 1:
         k += 1
     return part[k:] == tuple(full[k:])
 
@@ -202,13 +202,9 @@ class LayerNormKernel:
         return self._jm.asm
 
     def __call__(self, a, b=None, *, scale: np.ndarray, bias: np.ndarray | None = None,
-                 epsilon: float = 1e-5, num_threads: int = 1,
-                 where: str = "layer norm") -> np.ndarray:
+                 epsilon: float = 1e-5, num_threads: int = 1, where: str = "layer norm",
+                 out: np.ndarray | None = None) -> np.ndarray:
         n = self.n
-        if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim < 1 or a.shape[-1] != n:
-            raise SparseDNNError(
-                f"{where}: expects a float32 input [..., {n}], got "
-                f"{getattr(a, 'dtype', type(a).__name__)}{list(getattr(a, 'shape', []))}")
         if scale.shape != (n,) or scale.dtype != np.float32 or (
             bias is not None and (bias.shape != (n,) or bias.dtype != np.float32)
         ):
@@ -217,26 +213,31 @@ class LayerNormKernel:
             bias = _zeros(n)
         brows = 1
         if self.residual:
-            if not isinstance(b, np.ndarray) or b.dtype != np.float32:
-                raise SparseDNNError(
-                    f"{where}: the residual must be a float32 array, got "
-                    f"{getattr(b, 'dtype', type(b).__name__)}{list(getattr(b, 'shape', []))}")
-            if _repeats(a.shape, b.shape):
-                pass
-            elif _repeats(b.shape, a.shape):
+            for x in (a, b):
+                if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+                    raise SparseDNNError(
+                        f"{where}: the input and the residual must be float32 arrays, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', []))}")
+            if _repeats(b.shape, a.shape):  # (a + b = b + a)
                 a, b = b, a
-            else:  # other broadcasts: add first (numpy checks them), then normalise the sum
+            elif not _repeats(a.shape, b.shape):
+                # other broadcasts: add first (numpy checks them), then normalise the sum
                 try:
                     total = np.add(a, b)
                 except ValueError as e:
                     raise SparseDNNError(f"{where}: inputs {list(a.shape)} and {list(b.shape)} "
                                          f"do not broadcast: {e}") from None
                 return self._plain(total, scale=scale, bias=bias, epsilon=epsilon,
-                                   num_threads=num_threads, where=where)
+                                   num_threads=num_threads, where=where, out=out)
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim < 1 or a.shape[-1] != n:
+            raise SparseDNNError(
+                f"{where}: expects a float32 input [..., {n}], got "
+                f"{getattr(a, 'dtype', type(a).__name__)}{list(getattr(a, 'shape', []))}")
+        if self.residual:
             b = np.ascontiguousarray(b)
             brows = max(1, b.size // n)
         a = np.ascontiguousarray(a)
-        out = np.empty(a.shape, np.float32)
+        out = _output(out, a.shape, where)
         rows = a.size // n if n else 0
         if rows == 0 or n == 0:
             return out
