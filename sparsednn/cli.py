@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -83,7 +84,18 @@ def engine_summary(session) -> dict:
         "linear_layers": sum(1 for n in session.graph.nodes if n.op == "Linear"),
         "sparse_weight_share": round(sparse / max(sparse + dense, 1), 4),
         "compile_seconds": round(session.compile_seconds, 3),
+        "kernel_cache": _cache_summary(session),
     }
+
+
+def _cache_summary(session) -> str:
+    if os.environ.get("SPARSEDNN_KERNEL_CACHE", "1") == "0":
+        return "off (SPARSEDNN_KERNEL_CACHE=0)"
+    hits = [k.cache_hit for k in session.kernels.values() if hasattr(k, "cache_hit")]
+    if not hits:
+        return "no kernels"
+    state = "hit" if all(hits) else "miss" if not any(hits) else "partial hit"
+    return f"{state} ({sum(hits)}/{len(hits)} kernels from the cache)"
 
 
 def cmd_benchmark(args) -> int:
@@ -117,7 +129,6 @@ def cmd_benchmark(args) -> int:
     print("== engine ==")
     for key, value in summary.items():
         print(f"  {key:22s} {value}")
-    print(f"  {'kernel cache':22s} off")
     shape_text = ", ".join(f"{k}{list(v.shape)}" for k, v in feed.items())
     print(f"== {args.model}: {shape_text}, scenario {args.scenario}, {args.time:g}s per engine ==")
     _say("benchmarking ...")
