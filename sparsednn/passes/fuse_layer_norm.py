@@ -79,7 +79,7 @@ def _match_decomposed(sub: Node, uses: Uses):
     if n is None or x.dtype != np.float32 or uses.sole_reader(mean) is not sub:
         return None
     d = sub.outputs[0]
-    readers = uses.readers.get(id(d), [])
+    readers = list({id(r): r for r in uses.readers.get(id(d), [])}.values())  # Mul(d, d): once
     if len(readers) != 2 or id(d) in uses.outputs:
         return None
     square = next((r for r in readers if r.op in ("Pow", "Mul")), None)
