@@ -64,6 +64,7 @@ from sparsednn.errors import SparseDNNError
 # Vector registers of accumulators per phase (the rest hold loads and broadcasts).
 _ACC_BUDGET = {"avx512": 16, "avx2": 8, "generic": 8}
 _MAX_ROWS = 8
+_OPT = 3  # LLVM's pipeline (no unrolling/vectorising): LICM hoists the exp constants
 # A second thread only when the work pays for the hand-off (~40 us, see codegen/README.md):
 # ~4 flops per (pair, query, key, d) at well under 50 GFLOP/s on small problems.
 _FLOPS_PER_EXTRA_THREAD = 4e6
@@ -357,6 +358,21 @@ def _kt_stride(skv: int, width: int) -> int:
     return max(sp, width)
 
 
+_from_buffer = ctypes.c_char.from_buffer
+_addressof = ctypes.addressof
+
+
+def _addr(a: np.ndarray) -> int:
+    """The address of a C-contiguous array's data (through the buffer protocol for writable
+    arrays: ~4x cheaper than .ctypes.data)."""
+    if a.flags.writeable:
+        try:
+            return _addressof(_from_buffer(a))
+        except (ValueError, TypeError, BufferError):
+            pass
+    return a.ctypes.data
+
+
 def _output(out, shape: tuple, where: str) -> np.ndarray:
     """`out` checked to be a writable C-contiguous float32 array of `shape`, or a new one."""
     if out is None:
@@ -384,7 +400,7 @@ class AttentionKernel:
     def __init__(self, num_heads: int, head_size: int, target: Target):
         self.num_heads, self.head_size, self.target = num_heads, head_size, target
         mod, names = _emit_module(num_heads, head_size, target)
-        self._jm = jit.compile_module(mod, target)
+        self._jm = jit.compile_module(mod, target, opt=_OPT)
         self.name = names[True]
         self._fns = {has: _CTYPES(self._jm.function_address(n)) for has, n in names.items()}
         self.rows_per_block = block_rows(head_size, target)
@@ -403,19 +419,19 @@ class AttentionKernel:
                  out: np.ndarray | None = None) -> np.ndarray:
         H, D = self.num_heads, self.head_size
         n = H * D
-        arrays = []
+        dims = []
         for label, x in (("q", q), ("k", k), ("v", v)):
             if not isinstance(x, np.ndarray) or x.dtype != np.float32:
                 raise SparseDNNError(
                     f"{where}: {label} must be a float32 array, got "
                     f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', []))}")
-            if _dims(x, n, H, D) is None:
+            d = _dims(x, n, H, D)
+            if d is None:
                 raise SparseDNNError(
                     f"{where}: {label} must be [batch, sequence, {n}] or [batch, sequence, {H}, "
                     f"{D}] ({H} heads of {D}), got {list(x.shape)}")
-            arrays.append(np.ascontiguousarray(x))
-        q, k, v = arrays
-        (bq, sq), (bk, skv), (bv, sv) = (_dims(x, n, H, D) for x in arrays)
+            dims.append(d)
+        (bq, sq), (bk, skv), (bv, sv) = dims
         if not (bq == bk == bv) or skv != sv:
             raise SparseDNNError(
                 f"{where}: q {list(q.shape)}, k {list(k.shape)} and v {list(v.shape)} must share "
@@ -427,32 +443,33 @@ class AttentionKernel:
         if skv == 0:  # softmax over no keys: nothing to weigh
             out.fill(0.0)
             return out
+        q, k, v = (x if x.flags.c_contiguous else np.ascontiguousarray(x) for x in (q, k, v))
         mstrides = (0, 0, 0)
         has_mask = mask is not None
+        m_addr = 0
         if has_mask:
             mask, mstrides = self._mask(mask, (B, H, sq, skv), where)
+            m_addr = _addr(mask)
         ldt = _kt_stride(skv, self.target.vector_width)
         floats = (D + self.rows_per_block) * ldt
         fn = self._fns[has_mask]
-        addr = [x.ctypes.data for x in (q, k, v)]
-        m_addr = mask.ctypes.data if has_mask else 0
-        o_addr = out.ctypes.data
+        qa, ka, va, oa = _addr(q), _addr(k), _addr(v), _addr(out)
         pairs = B * H
+        args = (qa, ka, va, m_addr, oa)
         common = (sq, skv, n, n, n, n, sq * n, skv * n, skv * n, sq * n, *mstrides, ldt,
                   float(scale), float(masked_row_value))
-
-        def run(lo: int, hi: int) -> None:
-            s_addr, _keep = thread_scratch(floats)
-            fn(*addr, m_addr, o_addr, s_addr, *common, lo, hi)
-
         threads = self.useful_threads(pairs, sq, skv, num_threads)
         if threads == 1:
-            run(0, pairs)
-        else:
-            from sparsednn.runtime.threads import parallel_for
+            fn(*args, thread_scratch(floats)[0], *common, 0, pairs)
+            return out
 
-            bounds = np.linspace(0, pairs, threads + 1).astype(int).tolist()
-            parallel_for([functools.partial(run, lo, hi) for lo, hi in itertools.pairwise(bounds)])
+        def run(lo: int, hi: int) -> None:
+            fn(*args, thread_scratch(floats)[0], *common, lo, hi)
+
+        from sparsednn.runtime.threads import parallel_for
+
+        bounds = [pairs * i // threads for i in range(threads + 1)]
+        parallel_for([functools.partial(run, lo, hi) for lo, hi in itertools.pairwise(bounds)])
         return out
 
     def useful_threads(self, pairs: int, sq: int, skv: int, num_threads: int) -> int:
@@ -473,12 +490,16 @@ class AttentionKernel:
             raise SparseDNNError(
                 f"{where}: mask {list(mask.shape)} does not broadcast to [batch, heads, queries, "
                 f"keys] = {list(target_shape)}")
-        m = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-        if m.shape[3] != target_shape[3]:  # one value for every key: spell it out
-            m = np.broadcast_to(m, (*m.shape[:3], target_shape[3]))
-        m = np.ascontiguousarray(m)
-        strides = tuple(0 if m.shape[i] == 1 else m.strides[i] // 4 for i in range(3))
-        return m, strides
+        if mask.ndim == 4 and mask.shape[3] == target_shape[3] and mask.flags.c_contiguous:
+            m = mask  # the usual case: no copy, no view
+        else:
+            m = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+            if m.shape[3] != target_shape[3]:  # one value for every key: spell it out
+                m = np.broadcast_to(m, (*m.shape[:3], target_shape[3]))
+            m = np.ascontiguousarray(m)
+        shape, strides = m.shape, m.strides
+        return m, (0 if shape[0] == 1 else strides[0] >> 2, 0 if shape[1] == 1 else strides[1] >> 2,
+                   0 if shape[2] == 1 else strides[2] >> 2)
 
 
 @functools.cache

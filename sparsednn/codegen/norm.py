@@ -29,7 +29,7 @@ import numpy as np
 from llvmlite import ir
 
 from sparsednn.codegen import jit
-from sparsednn.codegen.attention import _output, _pieces
+from sparsednn.codegen.attention import _addr, _output, _pieces
 from sparsednn.codegen.irutil import (
     Math,
     alloca_once,
@@ -234,16 +234,16 @@ class LayerNormKernel:
                 f"{where}: expects a float32 input [..., {n}], got "
                 f"{getattr(a, 'dtype', type(a).__name__)}{list(getattr(a, 'shape', []))}")
         if self.residual:
-            b = np.ascontiguousarray(b)
+            b = b if b.flags.c_contiguous else np.ascontiguousarray(b)
             brows = max(1, b.size // n)
-        a = np.ascontiguousarray(a)
+        a = a if a.flags.c_contiguous else np.ascontiguousarray(a)
         out = _output(out, a.shape, where)
         rows = a.size // n if n else 0
         if rows == 0 or n == 0:
             return out
         fn = self._fn
-        args = (a.ctypes.data, b.ctypes.data if self.residual else 0, scale.ctypes.data,
-                bias.ctypes.data, out.ctypes.data, n, n, brows, n, float(epsilon))
+        args = (_addr(a), _addr(b) if self.residual else 0, _addr(scale), _addr(bias),
+                _addr(out), n, n, brows, n, float(epsilon))
         threads = max(1, min(int(num_threads), rows, 1 + (rows * n) // _ELEMENTS_PER_EXTRA_THREAD))
         if threads == 1:
             fn(*args, 0, rows)
