@@ -793,7 +793,9 @@ def test_attention_block_with_runtime_shape_arithmetic_matches_onnxruntime():
         [numpy_helper.from_array(v, k) for k, v in consts.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     session = sparsednn.InferenceSession(model)
-    assert {"Shape", "Concat", "Reshape", "Softmax"} <= set(session.graph.op_counts())
+    # Either the attention fusion swallowed the head split/merge chain, or it runs at run time.
+    ops = set(session.graph.op_counts())
+    assert "Attention" in ops or {"Shape", "Concat", "Reshape", "Softmax"} <= ops
     ort = onnxruntime.InferenceSession(model.SerializeToString(),
                                        providers=["CPUExecutionProvider"])
     for batch, seq in [(1, 1), (2, 5), (3, 7)]:
