@@ -322,14 +322,48 @@ class _Emitter:
                 store_vec(b, y, gep(b, orow, off))
 
 
-def _emit_module(heads: int, head_size: int, target: Target) -> tuple[ir.Module, dict]:
+_own_source_digest: str | None = None
+
+
+def compile_cached(name: str, emit, target: Target, opt, *key_parts) -> jit.JITModule:
+    """jit.compile_module(emit(), ...) through the on-disk kernel cache (codegen/cache.py),
+    keyed on the specialisation, the target, and the sources of this module and norm.py (the
+    shared code version covers the rest of the code generator and LLVM)."""
+    from pathlib import Path
+
+    from sparsednn.codegen import cache
+
+    global _own_source_digest
+    if _own_source_digest is None:
+        here = Path(__file__).parent
+        parts = []
+        for f in ("attention.py", "norm.py"):
+            try:
+                parts.append((here / f).read_bytes())
+            except OSError:  # pragma: no cover - installed without sources
+                parts.append(f.encode())
+        _own_source_digest = cache.digest(*[p.hex() for p in parts])
+    target_key = (target.cpu_name, target.features, target.isa, target.vector_width,
+                  target.triple)
+    key = cache.digest("code", cache.code_version(), _own_source_digest, name, opt, *key_parts,
+                       *target_key)
+    jm = jit.load_cached(key, target, source=emit, opt=opt)
+    if jm is None:
+        jm = jit.compile_module(emit(), target, opt=opt, cache_key=key)
+    return jm
+
+
+def _names(heads: int, head_size: int, target: Target) -> dict[bool, str]:
+    """The functions of a module, with and without a mask."""
+    base = f"f32_attention_h{heads}_d{head_size}_{target.isa}"
+    return {True: base + "_mask", False: base}
+
+
+def _emit_module(heads: int, head_size: int, target: Target) -> ir.Module:
     mod = jit.new_module(f"attention_h{heads}_d{head_size}_{target.isa}", target)
-    names = {}
-    for has_mask in (True, False):
-        name = f"f32_attention_h{heads}_d{head_size}_{target.isa}" + ("_mask" if has_mask else "")
+    for has_mask, name in _names(heads, head_size, target).items():
         _Emitter(mod, target, heads, head_size, has_mask).emit(name)
-        names[has_mask] = name
-    return mod, names
+    return mod
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,8 +433,9 @@ class AttentionKernel:
 
     def __init__(self, num_heads: int, head_size: int, target: Target):
         self.num_heads, self.head_size, self.target = num_heads, head_size, target
-        mod, names = _emit_module(num_heads, head_size, target)
-        self._jm = jit.compile_module(mod, target, opt=_OPT)
+        names = _names(num_heads, head_size, target)
+        self._jm = compile_cached(names[True], lambda: _emit_module(num_heads, head_size, target),
+                                  target, _OPT, num_heads, head_size)
         self.name = names[True]
         self._fns = {has: _CTYPES(self._jm.function_address(n)) for has, n in names.items()}
         self.rows_per_block = block_rows(head_size, target)

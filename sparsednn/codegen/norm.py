@@ -29,7 +29,7 @@ import numpy as np
 from llvmlite import ir
 
 from sparsednn.codegen import jit
-from sparsednn.codegen.attention import _addr, _output, _pieces
+from sparsednn.codegen.attention import _addr, _output, _pieces, compile_cached
 from sparsednn.codegen.irutil import (
     Math,
     alloca_once,
@@ -184,9 +184,12 @@ class LayerNormKernel:
     def __init__(self, n: int, residual: bool, target: Target):
         self.n, self.residual, self.target = n, residual, target
         self.name = f"f32_layer_norm_n{n}_{target.isa}" + ("_residual" if residual else "")
-        mod = jit.new_module(self.name, target)
-        _emit(mod, self.name, n, residual, target)
-        self._jm = jit.compile_module(mod, target)
+        def emit():
+            mod = jit.new_module(self.name, target)
+            _emit(mod, self.name, n, residual, target)
+            return mod
+
+        self._jm = compile_cached(self.name, emit, target, "light", n, residual)
         self._fn = _CTYPES(self._jm.function_address(self.name))
         self.compile_seconds = self._jm.compile_seconds
         # for sums that broadcast otherwise than over leading dimensions (compiled now: a
