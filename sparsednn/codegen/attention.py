@@ -3,7 +3,8 @@
     kernel = compile_attention(num_heads=12, head_size=64)
     out = kernel(q, k, v, mask, scale=0.125, num_threads=2)    # [B, Sq, H·D]
 
-q is [B, Sq, H·D] (or [B, Sq, H, D]), k and v [B, Skv, H·D] (or [B, Skv, H, D]): the layout the
+q is [B, Sq, H·D] (or [B, Sq, H, D]), k and v [B, Skv, H·D] (or [B, Skv, H, D]), or q is the
+packed [B, S, 3·H·D] output of one Linear computing q | k | v (k and v None): the layout the
 Linear layers produce, read in place (head h is the columns h·D .. h·D+D-1 of every row), and
 the output is written straight in that layout too, so the head split/merge Reshape and
 Transpose nodes of the exported graph cost nothing. The optional additive mask broadcasts to
@@ -454,23 +455,33 @@ class AttentionKernel:
                  out: np.ndarray | None = None) -> np.ndarray:
         H, D = self.num_heads, self.head_size
         n = H * D
-        dims = []
-        for label, x in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        packed = k is None and v is None
+        if packed:  # q is [B, S, 3·H·D]: q | k | v along the features, as one Linear makes them
+            if not isinstance(q, np.ndarray) or q.dtype != np.float32 or q.ndim != 3 or \
+                    q.shape[2] != 3 * n:
                 raise SparseDNNError(
-                    f"{where}: {label} must be a float32 array, got "
-                    f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', []))}")
-            d = _dims(x, n, H, D)
-            if d is None:
+                    f"{where}: packed q|k|v must be a float32 [batch, sequence, {3 * n}] array, "
+                    f"got {getattr(q, 'dtype', type(q).__name__)}{list(getattr(q, 'shape', []))}")
+            bq = bk = bv = q.shape[0]
+            sq = skv = sv = q.shape[1]
+        else:
+            dims = []
+            for label, x in (("q", q), ("k", k), ("v", v)):
+                if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+                    raise SparseDNNError(
+                        f"{where}: {label} must be a float32 array, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', []))}")
+                d = _dims(x, n, H, D)
+                if d is None:
+                    raise SparseDNNError(
+                        f"{where}: {label} must be [batch, sequence, {n}] or [batch, sequence, "
+                        f"{H}, {D}] ({H} heads of {D}), got {list(x.shape)}")
+                dims.append(d)
+            (bq, sq), (bk, skv), (bv, sv) = dims
+            if not (bq == bk == bv) or skv != sv:
                 raise SparseDNNError(
-                    f"{where}: {label} must be [batch, sequence, {n}] or [batch, sequence, {H}, "
-                    f"{D}] ({H} heads of {D}), got {list(x.shape)}")
-            dims.append(d)
-        (bq, sq), (bk, skv), (bv, sv) = dims
-        if not (bq == bk == bv) or skv != sv:
-            raise SparseDNNError(
-                f"{where}: q {list(q.shape)}, k {list(k.shape)} and v {list(v.shape)} must share "
-                "the batch size, and k and v the sequence length")
+                    f"{where}: q {list(q.shape)}, k {list(k.shape)} and v {list(v.shape)} must "
+                    "share the batch size, and k and v the sequence length")
         B = bq
         out = _output(out, (B, sq, n), where)
         if B == 0 or sq == 0 or n == 0:
@@ -478,7 +489,15 @@ class AttentionKernel:
         if skv == 0:  # softmax over no keys: nothing to weigh
             out.fill(0.0)
             return out
-        q, k, v = (x if x.flags.c_contiguous else np.ascontiguousarray(x) for x in (q, k, v))
+        if packed:
+            q = q if q.flags.c_contiguous else np.ascontiguousarray(q)
+            qa = _addr(q)
+            ka, va, ld = qa + 4 * n, qa + 8 * n, 3 * n
+            strides = (ld, ld, ld, n, sq * ld, sq * ld, sq * ld, sq * n)
+        else:
+            q, k, v = (x if x.flags.c_contiguous else np.ascontiguousarray(x) for x in (q, k, v))
+            qa, ka, va = _addr(q), _addr(k), _addr(v)
+            strides = (n, n, n, n, sq * n, skv * n, skv * n, sq * n)
         mstrides = (0, 0, 0)
         has_mask = mask is not None
         m_addr = 0
@@ -488,11 +507,9 @@ class AttentionKernel:
         ldt = _kt_stride(skv, self.target.vector_width)
         floats = (D + self.rows_per_block) * ldt
         fn = self._fns[has_mask]
-        qa, ka, va, oa = _addr(q), _addr(k), _addr(v), _addr(out)
         pairs = B * H
-        args = (qa, ka, va, m_addr, oa)
-        common = (sq, skv, n, n, n, n, sq * n, skv * n, skv * n, sq * n, *mstrides, ldt,
-                  float(scale), float(masked_row_value))
+        args = (qa, ka, va, m_addr, _addr(out))
+        common = (sq, skv, *strides, *mstrides, ldt, float(scale), float(masked_row_value))
         threads = self.useful_threads(pairs, sq, skv, num_threads)
         if threads == 1:
             fn(*args, thread_scratch(floats)[0], *common, 0, pairs)

@@ -66,13 +66,17 @@ def _split_heads(x: np.ndarray, num_heads: int, head_size: int) -> np.ndarray:
 
 
 @register(domain=DOMAIN)
-def Attention(q, k, v, mask=None, *, num_heads, head_size, scale, fully_masked="nan"):
+def Attention(q, k=None, v=None, mask=None, *, num_heads, head_size, scale, fully_masked="nan"):
     """Multi-head attention as exported graphs compute it, on the Linear layers' layout:
     softmax(q·kᵀ·scale + mask)·v per head, q [B, Sq, H·D] (or [B, Sq, H, D]), k and v
     [B, Skv, H·D] (or 4-D), mask broadcasting to [B, H, Sq, Skv]; output [B, Sq, H·D].
+    With k and v absent, q is [B, S, 3·H·D]: q | k | v along the last axis (one Linear).
 
     A row whose scores are all -inf gives NaN (Softmax's answer), or 0 when fully_masked is
     "zero" (graphs that replace the softmax's NaN by 0, as torch's SDPA exports do)."""
+    if k is None and v is None:
+        n = num_heads * head_size
+        q, k, v = q[..., :n], q[..., n:2 * n], q[..., 2 * n:]
     qh, kh, vh = (_split_heads(x, num_heads, head_size) for x in (q, k, v))
     scores = np.matmul(qh, kh.transpose(0, 1, 3, 2)) * np.float32(scale)
     if mask is not None:

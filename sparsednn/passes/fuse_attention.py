@@ -556,6 +556,69 @@ def fuse_attention(graph: Graph) -> Graph:
         for n in graph.nodes:
             nodes.extend(replaced.get(id(n), [n]))
         graph.nodes = nodes
+        merge_qkv_projections(graph)
+    return graph
+
+
+MAX_SPARSITY_SPREAD = 0.05
+
+
+def merge_qkv_projections(graph: Graph) -> Graph:
+    """Attention(q, k, v) whose q, k and v are three Linear layers of one input becomes
+    Attention(qkv) on one Linear with the three weights side by side ([K, 3N]): one kernel call
+    instead of three, and a layer wide enough to keep two threads busy (measured on BERT-base
+    at batch 1, 2 threads: three 768x768 sparse kernels 0.40 ms, one 768x2304 0.24 ms). The
+    old outputs stay available as Slices of the merged one for any other reader (dead code
+    elimination drops them otherwise). Left alone when the three weights differ much in
+    sparsity (the kernel choice is per layer)."""
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    replace: dict[int, Node] = {}
+    insert: dict[int, Node] = {}
+    for attn in graph.nodes:
+        if attn.op != "Attention" or attn.input(1) is None:
+            continue
+        sources = attn.inputs[:3]
+        linears = [v.producer for v in sources]
+        if len({id(v) for v in sources}) != 3 or any(
+            n is None or n.op != "Linear" or id(n) in replace for n in linears
+        ):
+            continue
+        x = linears[0].inputs[0]
+        weights = [n.attrs.get("weight") for n in linears]
+        if any(n.inputs[0] is not x or n.attrs.get("activation", "none") != "none"
+               or not isinstance(w, np.ndarray) or w.ndim != 2 or w.dtype != np.float32
+               or w.shape != weights[0].shape for n, w in zip(linears, weights)):
+            continue
+        sparsity = [1.0 - np.count_nonzero(w) / max(w.size, 1) for w in weights]
+        if max(sparsity) - min(sparsity) > MAX_SPARSITY_SPREAD:
+            continue
+        n = weights[0].shape[1]
+        biases = [n_.attrs.get("bias") for n_ in linears]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = np.concatenate([np.zeros(n, np.float32) if b is None else b for b in biases])
+        first = min(linears, key=lambda node: position[id(node)])
+        qkv = Value(graph.fresh_name(f"{first.name}_qkv_out"), np.dtype(np.float32))
+        merged = Node("Linear", f"{first.name}_qkv", [x], [qkv],
+                      {"weight": np.ascontiguousarray(np.concatenate(weights, axis=1)),
+                       "bias": bias, "activation": "none"}, domain=DOMAIN)
+        qkv.producer = merged
+        insert[id(first)] = merged
+        for i, (node, out) in enumerate(zip(linears, sources)):
+            bounds = [Value.constant(graph.fresh_name(f"{node.name}_{what}"),
+                                     np.array([value], np.int64))
+                      for what, value in (("start", i * n), ("end", (i + 1) * n), ("axis", -1))]
+            part = Node("Slice", f"{node.name}_part", [qkv, *bounds], [out], {})
+            out.producer = part
+            replace[id(node)] = part
+        attn.inputs = [qkv, None, None, *attn.inputs[3:]]
+    if replace:
+        nodes = []
+        for node in graph.nodes:
+            if id(node) in insert:
+                nodes.append(insert[id(node)])
+            nodes.append(replace.get(id(node), node))
+        graph.nodes = nodes
     return graph
 
 

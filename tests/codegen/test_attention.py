@@ -42,7 +42,9 @@ def make_mask(rng, kind, neg, b, h, sq, skv):
     if kind == "rows":
         m = rng.standard_normal((b, 1, sq, skv)).astype(np.float32)
         m[rng.random((b, 1, sq, skv)) < 0.3] = neg
-        m[:, :, rng.random(sq) < 0.3, :] = neg  # whole rows masked
+        if neg < -1e30:  # whole rows masked (-inf or float32 min; rows of a finite -1e4 are
+            # ill-conditioned: every score near -1e4, where float32's ulp is 1e-3)
+            m[:, :, rng.random(sq) < 0.3, :] = neg
         return m
     if kind == "full":
         return rng.standard_normal((b, h, sq, skv)).astype(np.float32)
@@ -65,7 +67,9 @@ def check(isa, b, sq, skv, h, d, mask_kind, neg, fully_masked, threads, four_d, 
     scale = 1 / math.sqrt(d) if scale is None else scale
     expected = Attention(q, k, v, mask, num_heads=h, head_size=d, scale=scale,
                          fully_masked=fully_masked)
-    if four_d:
+    if four_d == "packed":  # one [B, S, 3·H·D] array, q | k | v
+        q, k, v = np.concatenate([q, k, v], axis=-1), None, None
+    elif four_d:
         q, k, v = (x.reshape(x.shape[0], x.shape[1], h, d) for x in (q, k, v))
     got = kern(q, k, v, mask, scale=scale, num_threads=threads,
                masked_row_value=0.0 if fully_masked == "zero" else math.nan)
@@ -86,13 +90,13 @@ def check(isa, b, sq, skv, h, d, mask_kind, neg, fully_masked, threads, four_d, 
     neg=st.sampled_from(list(NEG)),
     fully_masked=st.sampled_from(["nan", "zero"]),
     threads=st.integers(1, 3),
-    four_d=st.booleans(),
+    layout=st.sampled_from([False, True, "packed"]),  # [B,S,H·D], [B,S,H,D], packed q|k|v
     seed=st.integers(0, 2**16),
 )
-def test_matches_reference(isa, b, sq, skv, h, d, mask_kind, neg, fully_masked, threads, four_d,
+def test_matches_reference(isa, b, sq, skv, h, d, mask_kind, neg, fully_masked, threads, layout,
                            seed):
-    check(isa, b, sq, sq if skv is None else skv, h, d, mask_kind, neg, fully_masked, threads,
-          four_d, seed)
+    skv = sq if skv is None or layout == "packed" else skv
+    check(isa, b, sq, skv, h, d, mask_kind, neg, fully_masked, threads, layout, seed)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -171,9 +175,11 @@ def test_bad_inputs_raise():
         ((q, q, q, np.zeros((1, 1, 1, 1, 3), np.float32)), {}, "does not broadcast"),
         ((q, q, q, np.zeros((1, 3), np.float64)), {}, "mask must be a float32"),
         ((q, q, q), {"out": np.zeros((1, 3, 8), np.float32)}, "out must be"),
+        ((q, None, None), {}, "packed q|k|v must be"),
     ]
     for args, kwargs, message in cases:
-        with pytest.raises(SparseDNNError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        pattern = message.replace("[", r"\[").replace("]", r"\]").replace("|", r"\|")
+        with pytest.raises(SparseDNNError, match=pattern):
             kern(*args, scale=1.0, where="node 'attn'", **kwargs)
         with pytest.raises(SparseDNNError, match="node 'attn'"):
             kern(*args, scale=1.0, where="node 'attn'", **kwargs)

@@ -10,6 +10,13 @@ ORT_PROVIDERS = ["CPUExecutionProvider"]
 TOLERANCE = 1e-4  # max |sparsednn - onnxruntime| on last_hidden_state
 
 
+def linear_projections(graph) -> int:
+    """The weight matrices the Linear nodes hold: a Linear computing attention's q|k|v at once
+    (fuse_attention merges the three projections of one input) holds three."""
+    packed = {id(n.inputs[0]) for n in graph.nodes if n.op == "Attention" and n.input(1) is None}
+    return sum(3 if id(n.outputs[0]) in packed else 1 for n in graph.nodes if n.op == "Linear")
+
+
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| in float64; inf when `a` has NaN or inf where `b` is finite."""
     a, b = np.asarray(a), np.asarray(b)

@@ -41,8 +41,9 @@ class Builder:
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
-    def linear(self, x, n):
+    def linear(self, x, n, zeros=0.0):
         w = (self.rng.standard_normal((n, n)) * 0.3).astype(F32)
+        w[self.rng.random(w.shape) < zeros] = 0
         b = (self.rng.standard_normal(n) * 0.1).astype(F32)
         return self.op("Add", [self.op("MatMul", [x, self.const(w)]), self.const(b)])
 
@@ -67,12 +68,12 @@ class Builder:
 def build(k_form="perm0231", scale_form="div", mask_form="pad", shape_form="const",
           out_form="flat", softmax_axis=-1, q_split=None, k_split=None, k_perm=None,
           probs_output=False, scale_v=False, mask_then_scale=False, seed=0, heads=H,
-          head_size=D):
+          head_size=D, k_zeros=0.0, k_output=False):
     """One attention layer on x [b, s, heads·head_size]; mask inputs as the variants need."""
     bld = Builder(seed)
     x = "x"
     n, d_ = heads * head_size, head_size
-    q, k, v = (bld.linear(x, n) for _ in range(3))
+    q, k, v = bld.linear(x, n), bld.linear(x, n, zeros=k_zeros), bld.linear(x, n)
     q_split = q_split or (heads, head_size)
     k_split = k_split or q_split
     standard = q_split == (heads, head_size)
@@ -149,6 +150,8 @@ def build(k_form="perm0231", scale_form="div", mask_form="pad", shape_form="cons
     outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)]
     if probs_output:
         outputs.append(helper.make_tensor_value_info(probs, TensorProto.FLOAT, None))
+    if k_output:
+        outputs.append(helper.make_tensor_value_info(k, TensorProto.FLOAT, None))
     if shape_form == "slices":
         inputs.append(("ids", TensorProto.INT64, ["batch", "sequence"]))
     graph = helper.make_graph(
@@ -221,7 +224,11 @@ def test_export_variants_fuse(k_form, scale_form, mask_form, shape_form, out_for
     assert attn.attrs["scale"] == pytest.approx(expected_scale, rel=1e-6)
     assert attn.attrs["fully_masked"] == ("zero" if mask_form == "where" else "nan")
     assert len(attn.inputs) == (3 if mask_form == "none" else 4)
-    assert all(v.producer.op == "Linear" for v in attn.inputs[:3])
+    # q, k and v come from one Linear with the three weights side by side
+    qkv, k, v = attn.inputs[:3]
+    assert k is None and v is None
+    assert qkv.producer.op == "Linear" and qkv.producer.attrs["weight"].shape == (H * D, 3 * H * D)
+    assert graph.op_counts()["Linear"] == 1
 
 
 @pytest.mark.parametrize("k_form,shape_form", list(itertools.product(
@@ -246,6 +253,17 @@ def test_lookalikes_do_not_fuse(case):
         "mask_then_scale": {"mask_then_scale": True, "mask_form": "full"},
     }[case]
     check_against_onnxruntime(build(**kwargs), fused=False)
+
+
+def test_qkv_merge_keeps_other_readers_and_respects_sparsity():
+    """K also a graph output: still merged, K read back as a Slice of the packed output. Q, K
+    and V of very different sparsity: three Linears (each gets its own kernel choice)."""
+    graph = check_against_onnxruntime(build(k_output=True), fused=True)
+    counts = graph.op_counts()
+    assert counts["Linear"] == 1 and counts["Slice"] == 1, counts
+    graph = check_against_onnxruntime(build(k_zeros=0.9), fused=True)
+    (attn,) = [n for n in graph.nodes if n.op == "Attention"]
+    assert graph.op_counts()["Linear"] == 3 and attn.inputs[1] is not None
 
 
 def test_fully_masked_rows_match_onnxruntime():
