@@ -63,7 +63,7 @@ from sparsednn.codegen.target import Target, host_target
 from sparsednn.errors import SparseDNNError
 
 # Vector registers of accumulators per phase (the rest hold loads and broadcasts).
-_ACC_BUDGET = {"avx512": 16, "avx2": 8, "generic": 8}
+_ACC_BUDGET = {"avx512": 24, "avx2": 8, "generic": 8}  # of 32 / 16 / 16 registers
 _MAX_ROWS = 8
 _OPT = 3  # LLVM's pipeline (no unrolling/vectorising): LICM hoists the exp constants
 # A second thread only when the work pays for the hand-off (~40 us, see codegen/README.md):

@@ -15,7 +15,10 @@ The exported subgraph, per attention layer:
              [B, H, S, D] → [B, H, S, D] first)
 
 becomes Attention(q, k, v, mask) {num_heads, head_size, scale, fully_masked}, which reads q, k
-and v in the Linear layout and writes [B, S, H·D] (sparsednn/codegen/attention.py).
+and v in the Linear layout and writes [B, S, H·D] (sparsednn/codegen/attention.py). When q, k
+and v are three Linear layers of one input, they are then merged into one Linear whose [K, 3N]
+weight holds the three side by side, read packed: Attention(qkv, _, _, mask)
+(merge_qkv_projections).
 
 Soundness: every tensor on the way is described by its layout, a list of dimensions each made
 of logical axes (b, s, h, d of q, k or v) in row-major order. Transpose permutes dimensions;
