@@ -183,16 +183,16 @@ def cmd_profile(args) -> int:
         rows.append({
             "node": p.node, "op": p.op, "output": shape,
             "sparsity": "" if sparsity is None else f"{100 * sparsity:.1f}%",
-            "kernel": node.attrs.get("kernel", "") if node.op == "Linear" else "numpy",
+            "kernel": getattr(session.kernels.get(p.node), "name", "numpy"),
             "ms": 1e3 * p.seconds / args.runs, "share": 100 * p.seconds / total,
             "gflops": p.gflops,
         })
     shown = rows if args.all else rows[: args.top]
-    print(f"{'node':40s} {'op':10s} {'output':28s} {'sparsity':>8s} {'kernel':30s} "
+    print(f"{'node':40s} {'op':10s} {'output':28s} {'sparsity':>8s} {'kernel':36s} "
           f"{'ms/run':>8s} {'share':>6s} {'GFLOP/s':>8s}")
     for r in shown:
         print(f"{r['node'][-40:]:40s} {r['op']:10s} {r['output'][:28]:28s} {r['sparsity']:>8s} "
-              f"{r['kernel'][:30]:30s} {r['ms']:8.3f} {r['share']:5.1f}% "
+              f"{r['kernel'][:36]:36s} {r['ms']:8.3f} {r['share']:5.1f}% "
               f"{r['gflops'] or 0:8.1f}")
     if len(shown) < len(rows):
         print(f"... {len(rows) - len(shown)} more nodes (--all shows them)")
