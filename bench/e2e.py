@@ -159,6 +159,7 @@ def main() -> int:
 
 
 def plot(rows: list[dict], path: str) -> None:
+    """Throughput bars per engine and sparsity, one panel per (sequence, batch)."""
     try:
         import matplotlib
 
@@ -177,13 +178,16 @@ def plot(rows: list[dict], path: str) -> None:
             values = [next((r["sequences_per_s"] for r in rows if r["engine"] == engine and
                             r["sparsity"] == s and r["seq"] == seq and r["batch"] == batch), 0)
                       for s in sparsities]
-            ax.bar(np.arange(len(sparsities)) + i * width, values, width, label=engine)
+            label = next(r["label"] for r in rows if r["engine"] == engine)
+            ax.bar(np.arange(len(sparsities)) + i * width, values, width, label=label)
         ax.set_xticks(np.arange(len(sparsities)) + 0.4 - width / 2,
                       [f"{s:.0%}" for s in sparsities])
         ax.set_xlabel("sparsity of encoder linear weights")
         ax.set_ylabel("sequences / s")
         ax.set_title(f"BERT-base, seq {seq}, batch {batch}")
-        ax.legend()
+        ax.set_ylim(top=1.4 * max(r["sequences_per_s"] for r in rows
+                                  if r["seq"] == seq and r["batch"] == batch))
+        ax.legend(loc="upper left", fontsize=8, ncol=2)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
