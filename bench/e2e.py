@@ -50,7 +50,8 @@ def sparsednn_runner(path: Path, threads: int):
 
     start = time.perf_counter()
     session = sparsednn.InferenceSession(
-        str(path), sparsednn.SessionOptions(intra_op_num_threads=threads))
+        str(path), sparsednn.SessionOptions(intra_op_num_threads=threads)
+    )
     seconds = time.perf_counter() - start
     return (lambda feed: session.run(None, feed)), f"sparsednn {sparsednn.__version__}", seconds
 
@@ -81,8 +82,12 @@ print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 
 
 def peak_memory_mb(engine: str, path: Path, threads: int) -> float:
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, engine, str(path), str(threads)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, engine, str(path), str(threads)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return float(out.split()[-1])
 
 
@@ -100,8 +105,9 @@ def main() -> int:
     parser.add_argument("--png", default="bench/results/e2e.png")
     args = parser.parse_args()
 
-    sparsities = [float(s) for s in (args.sparsity or ("0,0.8,0.9,0.94" if args.full else "0,0.9"))
-                  .split(",")]
+    sparsities = [
+        float(s) for s in (args.sparsity or ("0,0.8,0.9,0.94" if args.full else "0,0.9")).split(",")
+    ]
     seqs = [int(s) for s in (args.seq or ("128,384" if args.full else "128")).split(",")]
     batches = [int(b) for b in (args.batch or "1,16").split(",")]
     spec = ModelSpec("bert", "base", "legacy")
@@ -116,24 +122,36 @@ def main() -> int:
             except ImportError:
                 continue
         _, _, cached_s = sparsednn_runner(path, args.threads)  # second creation: warm caches
-        print(f"== BERT-base {sparsity:.0%} sparse: sparsednn session {compile_s:.2f}s cold, "
-              f"{cached_s:.2f}s second time; {', '.join(labels.values())}", flush=True)
+        print(
+            f"== BERT-base {sparsity:.0%} sparse: sparsednn session {compile_s:.2f}s cold, "
+            f"{cached_s:.2f}s second time; {', '.join(labels.values())}",
+            flush=True,
+        )
         memory = {}
         if args.memory:
-            memory = {e: peak_memory_mb(e, path, args.threads) for e in ("sparsednn", "onnxruntime")}
+            memory = {
+                e: peak_memory_mb(e, path, args.threads) for e in ("sparsednn", "onnxruntime")
+            }
             print("   peak RSS MB: " + ", ".join(f"{e} {m:.0f}" for e, m in memory.items()))
         for seq in seqs:
             for batch in batches:
                 feed = make_inputs(spec, batch, seq, seed=seq + batch)
                 reference = first_output(engines["sparsednn"](feed))
-                diffs = {p: float(np.max(np.abs(first_output(engines[p](feed)) - reference)))
-                         for p in engines if p != "sparsednn"}
+                diffs = {
+                    p: float(np.max(np.abs(first_output(engines[p](feed)) - reference)))
+                    for p in engines
+                    if p != "sparsednn"
+                }
                 timings = time_engines(engines, feed, args.time, warmup=2)
                 base = timings["sparsednn"].throughput(batch)
                 for name, t in timings.items():
                     row = {
-                        "sparsity": sparsity, "seq": seq, "batch": batch, "engine": name,
-                        "label": labels[name], "threads": args.threads,
+                        "sparsity": sparsity,
+                        "seq": seq,
+                        "batch": batch,
+                        "engine": name,
+                        "label": labels[name],
+                        "threads": args.threads,
                         "sequences_per_s": round(t.throughput(batch), 3),
                         "p50_ms": round(t.percentile_ms(50), 3),
                         "p90_ms": round(t.percentile_ms(90), 3),
@@ -145,12 +163,18 @@ def main() -> int:
                         "peak_rss_mb": memory.get(name),
                     }
                     rows.append(row)
-                    print(f"  seq {seq:4d} batch {batch:3d} {labels[name]:28s} "
-                          f"{row['sequences_per_s']:9.2f} seq/s  p50 {row['p50_ms']:8.2f} "
-                          f"p90 {row['p90_ms']:8.2f} p99 {row['p99_ms']:8.2f} ms  "
-                          + ("" if name == "sparsednn" else
-                             f"sparsednn {row['sparsednn_speedup']:.2f}x, "
-                             f"max-abs {row['max_abs_diff']:.1e}"), flush=True)
+                    print(
+                        f"  seq {seq:4d} batch {batch:3d} {labels[name]:28s} "
+                        f"{row['sequences_per_s']:9.2f} seq/s  p50 {row['p50_ms']:8.2f} "
+                        f"p90 {row['p90_ms']:8.2f} p99 {row['p99_ms']:8.2f} ms  "
+                        + (
+                            ""
+                            if name == "sparsednn"
+                            else f"sparsednn {row['sparsednn_speedup']:.2f}x, "
+                            f"max-abs {row['max_abs_diff']:.1e}"
+                        ),
+                        flush=True,
+                    )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"wrote {args.json}")
@@ -175,18 +199,32 @@ def plot(rows: list[dict], path: str) -> None:
         sparsities = sorted({r["sparsity"] for r in rows})
         width = 0.8 / len(engines)
         for i, engine in enumerate(engines):
-            values = [next((r["sequences_per_s"] for r in rows if r["engine"] == engine and
-                            r["sparsity"] == s and r["seq"] == seq and r["batch"] == batch), 0)
-                      for s in sparsities]
+            values = [
+                next(
+                    (
+                        r["sequences_per_s"]
+                        for r in rows
+                        if r["engine"] == engine
+                        and r["sparsity"] == s
+                        and r["seq"] == seq
+                        and r["batch"] == batch
+                    ),
+                    0,
+                )
+                for s in sparsities
+            ]
             label = next(r["label"] for r in rows if r["engine"] == engine)
             ax.bar(np.arange(len(sparsities)) + i * width, values, width, label=label)
-        ax.set_xticks(np.arange(len(sparsities)) + 0.4 - width / 2,
-                      [f"{s:.0%}" for s in sparsities])
+        ax.set_xticks(
+            np.arange(len(sparsities)) + 0.4 - width / 2, [f"{s:.0%}" for s in sparsities]
+        )
         ax.set_xlabel("sparsity of encoder linear weights")
         ax.set_ylabel("sequences / s")
         ax.set_title(f"BERT-base, seq {seq}, batch {batch}")
-        ax.set_ylim(top=1.4 * max(r["sequences_per_s"] for r in rows
-                                  if r["seq"] == seq and r["batch"] == batch))
+        ax.set_ylim(
+            top=1.4
+            * max(r["sequences_per_s"] for r in rows if r["seq"] == seq and r["batch"] == batch)
+        )
         ax.legend(loc="upper left", fontsize=8, ncol=2)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -77,10 +77,15 @@ def run_worker(first: int, stop: int, args, on_line) -> tuple[int | None, str]:
     env = dict(os.environ, SPARSEDNN_MEMORY_LIMIT=str(args.limit_mib << 20))
     proc = subprocess.Popen(
         [sys.executable, "-c", WORKER, str(first), str(stop), str(args.rlimit_gib)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)],
-                     daemon=True).start()
+    threading.Thread(
+        target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True
+    ).start()
     stderr: list[str] = []
     threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
     last = None
@@ -104,12 +109,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=10000)
     parser.add_argument("--start", type=int, default=0, help="first case number (seed)")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds one case may take before it counts as a hang")
-    parser.add_argument("--limit-mib", type=int, default=1024,
-                        help="SPARSEDNN_MEMORY_LIMIT for the workers, in MiB")
-    parser.add_argument("--rlimit-gib", type=int, default=8,
-                        help="address-space cap of a worker process, in GiB")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds one case may take before it counts as a hang",
+    )
+    parser.add_argument(
+        "--limit-mib", type=int, default=1024, help="SPARSEDNN_MEMORY_LIMIT for the workers, in MiB"
+    )
+    parser.add_argument(
+        "--rlimit-gib", type=int, default=8, help="address-space cap of a worker process, in GiB"
+    )
     parser.add_argument("--json", help="write the counts as JSON here")
     args = parser.parse_args()
     kinds = ("ok", "error", "unexpected", "unguarded", "hang", "crash")

@@ -165,8 +165,12 @@ def main(argv=None) -> int:
     ap.add_argument("--m", help=f"batch x sequence rows M (default {QUICK['m']})")
     ap.add_argument("--threads", help=f"thread counts (default {QUICK['threads']})")
     ap.add_argument("--activation", default="none", choices=["none", "relu", "gelu"])
-    ap.add_argument("--weights", default="random", choices=["random", "magnitude"],
-                    help="random masks, or magnitude-pruned real-looking weights")
+    ap.add_argument(
+        "--weights",
+        default="random",
+        choices=["random", "magnitude"],
+        help="random masks, or magnitude-pruned real-looking weights",
+    )
     ap.add_argument("--bias", action="store_true", help="with a bias (fused in the sparse kernel)")
     ap.add_argument("--isa", default=None, help="force avx512|avx2|generic (default: the host's)")
     ap.add_argument("--no-scipy", action="store_true", help="skip the scipy.sparse baseline")
@@ -203,7 +207,10 @@ def main(argv=None) -> int:
         "the dense GEMM peak with the same threads; dense = numpy matmul (+ epilogue)"
     )
     peaks = {nt: dense_peak_gflops(nt) for nt in threads}
-    print("# dense GEMM peak: " + ", ".join(f"{nt} thread(s) {g:.0f} GFLOP/s" for nt, g in peaks.items()))
+    print(
+        "# dense GEMM peak: "
+        + ", ".join(f"{nt} thread(s) {g:.0f} GFLOP/s" for nt, g in peaks.items())
+    )
     header = (f"{'K x N':>10} {'spars':>5} {'M':>4} {'thr':>3} {'sparse us':>10} {'dense us':>10} "
               f"{'scipy us':>10} {'GF/s':>6} {'%peak':>5} {'vs dense':>8} {'vs scipy':>8}  kernel")  # fmt: skip
     print(header)

@@ -37,9 +37,11 @@ def random_feed(config, rng, max_batch: int, max_sequence: int) -> dict[str, np.
     sequence = int(rng.integers(1, max_sequence + 1))
     mask = np.ones((batch, sequence), np.int64)
     for row in range(batch):  # padded tails of random length, never a fully padded row
-        mask[row, int(rng.integers(1, sequence + 1)):] = 0
-    feed = {"input_ids": rng.integers(0, config.vocab, (batch, sequence), dtype=np.int64),
-            "attention_mask": mask}
+        mask[row, int(rng.integers(1, sequence + 1)) :] = 0
+    feed = {
+        "input_ids": rng.integers(0, config.vocab, (batch, sequence), dtype=np.int64),
+        "attention_mask": mask,
+    }
     if config.type_vocab:
         split = int(rng.integers(0, sequence + 1))
         types = np.zeros((batch, sequence), np.int64)
@@ -75,17 +77,32 @@ def main() -> int:
     for arch in args.models.split(","):
         for percent in (float(p) for p in args.sparsities.split(",")):
             t0 = time.perf_counter()
-            model = build_encoder(ARCHITECTURES[arch], percent / 100, seed=0,
-                                  name=f"{arch}-{percent:g}").SerializeToString()
+            model = build_encoder(
+                ARCHITECTURES[arch], percent / 100, seed=0, name=f"{arch}-{percent:g}"
+            ).SerializeToString()
             ours = sparsednn.InferenceSession(model, options)
             theirs = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-            kernels = sorted({k.name.split("_")[1] for k in ours.kernels.values()
-                              if hasattr(k, "name")})
-            print(f"{arch}-{percent:g}: compiled in {time.perf_counter() - t0:.1f} s "
-                  f"(kernels: {', '.join(kernels)})", flush=True)
-            configs.append({"name": f"{arch}-{percent:g}", "arch": arch, "ours": ours,
-                            "theirs": theirs, "cases": 0, "max_abs": 0.0, "worst": None,
-                            "seconds_ours": 0.0, "seconds_theirs": 0.0})
+            kernels = sorted(
+                {k.name.split("_")[1] for k in ours.kernels.values() if hasattr(k, "name")}
+            )
+            print(
+                f"{arch}-{percent:g}: compiled in {time.perf_counter() - t0:.1f} s "
+                f"(kernels: {', '.join(kernels)})",
+                flush=True,
+            )
+            configs.append(
+                {
+                    "name": f"{arch}-{percent:g}",
+                    "arch": arch,
+                    "ours": ours,
+                    "theirs": theirs,
+                    "cases": 0,
+                    "max_abs": 0.0,
+                    "worst": None,
+                    "seconds_ours": 0.0,
+                    "seconds_theirs": 0.0,
+                }
+            )
 
     # -- phase 1: numerics ----------------------------------------------------------------
     rng = np.random.default_rng(args.seed)
@@ -119,13 +136,17 @@ def main() -> int:
     gc.collect()
     rss_after = rss_mib()
     largest = max(c["max_abs"] for c in configs)
-    print(f"\nphase 1: {cases} cases in {args.minutes:g} min; largest max-abs deviation from "
-          f"onnxruntime {largest:.2e} (tolerance {args.tolerance:g}); RSS {rss_before:.1f} -> "
-          f"{rss_after:.1f} MiB")
+    print(
+        f"\nphase 1: {cases} cases in {args.minutes:g} min; largest max-abs deviation from "
+        f"onnxruntime {largest:.2e} (tolerance {args.tolerance:g}); RSS {rss_before:.1f} -> "
+        f"{rss_after:.1f} MiB"
+    )
     for c in configs:
         ratio = c["seconds_theirs"] / c["seconds_ours"] if c["seconds_ours"] else 0.0
-        print(f"  {c['name']:16s} cases {c['cases']:6d}  max-abs {c['max_abs']:.2e}"
-              f" (at batch x sequence {c['worst']})  time vs onnxruntime x{ratio:.2f}")
+        print(
+            f"  {c['name']:16s} cases {c['cases']:6d}  max-abs {c['max_abs']:.2e}"
+            f" (at batch x sequence {c['worst']})  time vs onnxruntime x{ratio:.2f}"
+        )
 
     # -- phase 2: memory over many runs ---------------------------------------------------
     arch, config, sparsity = parse_name(args.memory_model)
@@ -143,23 +164,44 @@ def main() -> int:
     gc.collect()
     rss_runs_after = rss_mib()
     growth = rss_runs_after - rss_runs_before
-    print(f"\nphase 2: {args.runs} runs of {args.memory_model} ({len(shapes)} shapes) in "
-          f"{seconds:.1f} s; RSS {rss_runs_before:.1f} -> {rss_runs_after:.1f} MiB "
-          f"({growth:+.1f} MiB, tolerance {args.rss_tolerance_mib:g})")
+    print(
+        f"\nphase 2: {args.runs} runs of {args.memory_model} ({len(shapes)} shapes) in "
+        f"{seconds:.1f} s; RSS {rss_runs_before:.1f} -> {rss_runs_after:.1f} MiB "
+        f"({growth:+.1f} MiB, tolerance {args.rss_tolerance_mib:g})"
+    )
     print(f"process RSS: {rss_start:.1f} MiB at start, {rss_mib():.1f} MiB at the end")
 
     ok = largest <= args.tolerance and growth < args.rss_tolerance_mib
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({
-                "minutes": args.minutes, "cases": cases, "largest_max_abs": largest,
-                "tolerance": args.tolerance, "rss_phase1_mib": [rss_before, rss_after],
-                "runs": args.runs, "rss_phase2_mib": [rss_runs_before, rss_runs_after],
-                "per_model": [{k: c[k] for k in ("name", "cases", "max_abs", "worst",
-                                                  "seconds_ours", "seconds_theirs")}
-                              for c in configs],
-                "ok": ok,
-            }, f, indent=2)
+            json.dump(
+                {
+                    "minutes": args.minutes,
+                    "cases": cases,
+                    "largest_max_abs": largest,
+                    "tolerance": args.tolerance,
+                    "rss_phase1_mib": [rss_before, rss_after],
+                    "runs": args.runs,
+                    "rss_phase2_mib": [rss_runs_before, rss_runs_after],
+                    "per_model": [
+                        {
+                            k: c[k]
+                            for k in (
+                                "name",
+                                "cases",
+                                "max_abs",
+                                "worst",
+                                "seconds_ours",
+                                "seconds_theirs",
+                            )
+                        }
+                        for c in configs
+                    ],
+                    "ok": ok,
+                },
+                f,
+                indent=2,
+            )
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 

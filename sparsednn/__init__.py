@@ -1,8 +1,8 @@
 """sparsednn: sparse deep-learning inference on CPUs.
 
-    import sparsednn
-    session = sparsednn.InferenceSession("model.onnx")
-    outputs = session.run(None, {"input_ids": ids, "attention_mask": mask})
+import sparsednn
+session = sparsednn.InferenceSession("model.onnx")
+outputs = session.run(None, {"input_ids": ids, "attention_mask": mask})
 """
 
 from sparsednn import ops as _ops  # noqa: F401  (registers every op)

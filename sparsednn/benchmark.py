@@ -34,9 +34,13 @@ def _gather_bounds(graph: Graph) -> dict[str, int]:
     return bounds
 
 
-def synthetic_inputs(graph: Graph, batch_size: int = 1, seq_len: int = 128,
-                     shapes: dict[str, list[int]] | None = None,
-                     seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_inputs(
+    graph: Graph,
+    batch_size: int = 1,
+    seq_len: int = 128,
+    shapes: dict[str, list[int]] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Random inputs of the right names, dtypes and shapes: symbolic dims become batch_size
     (first axis) or seq_len (others); ids stay inside their embedding tables."""
     rng = np.random.default_rng(seed)
@@ -98,9 +102,15 @@ class Timing:
         }
 
 
-def time_engines(engines: dict[str, RunFn], feed: dict[str, np.ndarray], seconds: float,
-                 warmup: int = 2, scenario: str = "sync", streams: int = 2,
-                 progress: Callable[[float], None] | None = None) -> dict[str, Timing]:
+def time_engines(
+    engines: dict[str, RunFn],
+    feed: dict[str, np.ndarray],
+    seconds: float,
+    warmup: int = 2,
+    scenario: str = "sync",
+    streams: int = 2,
+    progress: Callable[[float], None] | None = None,
+) -> dict[str, Timing]:
     """Time each engine for about `seconds`, alternating between engines in short slices."""
     for run in engines.values():
         for _ in range(warmup):
@@ -189,4 +199,3 @@ PEERS = {
     "openvino": openvino_runner,
     "openvino-default": lambda path, threads: openvino_runner(path, threads, precision=None),
 }
-

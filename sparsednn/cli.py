@@ -57,8 +57,14 @@ def benchmark_bar(total_seconds: float):
         return
     from tqdm import tqdm
 
-    with tqdm(total=round(total_seconds), desc="benchmarking", unit="s", leave=False,
-              file=sys.stderr, bar_format="{desc} {bar} {n:.0f}/{total:.0f}s") as bar:
+    with tqdm(
+        total=round(total_seconds),
+        desc="benchmarking",
+        unit="s",
+        leave=False,
+        file=sys.stderr,
+        bar_format="{desc} {bar} {n:.0f}/{total:.0f}s",
+    ) as bar:
         yield lambda fraction: bar.update(fraction * total_seconds - bar.n)
 
 
@@ -104,11 +110,12 @@ def cmd_benchmark(args) -> int:
 
     path = resolve_model(args.model)
     _say(f"compiling {path} ...")
-    options = sparsednn.SessionOptions(intra_op_num_threads=args.threads or 0,
-                                       show_progress=True)
+    options = sparsednn.SessionOptions(intra_op_num_threads=args.threads or 0, show_progress=True)
     session = sparsednn.InferenceSession(path, options)
     threads = options.num_threads
-    feed = synthetic_inputs(session.graph, args.batch_size, args.seq_len, _parse_shapes(args.shapes))
+    feed = synthetic_inputs(
+        session.graph, args.batch_size, args.seq_len, _parse_shapes(args.shapes)
+    )
     engines = {"sparsednn": lambda f: session.run(None, f)}
     labels = {"sparsednn": f"sparsednn {sparsednn.__version__}"}
     for peer in args.compare or []:
@@ -123,7 +130,9 @@ def cmd_benchmark(args) -> int:
     for peer in engines.keys() - {"sparsednn"}:
         out = engines[peer](feed)
         out = out[0] if isinstance(out, list) else next(iter(out.values()))
-        max_abs[peer] = float(np.max(np.abs(np.asarray(out) - reference))) if reference.size else 0.0
+        max_abs[peer] = (
+            float(np.max(np.abs(np.asarray(out) - reference))) if reference.size else 0.0
+        )
 
     summary = engine_summary(session)
     print("== engine ==")
@@ -136,20 +145,29 @@ def cmd_benchmark(args) -> int:
         timings = time_engines(engines, feed, args.time, args.warmup, args.scenario, advance)
     items = next(iter(feed.values())).shape[0] if feed else 1
     base = timings["sparsednn"].throughput(items)
-    report = {"model": args.model, "engine": summary, "inputs": {k: list(v.shape) for k, v in feed.items()},
-              "scenario": args.scenario, "results": []}
+    report = {
+        "model": args.model,
+        "engine": summary,
+        "inputs": {k: list(v.shape) for k, v in feed.items()},
+        "scenario": args.scenario,
+        "results": [],
+    }
     for name, t in timings.items():
         s = t.summary(items)
         s["label"] = labels[name]
         lat = s["latency_ms"]
-        line = (f"  {labels[name]:32s} {s['throughput_items_per_s']:10.2f} items/s   latency ms "
-                f"mean {lat['mean']:.2f}  median {lat['median']:.2f}  p90 {lat['p90']:.2f}  "
-                f"p99 {lat['p99']:.2f}   iterations {t.iterations}")
+        line = (
+            f"  {labels[name]:32s} {s['throughput_items_per_s']:10.2f} items/s   latency ms "
+            f"mean {lat['mean']:.2f}  median {lat['median']:.2f}  p90 {lat['p90']:.2f}  "
+            f"p99 {lat['p99']:.2f}   iterations {t.iterations}"
+        )
         if name != "sparsednn":
             ratio = base / max(t.throughput(items), 1e-12)
             s["sparsednn_speedup"] = round(ratio, 3)
             s["max_abs_diff"] = max_abs[name]
-            line += f"\n  {'':32s} sparsednn is {ratio:.2f}x faster; max-abs diff {max_abs[name]:.2e}"
+            line += (
+                f"\n  {'':32s} sparsednn is {ratio:.2f}x faster; max-abs diff {max_abs[name]:.2e}"
+            )
         report["results"].append(s)
         print(line)
     if args.json:
@@ -164,10 +182,13 @@ def cmd_profile(args) -> int:
 
     path = resolve_model(args.model)
     _say(f"compiling {path} ...")
-    options = sparsednn.SessionOptions(intra_op_num_threads=args.threads or 0,
-                                       enable_profiling=True, show_progress=True)
+    options = sparsednn.SessionOptions(
+        intra_op_num_threads=args.threads or 0, enable_profiling=True, show_progress=True
+    )
     session = sparsednn.InferenceSession(path, options)
-    feed = synthetic_inputs(session.graph, args.batch_size, args.seq_len, _parse_shapes(args.shapes))
+    feed = synthetic_inputs(
+        session.graph, args.batch_size, args.seq_len, _parse_shapes(args.shapes)
+    )
     session.run(None, feed)  # warm up, then forget the warm-up's times
     session.reset_profile()
     for _ in range(args.runs):
@@ -180,27 +201,40 @@ def cmd_profile(args) -> int:
         node = nodes[p.node]
         shape = node.outputs[0].type_str() if node.outputs else ""
         sparsity = node.attrs.get("sparsity")
-        rows.append({
-            "node": p.node, "op": p.op, "output": shape,
-            "sparsity": "" if sparsity is None else f"{100 * sparsity:.1f}%",
-            "kernel": getattr(session.kernels.get(p.node), "name", "numpy"),
-            "ms": 1e3 * p.seconds / args.runs, "share": 100 * p.seconds / total,
-            "gflops": p.gflops,
-        })
+        rows.append(
+            {
+                "node": p.node,
+                "op": p.op,
+                "output": shape,
+                "sparsity": "" if sparsity is None else f"{100 * sparsity:.1f}%",
+                "kernel": getattr(session.kernels.get(p.node), "name", "numpy"),
+                "ms": 1e3 * p.seconds / args.runs,
+                "share": 100 * p.seconds / total,
+                "gflops": p.gflops,
+            }
+        )
     shown = rows if args.all else rows[: args.top]
-    print(f"{'node':40s} {'op':10s} {'output':28s} {'sparsity':>8s} {'kernel':36s} "
-          f"{'ms/run':>8s} {'share':>6s} {'GFLOP/s':>8s}")
+    print(
+        f"{'node':40s} {'op':10s} {'output':28s} {'sparsity':>8s} {'kernel':36s} "
+        f"{'ms/run':>8s} {'share':>6s} {'GFLOP/s':>8s}"
+    )
     for r in shown:
-        print(f"{r['node'][-40:]:40s} {r['op']:10s} {r['output'][:28]:28s} {r['sparsity']:>8s} "
-              f"{r['kernel'][:36]:36s} {r['ms']:8.3f} {r['share']:5.1f}% "
-              f"{r['gflops'] or 0:8.1f}")
+        print(
+            f"{r['node'][-40:]:40s} {r['op']:10s} {r['output'][:28]:28s} {r['sparsity']:>8s} "
+            f"{r['kernel'][:36]:36s} {r['ms']:8.3f} {r['share']:5.1f}% "
+            f"{r['gflops'] or 0:8.1f}"
+        )
     if len(shown) < len(rows):
         print(f"... {len(rows) - len(shown)} more nodes (--all shows them)")
     by_op: dict[str, float] = {}
     for r in rows:
         by_op[r["op"]] = by_op.get(r["op"], 0.0) + r["share"]
-    print("by op: " + ", ".join(f"{op} {share:.1f}%" for op, share in
-                                sorted(by_op.items(), key=lambda kv: -kv[1])))
+    print(
+        "by op: "
+        + ", ".join(
+            f"{op} {share:.1f}%" for op, share in sorted(by_op.items(), key=lambda kv: -kv[1])
+        )
+    )
     print(f"total {1e3 * total / args.runs:.3f} ms/run over {args.runs} runs")
     if args.plot:
         _plot_profile(by_op, rows, args.plot, f"{args.model}: {1e3 * total / args.runs:.1f} ms/run")
@@ -246,8 +280,10 @@ def cmd_dump(args) -> int:
         if node.op != "Linear":
             continue
         kernel = session.kernels[node.name]
-        print(f"; node {node.name}: {node.attrs['weight'].shape[0]}x{node.attrs['weight'].shape[1]}"
-              f", {100 * node.attrs['sparsity']:.1f}% zeros, kernel {kernel.name}")
+        print(
+            f"; node {node.name}: {node.attrs['weight'].shape[0]}x{node.attrs['weight'].shape[1]}"
+            f", {100 * node.attrs['sparsity']:.1f}% zeros, kernel {kernel.name}"
+        )
         text = kernel.asm if args.asm else kernel.llvm_ir
         print(text or "; (no generated code: this kernel calls BLAS)")
         if not args.all:
@@ -277,8 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("benchmark", help="time a model (built-in by default) and its peers")
-    bench.add_argument("model", nargs="?", default="bert-base-90",
-                       help="ONNX file or built-in model such as bert-base-90 (default)")
+    bench.add_argument(
+        "model",
+        nargs="?",
+        default="bert-base-90",
+        help="ONNX file or built-in model such as bert-base-90 (default)",
+    )
     bench.add_argument("-b", "--batch-size", type=int, default=1)
     bench.add_argument("-s", "--seq-len", type=int, default=128)
     bench.add_argument("--shapes", help="explicit input shapes, e.g. input_ids:1x128,...")
@@ -286,9 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--time", type=float, default=10.0, help="seconds per engine")
     bench.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     bench.add_argument("--scenario", choices=["sync", "async"], default="sync")
-    bench.add_argument("--compare", action="append",
-                       choices=["onnxruntime", "openvino", "openvino-default"],
-                       help="also run this peer on the same model and inputs")
+    bench.add_argument(
+        "--compare",
+        action="append",
+        choices=["onnxruntime", "openvino", "openvino-default"],
+        help="also run this peer on the same model and inputs",
+    )
     bench.add_argument("--json", help="write the report as JSON to this file")
     bench.set_defaults(run=cmd_benchmark)
 

@@ -142,8 +142,11 @@ def _find_weights(graph: onnx.GraphProto, min_size: int) -> list[_Weight]:
             if weight_use(node, i, rank) is None:
                 continue
             seen.add(name)
-            if (not _is_float_tensor(tensor) or _tensor_size(tensor) < min_size
-                    or name in graph_outputs):
+            if (
+                not _is_float_tensor(tensor)
+                or _tensor_size(tensor) < min_size
+                or name in graph_outputs
+            ):
                 continue
             uses = [weight_use(n, j, rank) for n, j in readers.get(name, [])]
             if any(u is None for u in uses):
@@ -170,8 +173,9 @@ def _block_scores(matrix: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     return np.sqrt(np.square(padded).reshape(gk, bk, gn, bn).sum(axis=(1, 3)))
 
 
-def _expand_block_mask(keep: np.ndarray, block: tuple[int, int],
-                       shape: tuple[int, int]) -> np.ndarray:
+def _expand_block_mask(
+    keep: np.ndarray, block: tuple[int, int], shape: tuple[int, int]
+) -> np.ndarray:
     bk, bn = block
     if (bk, bn) == (1, 1):
         return keep
@@ -278,13 +282,15 @@ def prune_model(
         mask = w.from_kn(mask_kn)
         new = np.where(mask, array, np.zeros((), array.dtype)).astype(array.dtype, copy=False)
         w.tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new), w.tensor.name))
-        report.append({
-            "name": w.name,
-            "op": w.op,
-            "nodes": w.nodes,
-            "shape": tuple(int(d) for d in array.shape),
-            "size": int(array.size),
-            "target": float(sparsity),
-            "sparsity": float(weight_sparsity(new)),
-        })
+        report.append(
+            {
+                "name": w.name,
+                "op": w.op,
+                "nodes": w.nodes,
+                "shape": tuple(int(d) for d in array.shape),
+                "size": int(array.size),
+                "target": float(sparsity),
+                "sparsity": float(weight_sparsity(new)),
+            }
+        )
     return pruned, report

@@ -25,13 +25,19 @@ def small_mlp(seed: int = 0, sparsity: float = 0.8) -> onnx.ModelProto:
         helper.make_node("Reshape", ["h3", "shape"], ["h4"]),
         helper.make_node("Softmax", ["h4"], ["y"], axis=-1),
     ]
-    inits = [numpy_helper.from_array(w1, "w1"),
-             numpy_helper.from_array(rng.standard_normal(20).astype(np.float32), "b1"),
-             numpy_helper.from_array(w2, "w2"),
-             numpy_helper.from_array(np.array([-1, 3, 2], np.int64), "shape")]
+    inits = [
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(rng.standard_normal(20).astype(np.float32), "b1"),
+        numpy_helper.from_array(w2, "w2"),
+        numpy_helper.from_array(np.array([-1, 3, 2], np.int64), "shape"),
+    ]
     graph = helper.make_graph(
-        nodes, "small_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 12])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        nodes,
+        "small_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -48,12 +54,12 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
         buf[at:at] = rng.integers(0, 256, int(rng.integers(1, 16)), dtype=np.uint8).tobytes()
     elif kind == 2:
         at = int(rng.integers(0, len(buf)))
-        del buf[at: at + int(rng.integers(1, 32))]
+        del buf[at : at + int(rng.integers(1, 32))]
     elif kind == 3:
-        del buf[int(rng.integers(0, len(buf))):]
+        del buf[int(rng.integers(0, len(buf))) :]
     else:
         at = int(rng.integers(0, len(buf)))
-        buf[at: at + int(rng.integers(1, 6))] = b"\xff" * 5
+        buf[at : at + int(rng.integers(1, 6))] = b"\xff" * 5
     return bytes(buf)
 
 
@@ -113,26 +119,37 @@ def shape_ops_model(seed: int = 0) -> onnx.ModelProto:
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     inits = {
-        "shape2": i64(2, 4), "reps": i64(1, 2), "rshape": i64(-1, 2, 2),
-        "zero": i64(0), "one": i64(1), "idx": i64(0, 2), "axes": i64(0),
-        "start": np.int64(0), "limit": np.int64(4), "delta": np.int64(1),
-        "gamma": f32(rng.standard_normal(4)), "beta": f32(rng.standard_normal(4)),
+        "shape2": i64(2, 4),
+        "reps": i64(1, 2),
+        "rshape": i64(-1, 2, 2),
+        "zero": i64(0),
+        "one": i64(1),
+        "idx": i64(0, 2),
+        "axes": i64(0),
+        "start": np.int64(0),
+        "limit": np.int64(4),
+        "delta": np.int64(1),
+        "gamma": f32(rng.standard_normal(4)),
+        "beta": f32(rng.standard_normal(4)),
         "w": f32(np.where(rng.random((4, 8)) < 0.8, 0, rng.standard_normal((4, 8)))),
-        "sqrt2": f32(np.sqrt(2)), "half": f32(0.5), "onef": f32(1.0),
+        "sqrt2": f32(np.sqrt(2)),
+        "half": f32(0.5),
+        "onef": f32(1.0),
     }
     nodes = [
-        helper.make_node("ConstantOfShape", ["shape2"], ["c"],
-                         value=numpy_helper.from_array(f32([1.5]), "v")),
+        helper.make_node(
+            "ConstantOfShape", ["shape2"], ["c"], value=numpy_helper.from_array(f32([1.5]), "v")
+        ),
         helper.make_node("Expand", ["x", "shape2"], ["e"]),
         helper.make_node("Add", ["c", "e"], ["s0"]),
-        helper.make_node("Tile", ["s0", "reps"], ["t"]),                       # [2, 8]
-        helper.make_node("Range", ["start", "limit", "delta"], ["r"]),              # [4]
+        helper.make_node("Tile", ["s0", "reps"], ["t"]),  # [2, 8]
+        helper.make_node("Range", ["start", "limit", "delta"], ["r"]),  # [4]
         helper.make_node("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
-        helper.make_node("Reshape", ["t", "rshape"], ["rs"]),                  # [4, 2, 2]
+        helper.make_node("Reshape", ["t", "rshape"], ["rs"]),  # [4, 2, 2]
         helper.make_node("Shape", ["rs"], ["sh"]),
         helper.make_node("Gather", ["sh", "axes"], ["n0"], axis=0),
         helper.make_node("Slice", ["rs", "zero", "n0", "axes"], ["sl"]),
-        helper.make_node("Flatten", ["sl"], ["fl"], axis=1),                   # [4, 4]
+        helper.make_node("Flatten", ["sl"], ["fl"], axis=1),  # [4, 4]
         helper.make_node("Add", ["fl", "rf"], ["a1"]),
         helper.make_node("LayerNormalization", ["a1", "gamma", "beta"], ["ln"], axis=-1),
         helper.make_node("MatMul", ["ln", "w"], ["mm"]),
@@ -146,9 +163,12 @@ def shape_ops_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Softmax", ["y"], ["z"], axis=-1),
     ]
     graph = helper.make_graph(
-        nodes, "shape_ops", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        nodes,
+        "shape_ops",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -165,8 +185,11 @@ def _messages(msg, path="model"):
 
 
 def _names(g: onnx.GraphProto) -> list[str]:
-    return ([i.name for i in g.input] + [i.name for i in g.initializer]
-            + [o for n in g.node for o in n.output])
+    return (
+        [i.name for i in g.input]
+        + [i.name for i in g.initializer]
+        + [o for n in g.node for o in n.output]
+    )
 
 
 def _m_drop_field(m: onnx.ModelProto, c: Chooser) -> str:
@@ -187,8 +210,14 @@ _ATTR_VALUES = [
     lambda c: helper.make_attribute("a", [c.dim() for _ in range(c.integer(0, 5))]),
     lambda c: helper.make_attribute("a", [0.5] * c.integer(1, 4)),
     lambda c: helper.make_attribute("a", ["s"] * c.integer(1, 3)),
-    lambda c: helper.make_attribute("a", numpy_helper.from_array(
-        np.zeros([c.integer(0, 3)] * c.integer(0, 3), c.choice([np.float32, np.int64, np.bool_])))),
+    lambda c: helper.make_attribute(
+        "a",
+        numpy_helper.from_array(
+            np.zeros(
+                [c.integer(0, 3)] * c.integer(0, 3), c.choice([np.float32, np.int64, np.bool_])
+            )
+        ),
+    ),
     lambda c: helper.make_attribute("a", helper.make_graph([], "sub", [], [])),
 ]
 
@@ -206,8 +235,22 @@ def _m_attribute(m: onnx.ModelProto, c: Chooser) -> str:
         attr = c.choice(node.attribute)
         attr.type = c.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 99])
         return f"{node.op_type}.{attr.name}.type := {attr.type}"
-    new.name = c.choice(["axis", "perm", "to", "value", "allowzero", "epsilon", "axes",
-                         "approximate", "transB", "keepdims", "mode", "nonsense"])
+    new.name = c.choice(
+        [
+            "axis",
+            "perm",
+            "to",
+            "value",
+            "allowzero",
+            "epsilon",
+            "axes",
+            "approximate",
+            "transB",
+            "keepdims",
+            "mode",
+            "nonsense",
+        ]
+    )
     node.attribute.append(new)  # a known or unknown name, possibly a duplicate
     return f"{node.op_type} += attribute {new.name}"
 
@@ -237,7 +280,9 @@ def _m_duplicate(m: onnx.ModelProto, c: Chooser) -> str:
         return "duplicate graph input"
     if kind == 3 and len(g.initializer):
         t = g.initializer[c.integer(0, len(g.initializer) - 1)]
-        g.initializer.append(t if c.boolean() else numpy_helper.from_array(np.zeros(3, np.int64), t.name))
+        g.initializer.append(
+            t if c.boolean() else numpy_helper.from_array(np.zeros(3, np.int64), t.name)
+        )
         return f"duplicate initializer {t.name}"
     if len(g.input) and len(g.initializer):  # an initializer named like an input
         g.initializer[0].name = g.input[0].name
@@ -280,7 +325,7 @@ def _m_dims(m: onnx.ModelProto, c: Chooser) -> str:
         t = c.choice(g.initializer)
         kind = c.integer(0, 3)
         if kind == 0:
-            t.dims[c.integer(0, len(t.dims) - 1) if len(t.dims) else 0:] = [c.dim()]
+            t.dims[c.integer(0, len(t.dims) - 1) if len(t.dims) else 0 :] = [c.dim()]
         elif kind == 1:
             t.dims.append(c.dim())
         elif kind == 2 and t.raw_data:
@@ -323,7 +368,9 @@ def _m_opset(m: onnx.ModelProto, c: Chooser) -> str:
     if kind == 0 and len(m.opset_import):
         m.opset_import[0].version = c.choice([-1, 0, 1, 12, 13, 21, 23, 24, 2**62])
     elif kind == 1:
-        m.opset_import.append(helper.make_opsetid(c.choice(["", "ai.onnx", "x"]), c.integer(-1, 30)))
+        m.opset_import.append(
+            helper.make_opsetid(c.choice(["", "ai.onnx", "x"]), c.integer(-1, 30))
+        )
     else:
         m.ir_version = c.choice([-1, 0, 1, 3, 12, 2**62])
     return f"opset {[(o.domain, o.version) for o in m.opset_import]} ir {m.ir_version}"
@@ -332,13 +379,15 @@ def _m_opset(m: onnx.ModelProto, c: Chooser) -> str:
 def _m_attribute_value(m: onnx.ModelProto, c: Chooser) -> str:
     """Out-of-range values for the attributes ops do have: axes, perms, target types."""
     node = c.choice(m.graph.node)
-    name, value = c.choice([
-        ("axis", c.choice([-100, -3, 2, 5, 2**62])),
-        ("perm", [c.integer(-2, 4) for _ in range(c.integer(0, 4))]),
-        ("to", c.choice([0, 8, 16, 99, -1])),
-        ("epsilon", c.choice([-1.0, float("nan"), 0.0])),
-        ("allowzero", c.choice([1, 7, -1])),
-    ])
+    name, value = c.choice(
+        [
+            ("axis", c.choice([-100, -3, 2, 5, 2**62])),
+            ("perm", [c.integer(-2, 4) for _ in range(c.integer(0, 4))]),
+            ("to", c.choice([0, 8, 16, 99, -1])),
+            ("epsilon", c.choice([-1.0, float("nan"), 0.0])),
+            ("allowzero", c.choice([1, 7, -1])),
+        ]
+    )
     for attr in node.attribute:
         if attr.name == name:
             attr.CopyFrom(helper.make_attribute(name, value))
@@ -353,17 +402,29 @@ def _m_value_info(m: onnx.ModelProto, c: Chooser) -> str:
     g = m.graph
     name = c.choice([o for n in g.node for o in n.output])
     shape = [c.choice([c.dim(), "n", None]) for _ in range(c.integer(0, 4))]
-    g.value_info.append(helper.make_tensor_value_info(
-        name, c.choice([TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL]), shape))
+    g.value_info.append(
+        helper.make_tensor_value_info(
+            name, c.choice([TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL]), shape
+        )
+    )
     return f"value_info {name}: {shape}"
 
 
 MUTATORS = {
-    "drop_field": _m_drop_field, "attribute_type": _m_attribute, "cycle": _m_cycle,
-    "duplicate": _m_duplicate, "dangling": _m_dangling, "huge_constant": _m_huge_constant,
-    "dims": _m_dims, "op": _m_op, "opset": _m_opset, "attribute_value": _m_attribute_value,
+    "drop_field": _m_drop_field,
+    "attribute_type": _m_attribute,
+    "cycle": _m_cycle,
+    "duplicate": _m_duplicate,
+    "dangling": _m_dangling,
+    "huge_constant": _m_huge_constant,
+    "dims": _m_dims,
+    "op": _m_op,
+    "opset": _m_opset,
+    "attribute_value": _m_attribute_value,
     "value_info": _m_value_info,
 }
+
+
 def tiny_encoder(seed: int = 0) -> onnx.ModelProto:
     """A one-layer BERT-like encoder (hidden 16, 2 heads, vocab 50), 80% sparse: embeddings,
     LayerNorm, attention with its mask, GELU, as sparsednn.models builds them."""
@@ -376,8 +437,9 @@ def tiny_encoder(seed: int = 0) -> onnx.ModelProto:
 BASE_MODELS = {"small_mlp": small_mlp, "shape_ops": shape_ops_model, "tiny_encoder": tiny_encoder}
 
 
-def structured_mutation(c: Chooser, base: str | None = None,
-                        kinds: list[str] | None = None) -> tuple[bytes, list[str]]:
+def structured_mutation(
+    c: Chooser, base: str | None = None, kinds: list[str] | None = None
+) -> tuple[bytes, list[str]]:
     """A base model with 1-3 structured mutations: (serialised model, what was done)."""
     m = BASE_MODELS[base or c.choice(sorted(BASE_MODELS))]()
     done = []

@@ -18,8 +18,13 @@ def env(tmp_path_factory):
 
 
 def sparsednn_cli(*args, env, check=True):
-    result = subprocess.run([sys.executable, "-m", "sparsednn", *args], env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "sparsednn", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -33,9 +38,23 @@ def test_every_command_has_help(command, env):
 
 def test_benchmark_builtin_model_against_onnxruntime(env, tmp_path):
     report = tmp_path / "report.json"
-    out = sparsednn_cli("benchmark", "bert-tiny-90", "--time", "0.3", "--warmup", "1",
-                        "-b", "2", "-s", "16", "--compare", "onnxruntime",
-                        "--json", str(report), env=env).stdout
+    out = sparsednn_cli(
+        "benchmark",
+        "bert-tiny-90",
+        "--time",
+        "0.3",
+        "--warmup",
+        "1",
+        "-b",
+        "2",
+        "-s",
+        "16",
+        "--compare",
+        "onnxruntime",
+        "--json",
+        str(report),
+        env=env,
+    ).stdout
     assert "== engine ==" in out and "isa" in out and "sparse_weight_share" in out
     assert "items/s" in out and "sparsednn is" in out
     data = json.loads(report.read_text())
@@ -49,8 +68,9 @@ def test_benchmark_builtin_model_against_onnxruntime(env, tmp_path):
 def test_profile_writes_a_table_and_a_chart(env, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "profile.png"
-    out = sparsednn_cli("profile", "bert-tiny-90", "-s", "16", "--runs", "2",
-                        "--plot", str(png), env=env).stdout
+    out = sparsednn_cli(
+        "profile", "bert-tiny-90", "-s", "16", "--runs", "2", "--plot", str(png), env=env
+    ).stdout
     assert "Linear" in out and "by op:" in out and "ms/run" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -61,8 +81,7 @@ def test_prune_then_benchmark_a_user_model(env, tmp_path):
 
     onnx.save(build_encoder(ARCHITECTURES["bert-tiny"], sparsity=0.0), dense)
     pruned = tmp_path / "pruned.onnx"
-    out = sparsednn_cli("prune", str(dense), "--sparsity", "0.9", "-o", str(pruned),
-                        env=env).stdout
+    out = sparsednn_cli("prune", str(dense), "--sparsity", "0.9", "-o", str(pruned), env=env).stdout
     assert "wrote" in out and "%" in out
     session = sparsednn.InferenceSession(str(pruned))
     linears = [n for n in session.graph.nodes if n.op == "Linear"]

@@ -71,8 +71,9 @@ with warnings.catch_warnings():  # onnx's test generators warn about their own c
 # own tests this takes the "_expanded" tests of other ops (Attention, RMSNormalization,
 # NegativeLogLikelihoodLoss, ...) whose function bodies decompose into supported ops.
 _SUPPORTED = set(supported_ops())
-INCLUDED = sorted(name for name, t in _NODE_TESTS.items()
-                  if {n.op_type for n in t.model.graph.node} <= _SUPPORTED)
+INCLUDED = sorted(
+    name for name, t in _NODE_TESTS.items() if {n.op_type for n in t.model.graph.node} <= _SUPPORTED
+)
 for _name in INCLUDED:
     backend_test.include(rf"^{_name}_cpu$")
 _INCLUDED_SET = set(INCLUDED)

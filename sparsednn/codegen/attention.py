@@ -111,8 +111,9 @@ def key_vectors(rows: int, target: Target) -> int:
 
 
 class _Emitter:
-    def __init__(self, module: ir.Module, target: Target, heads: int, head_size: int,
-                 has_mask: bool):
+    def __init__(
+        self, module: ir.Module, target: Target, heads: int, head_size: int, has_mask: bool
+    ):
         self.module, self.t = module, target
         self.H, self.D, self.V = heads, head_size, target.vector_width
         self.has_mask = has_mask
@@ -180,8 +181,9 @@ class _Emitter:
                     ]
                     cols = transpose(b, rows) if V > 1 else rows
                     for u in range(V):
-                        store_vec(b, cols[u], gep(b, kt, b.add(b.mul(int64(d0 + u), ldt), j)),
-                                  align=4 * V)
+                        store_vec(
+                            b, cols[u], gep(b, kt, b.add(b.mul(int64(d0 + u), ldt), j)), align=4 * V
+                        )
         # the rest: dims past the last full vector for the full key blocks, then tail keys
         if dfull < D:
             with for_range(b, 0, full, name="kjs") as j:
@@ -293,8 +295,12 @@ class _Emitter:
             b.store(b.fadd(b.load(sum_slot), e), sum_slot)
         total = self._reduce(b.load(sum_slot), lambda x, y: b.fadd(x, y))
         inv = b.fdiv(ir.Constant(f32, 1.0), total)
-        return b.select(b.fcmp_ordered(">", total, ir.Constant(f32, 0.0)), inv,
-                        self.a["masked_row_value"], name="inv")
+        return b.select(
+            b.fcmp_ordered(">", total, ir.Constant(f32, 0.0)),
+            inv,
+            self.a["masked_row_value"],
+            name="inv",
+        )
 
     def _max_scalarish(self, x, y):
         b = self.b
@@ -344,10 +350,10 @@ def compile_cached(name: str, emit, target: Target, opt, *key_parts) -> jit.JITM
             except OSError:  # pragma: no cover - installed without sources
                 parts.append(f.encode())
         _own_source_digest = cache.digest(*[p.hex() for p in parts])
-    target_key = (target.cpu_name, target.features, target.isa, target.vector_width,
-                  target.triple)
-    key = cache.digest("code", cache.code_version(), _own_source_digest, name, opt, *key_parts,
-                       *target_key)
+    target_key = (target.cpu_name, target.features, target.isa, target.vector_width, target.triple)
+    key = cache.digest(
+        "code", cache.code_version(), _own_source_digest, name, opt, *key_parts, *target_key
+    )
     jm = jit.load_cached(key, target, source=emit, opt=opt)
     if jm is None:
         jm = jit.compile_module(emit(), target, opt=opt, cache_key=key)
@@ -412,11 +418,17 @@ def _output(out, shape: tuple, where: str) -> np.ndarray:
     """`out` checked to be a writable C-contiguous float32 array of `shape`, or a new one."""
     if out is None:
         return np.empty(shape, np.float32)
-    if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != shape
-            or not out.flags.c_contiguous or not out.flags.writeable):
+    if (
+        not isinstance(out, np.ndarray)
+        or out.dtype != np.float32
+        or out.shape != shape
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
         raise SparseDNNError(
             f"{where}: out must be a writable C-contiguous float32 array of shape {list(shape)}, "
-            f"got {getattr(out, 'dtype', type(out).__name__)}{list(getattr(out, 'shape', []))}")
+            f"got {getattr(out, 'dtype', type(out).__name__)}{list(getattr(out, 'shape', []))}"
+        )
     return out
 
 
@@ -435,8 +447,14 @@ class AttentionKernel:
     def __init__(self, num_heads: int, head_size: int, target: Target):
         self.num_heads, self.head_size, self.target = num_heads, head_size, target
         names = _names(num_heads, head_size, target)
-        self._jm = compile_cached(names[True], lambda: _emit_module(num_heads, head_size, target),
-                                  target, _OPT, num_heads, head_size)
+        self._jm = compile_cached(
+            names[True],
+            lambda: _emit_module(num_heads, head_size, target),
+            target,
+            _OPT,
+            num_heads,
+            head_size,
+        )
         self.name = names[True]
         self._fns = {has: _CTYPES(self._jm.function_address(n)) for has, n in names.items()}
         self.rows_per_block = block_rows(head_size, target)
@@ -450,18 +468,33 @@ class AttentionKernel:
     def asm(self) -> str:
         return self._jm.asm
 
-    def __call__(self, q, k, v, mask=None, *, scale: float, masked_row_value: float = math.nan,
-                 num_threads: int = 1, where: str = "attention",
-                 out: np.ndarray | None = None) -> np.ndarray:
+    def __call__(
+        self,
+        q,
+        k,
+        v,
+        mask=None,
+        *,
+        scale: float,
+        masked_row_value: float = math.nan,
+        num_threads: int = 1,
+        where: str = "attention",
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
         H, D = self.num_heads, self.head_size
         n = H * D
         packed = k is None and v is None
         if packed:  # q is [B, S, 3·H·D]: q | k | v along the features, as one Linear makes them
-            if not isinstance(q, np.ndarray) or q.dtype != np.float32 or q.ndim != 3 or \
-                    q.shape[2] != 3 * n:
+            if (
+                not isinstance(q, np.ndarray)
+                or q.dtype != np.float32
+                or q.ndim != 3
+                or q.shape[2] != 3 * n
+            ):
                 raise SparseDNNError(
                     f"{where}: packed q|k|v must be a float32 [batch, sequence, {3 * n}] array, "
-                    f"got {getattr(q, 'dtype', type(q).__name__)}{list(getattr(q, 'shape', []))}")
+                    f"got {getattr(q, 'dtype', type(q).__name__)}{list(getattr(q, 'shape', []))}"
+                )
             bq = bk = bv = q.shape[0]
             sq = skv = sv = q.shape[1]
         else:
@@ -470,18 +503,21 @@ class AttentionKernel:
                 if not isinstance(x, np.ndarray) or x.dtype != np.float32:
                     raise SparseDNNError(
                         f"{where}: {label} must be a float32 array, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', []))}")
+                        f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', []))}"
+                    )
                 d = _dims(x, n, H, D)
                 if d is None:
                     raise SparseDNNError(
                         f"{where}: {label} must be [batch, sequence, {n}] or [batch, sequence, "
-                        f"{H}, {D}] ({H} heads of {D}), got {list(x.shape)}")
+                        f"{H}, {D}] ({H} heads of {D}), got {list(x.shape)}"
+                    )
                 dims.append(d)
             (bq, sq), (bk, skv), (bv, sv) = dims
             if not (bq == bk == bv) or skv != sv:
                 raise SparseDNNError(
                     f"{where}: q {list(q.shape)}, k {list(k.shape)} and v {list(v.shape)} must "
-                    "share the batch size, and k and v the sequence length")
+                    "share the batch size, and k and v the sequence length"
+                )
         B = bq
         out = _output(out, (B, sq, n), where)
         if B == 0 or sq == 0 or n == 0:
@@ -535,13 +571,15 @@ class AttentionKernel:
         if not isinstance(mask, np.ndarray) or mask.dtype != np.float32:
             raise SparseDNNError(
                 f"{where}: the mask must be a float32 array, got "
-                f"{getattr(mask, 'dtype', type(mask).__name__)}{list(getattr(mask, 'shape', []))}")
+                f"{getattr(mask, 'dtype', type(mask).__name__)}{list(getattr(mask, 'shape', []))}"
+            )
         if mask.ndim > 4 or any(
             m not in (1, t) for m, t in zip(mask.shape[::-1], target_shape[::-1])
         ):
             raise SparseDNNError(
                 f"{where}: mask {list(mask.shape)} does not broadcast to [batch, heads, queries, "
-                f"keys] = {list(target_shape)}")
+                f"keys] = {list(target_shape)}"
+            )
         if mask.ndim == 4 and mask.shape[3] == target_shape[3] and mask.flags.c_contiguous:
             m = mask  # the usual case: no copy, no view
         else:
@@ -550,8 +588,11 @@ class AttentionKernel:
                 m = np.broadcast_to(m, (*m.shape[:3], target_shape[3]))
             m = np.ascontiguousarray(m)
         shape, strides = m.shape, m.strides
-        return m, (0 if shape[0] == 1 else strides[0] >> 2, 0 if shape[1] == 1 else strides[1] >> 2,
-                   0 if shape[2] == 1 else strides[2] >> 2)
+        return m, (
+            0 if shape[0] == 1 else strides[0] >> 2,
+            0 if shape[1] == 1 else strides[1] >> 2,
+            0 if shape[2] == 1 else strides[2] >> 2,
+        )
 
 
 @functools.cache
@@ -559,10 +600,12 @@ def _cached(num_heads: int, head_size: int, target: Target) -> AttentionKernel:
     return AttentionKernel(num_heads, head_size, target)
 
 
-def compile_attention(num_heads: int, head_size: int, target: Target | None = None
-                      ) -> AttentionKernel:
+def compile_attention(
+    num_heads: int, head_size: int, target: Target | None = None
+) -> AttentionKernel:
     """The attention kernel for `num_heads` heads of `head_size` (cached per process)."""
     if num_heads < 1 or head_size < 1:
-        raise SparseDNNError(f"attention needs heads and head size >= 1, got {num_heads}, "
-                             f"{head_size}")
+        raise SparseDNNError(
+            f"attention needs heads and head size >= 1, got {num_heads}, {head_size}"
+        )
     return _cached(int(num_heads), int(head_size), target or host_target())

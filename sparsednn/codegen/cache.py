@@ -85,7 +85,9 @@ def code_version() -> str:
                 h.update((here / name).read_bytes())
             except OSError:  # pragma: no cover - installed without sources
                 h.update(name.encode())
-        h.update(f"{sparsednn.__version__}|{llvmlite.__version__}|{llvm.llvm_version_info}".encode())
+        h.update(
+            f"{sparsednn.__version__}|{llvmlite.__version__}|{llvm.llvm_version_info}".encode()
+        )
         _source_digest = h.hexdigest()
     return _source_digest
 

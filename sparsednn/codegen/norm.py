@@ -66,6 +66,7 @@ def _repeats(full: tuple, part: tuple) -> bool:
         k += 1
     return part[k:] == tuple(full[k:])
 
+
 _ARGS = [
     ("a", f32_ptr), ("b", f32_ptr), ("gamma", f32_ptr), ("beta", f32_ptr), ("out", f32_ptr),
     ("lda", i64), ("ldb", i64), ("brows", i64), ("ldo", i64), ("eps", f32),
@@ -184,6 +185,7 @@ class LayerNormKernel:
     def __init__(self, n: int, residual: bool, target: Target):
         self.n, self.residual, self.target = n, residual, target
         self.name = f"f32_layer_norm_n{n}_{target.isa}" + ("_residual" if residual else "")
+
         def emit():
             mod = jit.new_module(self.name, target)
             _emit(mod, self.name, n, residual, target)
@@ -204,12 +206,23 @@ class LayerNormKernel:
     def asm(self) -> str:
         return self._jm.asm
 
-    def __call__(self, a, b=None, *, scale: np.ndarray, bias: np.ndarray | None = None,
-                 epsilon: float = 1e-5, num_threads: int = 1, where: str = "layer norm",
-                 out: np.ndarray | None = None) -> np.ndarray:
+    def __call__(
+        self,
+        a,
+        b=None,
+        *,
+        scale: np.ndarray,
+        bias: np.ndarray | None = None,
+        epsilon: float = 1e-5,
+        num_threads: int = 1,
+        where: str = "layer norm",
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
         n = self.n
-        if scale.shape != (n,) or scale.dtype != np.float32 or (
-            bias is not None and (bias.shape != (n,) or bias.dtype != np.float32)
+        if (
+            scale.shape != (n,)
+            or scale.dtype != np.float32
+            or (bias is not None and (bias.shape != (n,) or bias.dtype != np.float32))
         ):
             raise SparseDNNError(f"{where}: scale and bias must be float32 [{n}]")
         if bias is None:
@@ -220,7 +233,8 @@ class LayerNormKernel:
                 if not isinstance(x, np.ndarray) or x.dtype != np.float32:
                     raise SparseDNNError(
                         f"{where}: the input and the residual must be float32 arrays, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', []))}")
+                        f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', []))}"
+                    )
             if _repeats(b.shape, a.shape):  # (a + b = b + a)
                 a, b = b, a
             elif not _repeats(a.shape, b.shape):
@@ -228,14 +242,23 @@ class LayerNormKernel:
                 try:
                     total = np.add(a, b)
                 except ValueError as e:
-                    raise SparseDNNError(f"{where}: inputs {list(a.shape)} and {list(b.shape)} "
-                                         f"do not broadcast: {e}") from None
-                return self._plain(total, scale=scale, bias=bias, epsilon=epsilon,
-                                   num_threads=num_threads, where=where, out=out)
+                    raise SparseDNNError(
+                        f"{where}: inputs {list(a.shape)} and {list(b.shape)} do not broadcast: {e}"
+                    ) from None
+                return self._plain(
+                    total,
+                    scale=scale,
+                    bias=bias,
+                    epsilon=epsilon,
+                    num_threads=num_threads,
+                    where=where,
+                    out=out,
+                )
         if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim < 1 or a.shape[-1] != n:
             raise SparseDNNError(
                 f"{where}: expects a float32 input [..., {n}], got "
-                f"{getattr(a, 'dtype', type(a).__name__)}{list(getattr(a, 'shape', []))}")
+                f"{getattr(a, 'dtype', type(a).__name__)}{list(getattr(a, 'shape', []))}"
+            )
         if self.residual:
             b = b if b.flags.c_contiguous else np.ascontiguousarray(b)
             brows = max(1, b.size // n)
@@ -245,8 +268,18 @@ class LayerNormKernel:
         if rows == 0 or n == 0:
             return out
         fn = self._fn
-        args = (_addr(a), _addr(b) if self.residual else 0, _addr(scale), _addr(bias),
-                _addr(out), n, n, brows, n, float(epsilon))
+        args = (
+            _addr(a),
+            _addr(b) if self.residual else 0,
+            _addr(scale),
+            _addr(bias),
+            _addr(out),
+            n,
+            n,
+            brows,
+            n,
+            float(epsilon),
+        )
         threads = max(1, min(int(num_threads), rows, 1 + (rows * n) // _ELEMENTS_PER_EXTRA_THREAD))
         if threads == 1:
             fn(*args, 0, rows)
@@ -254,8 +287,9 @@ class LayerNormKernel:
             from sparsednn.runtime.threads import parallel_for
 
             bounds = np.linspace(0, rows, threads + 1).astype(int).tolist()
-            parallel_for([functools.partial(fn, *args, lo, hi)
-                          for lo, hi in itertools.pairwise(bounds)])
+            parallel_for(
+                [functools.partial(fn, *args, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+            )
         return out
 
 
@@ -271,8 +305,9 @@ def _cached(n: int, residual: bool, target: Target) -> LayerNormKernel:
     return LayerNormKernel(n, residual, target)
 
 
-def compile_layer_norm(n: int, residual: bool = False, target: Target | None = None
-                       ) -> LayerNormKernel:
+def compile_layer_norm(
+    n: int, residual: bool = False, target: Target | None = None
+) -> LayerNormKernel:
     """The layer-norm kernel for rows of `n` features, of a + b if `residual` (cached)."""
     if n < 1:
         raise SparseDNNError(f"layer norm needs at least one feature, got {n}")

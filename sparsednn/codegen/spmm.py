@@ -1207,7 +1207,9 @@ class SparseLinearKernel:
             self._csr = _CsrBlocks(kb, n_blocks, np.ascontiguousarray(data["row_ptr"]),
                                    np.ascontiguousarray(data["entries"]), data["row_nnz"],
                                    row_bytes)  # fmt: skip
-            self._spmv_arrays = {name[5:]: a for name, a in data.items() if name.startswith("spmv_")}
+            self._spmv_arrays = {
+                name[5:]: a for name, a in data.items() if name.startswith("spmv_")
+            }
         else:
             # panels of every width keep the full panel's row stride, so that the byte offsets
             # in the entries serve them all
@@ -1320,8 +1322,9 @@ class SparseLinearKernel:
                                      np.ascontiguousarray(arrays["off"], np.int32),
                                      np.ascontiguousarray(arrays["perm"], np.int32))  # fmt: skip
             else:
-                layout = _build_spmv(*self._triplets(), self.out_features, self.in_features,
-                                     _SPMV_UNROLL)
+                layout = _build_spmv(
+                    *self._triplets(), self.out_features, self.in_features, _SPMV_UNROLL
+                )
                 if self._data_key is not None:  # add the layout to the layer's cache entry
                     kcache.store_arrays(self._data_key, {
                         "row_ptr": self._csr.row_ptr, "entries": self._csr.entries,
@@ -1408,14 +1411,21 @@ class SparseLinearKernel:
             sf = self._scratch_full
             fn, ptrs = self._fn, self._ptrs
             tasks = [
-                (lambda t0=t0, t1=t1: fn(x_addr + 4 * k * t0, t1 - t0, y_addr + 4 * n * t0, 0, n,
-                                         *ptrs, _scratch(sf)))  # fmt: skip
-                for t0, t1 in itertools.pairwise(bounds) if t1 > t0
+                (
+                    lambda t0=t0, t1=t1: fn(
+                        x_addr + 4 * k * t0, t1 - t0, y_addr + 4 * n * t0, 0, n, *ptrs, _scratch(sf)
+                    )
+                )  # fmt: skip
+                for t0, t1 in itertools.pairwise(bounds)
+                if t1 > t0
             ]
         else:
             tasks = [
-                (lambda s=s, e=e: self._fn(x_addr, m, y_addr, s, e, *self._ptrs,
-                                           _scratch(self._scratch_floats(e - s))))  # fmt: skip
+                (
+                    lambda s=s, e=e: self._fn(
+                        x_addr, m, y_addr, s, e, *self._ptrs, _scratch(self._scratch_floats(e - s))
+                    )
+                )  # fmt: skip
                 for s, e in self.row_ranges(threads)
             ]
         parallel_for(tasks)

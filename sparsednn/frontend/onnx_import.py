@@ -164,8 +164,10 @@ def _all_tensors(graph: onnx.GraphProto):
 # raw_data: a tensor's data is checked against its dims before numpy sees it, so that dims
 # claiming more than the model holds never cause an allocation.
 _TYPED_FIELD = {
-    onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.DOUBLE: "double_data",
-    onnx.TensorProto.INT64: "int64_data", onnx.TensorProto.UINT32: "uint64_data",
+    onnx.TensorProto.FLOAT: "float_data",
+    onnx.TensorProto.DOUBLE: "double_data",
+    onnx.TensorProto.INT64: "int64_data",
+    onnx.TensorProto.UINT32: "uint64_data",
     onnx.TensorProto.UINT64: "uint64_data",
 }
 
@@ -176,8 +178,11 @@ def to_array(tensor: onnx.TensorProto, where: str) -> np.ndarray:
         raise InvalidGraphError(f"{where}: tensor {tensor.name!r} has negative dims {dims}")
     dtype = numpy_dtype(tensor.data_type)
     if dtype is None:
-        type_name = onnx.TensorProto.DataType.Name(tensor.data_type) if (
-            tensor.data_type in onnx.TensorProto.DataType.values()) else str(tensor.data_type)
+        type_name = (
+            onnx.TensorProto.DataType.Name(tensor.data_type)
+            if (tensor.data_type in onnx.TensorProto.DataType.values())
+            else str(tensor.data_type)
+        )
         raise UnsupportedOpError(
             f"{where}: tensor {tensor.name!r} has element type {type_name}, which sparsednn "
             f"does not support (supported: {', '.join(sorted({np.dtype(t).name for t in _ONNX_TO_NUMPY.values()}))})"
@@ -186,7 +191,9 @@ def to_array(tensor: onnx.TensorProto, where: str) -> np.ndarray:
     for d in dims:
         count *= d
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        raise ModelLoadError(f"{where}: tensor {tensor.name!r} has external data that was not loaded")
+        raise ModelLoadError(
+            f"{where}: tensor {tensor.name!r} has external data that was not loaded"
+        )
     if tensor.HasField("raw_data"):
         held, need = len(tensor.raw_data), count * dtype.itemsize
         unit = "bytes"
@@ -283,8 +290,14 @@ def _data_propagation_is_safe(proto: onnx.ModelProto) -> bool:
     element by element: a ConstantOfShape of 2**32 elements makes it allocate ~600 GB, and a
     value declared as a 'shape' millions long takes it minutes."""
     g = proto.graph
-    declared = max((d.dim_value for vi in [*g.input, *g.output, *g.value_info]
-                    for d in vi.type.tensor_type.shape.dim), default=0)
+    declared = max(
+        (
+            d.dim_value
+            for vi in [*g.input, *g.output, *g.value_info]
+            for d in vi.type.tensor_type.shape.dim
+        ),
+        default=0,
+    )
     return declared <= 1 << 16 and not any(n.op_type == "ConstantOfShape" for n in g.node)
 
 
@@ -298,7 +311,9 @@ def _check_attribute_types(node: onnx.NodeProto, opset: int, where: str) -> None
     seen = set()
     for attr in node.attribute:
         if attr.name in seen:
-            raise InvalidGraphError(f"{where} ({node.op_type}): attribute {attr.name!r} is given twice")
+            raise InvalidGraphError(
+                f"{where} ({node.op_type}): attribute {attr.name!r} is given twice"
+            )
         seen.add(attr.name)
         spec = schema.attributes.get(attr.name)
         if spec is not None and attr.type != int(spec.type.value):
@@ -357,7 +372,8 @@ def import_onnx(model, name: str | None = None) -> Graph:
         _value_type(vi)  # negative declared dims
     try:
         inferred = onnx.shape_inference.infer_shapes(
-            _skeleton(proto), strict_mode=False, data_prop=_data_propagation_is_safe(proto))
+            _skeleton(proto), strict_mode=False, data_prop=_data_propagation_is_safe(proto)
+        )
     except Exception:
         inferred = proto  # shapes are a help, not a requirement: our own pass infers them too
     g = inferred.graph
@@ -405,8 +421,13 @@ def import_onnx(model, name: str | None = None) -> Graph:
             else:
                 inputs.append(values[in_name])
         out_names = list(node.output)
-        n = graph.add_node(node.op_type, inputs, attrs=attrs, name=node_name,
-                           output_names=[o or graph.fresh_name("unused") for o in out_names])
+        n = graph.add_node(
+            node.op_type,
+            inputs,
+            attrs=attrs,
+            name=node_name,
+            output_names=[o or graph.fresh_name("unused") for o in out_names],
+        )
         for out in n.outputs:
             if out.name in values:
                 raise InvalidGraphError(
@@ -426,9 +447,14 @@ def import_onnx(model, name: str | None = None) -> Graph:
         dtype, shape = _value_type(vi)
         v.dtype = v.dtype or dtype
         if shape is not None:  # the model's own word on its outputs beats onnx's inference
-            v.shape = shape if v.shape is None or len(v.shape) != len(shape) else tuple(
-                d if d is not None and not (isinstance(d, str) and d.startswith("unk__")) else o
-                for d, o in zip(shape, v.shape))
+            v.shape = (
+                shape
+                if v.shape is None or len(v.shape) != len(shape)
+                else tuple(
+                    d if d is not None and not (isinstance(d, str) and d.startswith("unk__")) else o
+                    for d, o in zip(shape, v.shape)
+                )
+            )
         graph.outputs.append(v)
     graph.opset = opset
     verify(graph)

@@ -39,9 +39,10 @@ def format_node(node: Node) -> str:
     args = ", ".join(format_value(v) for v in node.inputs)
     attrs = ", ".join(f"{k}={format_attr(v)}" for k, v in node.attrs.items() if v is not None)
     types = ", ".join(
-        v.type_str() + ("" if v.symbolic_value is None else
-                        " = (" + ", ".join(map(str, v.symbolic_value)) + ")")
-        for v in node.outputs)
+        v.type_str()
+        + ("" if v.symbolic_value is None else " = (" + ", ".join(map(str, v.symbolic_value)) + ")")
+        for v in node.outputs
+    )
     line = f"  {outs} = {node.op}({args})"
     if attrs:
         line += f" {{{attrs}}}"

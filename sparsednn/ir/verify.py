@@ -41,8 +41,11 @@ def memory_limit() -> int:
 
 def describe_memory_limit() -> str:
     """memory_limit() in words, for error messages."""
-    where = "SPARSEDNN_MEMORY_LIMIT" if os.environ.get(
-        "SPARSEDNN_MEMORY_LIMIT", "").strip().isdigit() else "this machine's memory"
+    where = (
+        "SPARSEDNN_MEMORY_LIMIT"
+        if os.environ.get("SPARSEDNN_MEMORY_LIMIT", "").strip().isdigit()
+        else "this machine's memory"
+    )
     return f"{where}, {format_bytes(memory_limit())}"
 
 
@@ -122,4 +125,5 @@ def _check_shape(graph: Graph, v, node) -> None:
             check_allocation(v.shape, v.dtype, f"value {v.name!r}")
         except MemoryError as e:
             raise InvalidGraphError(
-                f"graph {graph.name!r}: node {node.name!r} ({node.op}): {e}") from None
+                f"graph {graph.name!r}: node {node.name!r} ({node.op}): {e}"
+            ) from None

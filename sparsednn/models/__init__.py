@@ -61,6 +61,13 @@ def builtin_model_path(name: str, progress=None) -> Path:
 
 
 __all__ = [
-    "ARCHITECTURES", "DEFAULT_MODEL", "EncoderConfig", "build_encoder", "builtin_model_path",
-    "cache_dir", "example_inputs", "is_builtin", "parse_name",
+    "ARCHITECTURES",
+    "DEFAULT_MODEL",
+    "EncoderConfig",
+    "build_encoder",
+    "builtin_model_path",
+    "cache_dir",
+    "example_inputs",
+    "is_builtin",
+    "parse_name",
 ]

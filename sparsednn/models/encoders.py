@@ -89,8 +89,9 @@ class _Builder:
         return self.op("Mul", [self.op("Mul", [x, erf_plus_1]), self.const(np.float32(0.5))])
 
 
-def build_encoder(config: EncoderConfig, sparsity: float = 0.0, seed: int = 0,
-                  name: str = "encoder") -> onnx.ModelProto:
+def build_encoder(
+    config: EncoderConfig, sparsity: float = 0.0, seed: int = 0, name: str = "encoder"
+) -> onnx.ModelProto:
     """An encoder taking input_ids and attention_mask [batch, sequence] (int64), and
     token_type_ids when the config has token types; output last_hidden_state."""
     c = config
@@ -101,25 +102,41 @@ def build_encoder(config: EncoderConfig, sparsity: float = 0.0, seed: int = 0,
     # Embeddings: word + position (sliced to the sequence length, as HF does) + token type.
     x = b.op("Gather", [b.const(b.weight(c.vocab, c.hidden), "word_embeddings"), "input_ids"])
     seq_len = b.op("Gather", [b.op("Shape", ["input_ids"]), b.const(np.array([1], np.int64))])
-    positions = b.op("Slice", [
-        b.const(np.arange(c.max_positions, dtype=np.int64)[None, :], "position_ids"),
-        b.const(np.array([0], np.int64)), seq_len, b.const(np.array([1], np.int64)),
-    ])
-    pos = b.op("Gather", [b.const(b.weight(c.max_positions, c.hidden), "position_embeddings"),
-                          positions])
+    positions = b.op(
+        "Slice",
+        [
+            b.const(np.arange(c.max_positions, dtype=np.int64)[None, :], "position_ids"),
+            b.const(np.array([0], np.int64)),
+            seq_len,
+            b.const(np.array([1], np.int64)),
+        ],
+    )
+    pos = b.op(
+        "Gather", [b.const(b.weight(c.max_positions, c.hidden), "position_embeddings"), positions]
+    )
     x = b.op("Add", [x, pos])
     if c.type_vocab:
-        types = b.op("Gather", [b.const(b.weight(c.type_vocab, c.hidden), "token_type_embeddings"),
-                                "token_type_ids"])
+        types = b.op(
+            "Gather",
+            [b.const(b.weight(c.type_vocab, c.hidden), "token_type_embeddings"), "token_type_ids"],
+        )
         x = b.op("Add", [x, types])
     x = b.layer_norm(x, c.hidden, "embeddings.LayerNorm")
 
     # Additive mask [batch, 1, 1, sequence]: 0 where attended, float32 min where padded.
-    mask = b.op("Cast", [b.op("Unsqueeze", ["attention_mask",
-                                             b.const(np.array([1, 2], np.int64))])],
-                to=TensorProto.FLOAT)
-    mask = b.op("Mul", [b.op("Sub", [b.const(np.float32(1.0)), mask]),
-                        b.const(np.float32(np.finfo(np.float32).min))], "extended_mask")
+    mask = b.op(
+        "Cast",
+        [b.op("Unsqueeze", ["attention_mask", b.const(np.array([1, 2], np.int64))])],
+        to=TensorProto.FLOAT,
+    )
+    mask = b.op(
+        "Mul",
+        [
+            b.op("Sub", [b.const(np.float32(1.0)), mask]),
+            b.const(np.float32(np.finfo(np.float32).min)),
+        ],
+        "extended_mask",
+    )
 
     split_heads = b.const(np.array([0, 0, c.heads, head_dim], np.int64), "split_heads")
     merge_heads = b.const(np.array([0, 0, c.hidden], np.int64), "merge_heads")
@@ -145,21 +162,29 @@ def build_encoder(config: EncoderConfig, sparsity: float = 0.0, seed: int = 0,
     b.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="/output"))
 
     graph = helper.make_graph(
-        b.nodes, name,
-        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
-         for n in inputs],
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
-                                       ["batch", "sequence", c.hidden])],
+        b.nodes,
+        name,
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+            for n in inputs
+        ],
+        [
+            helper.make_tensor_value_info(
+                "last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", c.hidden]
+            )
+        ],
         b.inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="sparsednn.models")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="sparsednn.models"
+    )
     model.ir_version = 8  # readable by every onnxruntime that supports opset 17
     return model
 
 
-def example_inputs(config: EncoderConfig, batch: int, sequence: int,
-                   seed: int = 0) -> dict[str, np.ndarray]:
+def example_inputs(
+    config: EncoderConfig, batch: int, sequence: int, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Random token ids with a padded tail on every other row, as real batches have."""
     rng = np.random.default_rng(seed)
     feed = {
@@ -167,8 +192,8 @@ def example_inputs(config: EncoderConfig, batch: int, sequence: int,
         "attention_mask": np.ones((batch, sequence), np.int64),
     }
     for row in range(1, batch, 2):
-        feed["attention_mask"][row, sequence - sequence // 4:] = 0
+        feed["attention_mask"][row, sequence - sequence // 4 :] = 0
     if config.type_vocab:
         feed["token_type_ids"] = np.zeros((batch, sequence), np.int64)
-        feed["token_type_ids"][:, sequence // 2:] = 1
+        feed["token_type_ids"][:, sequence // 2 :] = 1
     return feed

@@ -109,24 +109,49 @@ def make_config(spec: ModelSpec):
     d = SMALL if spec.size == "small" else BASE
     common = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if spec.arch == "bert":
-        return tf.BertConfig(vocab_size=d["vocab"], hidden_size=d["hidden"],
-                             num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
-                             intermediate_size=d["intermediate"], **common)
+        return tf.BertConfig(
+            vocab_size=d["vocab"],
+            hidden_size=d["hidden"],
+            num_hidden_layers=d["layers"],
+            num_attention_heads=d["heads"],
+            intermediate_size=d["intermediate"],
+            **common,
+        )
     if spec.arch == "roberta":
-        return tf.RobertaConfig(vocab_size=d["vocab"], hidden_size=d["hidden"],
-                                num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
-                                intermediate_size=d["intermediate"], max_position_embeddings=514,
-                                type_vocab_size=1, pad_token_id=1, bos_token_id=0,
-                                eos_token_id=2, **common)
+        return tf.RobertaConfig(
+            vocab_size=d["vocab"],
+            hidden_size=d["hidden"],
+            num_hidden_layers=d["layers"],
+            num_attention_heads=d["heads"],
+            intermediate_size=d["intermediate"],
+            max_position_embeddings=514,
+            type_vocab_size=1,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            **common,
+        )
     if spec.arch == "distilbert":
-        return tf.DistilBertConfig(vocab_size=d["vocab"], dim=d["hidden"], n_layers=d["layers"],
-                                   n_heads=d["heads"], hidden_dim=d["intermediate"],
-                                   dropout=0.0, attention_dropout=0.0)
+        return tf.DistilBertConfig(
+            vocab_size=d["vocab"],
+            dim=d["hidden"],
+            n_layers=d["layers"],
+            n_heads=d["heads"],
+            hidden_dim=d["intermediate"],
+            dropout=0.0,
+            attention_dropout=0.0,
+        )
     if spec.arch == "vit":
-        return tf.ViTConfig(image_size=VIT_IMAGE, patch_size=VIT_PATCH, num_channels=3,
-                            hidden_size=d["hidden"], num_hidden_layers=d["layers"],
-                            num_attention_heads=d["heads"], intermediate_size=d["intermediate"],
-                            **common)
+        return tf.ViTConfig(
+            image_size=VIT_IMAGE,
+            patch_size=VIT_PATCH,
+            num_channels=3,
+            hidden_size=d["hidden"],
+            num_hidden_layers=d["layers"],
+            num_attention_heads=d["heads"],
+            intermediate_size=d["intermediate"],
+            **common,
+        )
     raise ValueError(f"unknown architecture {spec.arch!r}")
 
 
@@ -153,8 +178,12 @@ def build_torch_model(spec: ModelSpec):
 
     if spec.arch == "minilm":
         return tf.AutoModel.from_pretrained(str(minilm_dir())).eval()
-    cls = {"bert": tf.BertModel, "roberta": tf.RobertaModel,
-           "distilbert": tf.DistilBertModel, "vit": tf.ViTModel}[spec.arch]
+    cls = {
+        "bert": tf.BertModel,
+        "roberta": tf.RobertaModel,
+        "distilbert": tf.DistilBertModel,
+        "vit": tf.ViTModel,
+    }[spec.arch]
     torch.manual_seed(SEED)
     kwargs = {} if spec.arch == "distilbert" else {"add_pooling_layer": spec.pooler}
     model = cls(make_config(spec), **kwargs).eval()
@@ -186,32 +215,44 @@ def _wrapper(spec: ModelSpec, model):
 
     # Explicit parameters: torch.export matches dynamic_shapes to the forward's signature.
     if spec.input_names == ["pixel_values"]:
+
         class Image(Export):
             def forward(self, pixel_values):
                 return outputs(self.model(pixel_values=pixel_values))
+
         return Image().eval()
     if "token_type_ids" in spec.input_names:
+
         class TextWithTypes(Export):
             def forward(self, input_ids, attention_mask, token_type_ids):
-                return outputs(self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                          token_type_ids=token_type_ids))
+                return outputs(
+                    self.model(
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        token_type_ids=token_type_ids,
+                    )
+                )
+
         return TextWithTypes().eval()
 
     class Text(Export):
         def forward(self, input_ids, attention_mask):
             return outputs(self.model(input_ids=input_ids, attention_mask=attention_mask))
+
     return Text().eval()
 
 
 # -- inputs -------------------------------------------------------------------------------
-def make_inputs(spec: ModelSpec, batch: int, seq: int, seed: int = 0,
-                pad: bool = True) -> dict[str, np.ndarray]:
+def make_inputs(
+    spec: ModelSpec, batch: int, seq: int, seed: int = 0, pad: bool = True
+) -> dict[str, np.ndarray]:
     """Fresh random inputs: token ids with padding at the end of some rows (the pad token and
     mask 0 there), or pixel values for ViT."""
     rng = np.random.default_rng(seed)
     if spec.arch == "vit":
-        return {"pixel_values": rng.standard_normal((batch, 3, VIT_IMAGE, VIT_IMAGE))
-                .astype(np.float32)}
+        return {
+            "pixel_values": rng.standard_normal((batch, 3, VIT_IMAGE, VIT_IMAGE)).astype(np.float32)
+        }
     vocab, pad_id = vocab_and_pad(spec)
     ids = rng.integers(max(pad_id, 2) + 1, vocab, (batch, seq), dtype=np.int64)
     mask = np.ones((batch, seq), np.int64)
@@ -224,7 +265,7 @@ def make_inputs(spec: ModelSpec, batch: int, seq: int, seed: int = 0,
     feed = {"input_ids": ids, "attention_mask": mask}
     if "token_type_ids" in spec.input_names:
         types = np.zeros((batch, seq), np.int64)
-        types[:, seq // 2:] = 1
+        types[:, seq // 2 :] = 1
         feed["token_type_ids"] = types * mask
     return feed
 
@@ -244,11 +285,16 @@ def _export_settings(spec: ModelSpec) -> dict:
     config = make_config(spec).to_dict()
     config.pop("transformers_version", None)
     return {
-        "spec": asdict(spec), "config": config, "seed": SEED, "version": EXPORT_VERSION,
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "spec": asdict(spec),
+        "config": config,
+        "seed": SEED,
+        "version": EXPORT_VERSION,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
         # the exporters' helpers: a dynamo export that failed for want of onnxscript is
         # tried again once onnxscript is installed
-        "onnx": _version("onnx"), "onnxscript": _version("onnxscript"),
+        "onnx": _version("onnx"),
+        "onnxscript": _version("onnxscript"),
         "example": [EXAMPLE_BATCH, EXAMPLE_SEQ],
     }
 
@@ -285,10 +331,17 @@ def _export_to(spec: ModelSpec, path: Path) -> None:
                     dynamic_axes["last_hidden_state"] = {0: "batch"}
                 if spec.pooler:
                     dynamic_axes["pooler_output"] = {0: "batch"}
-            torch.onnx.export(model, args, str(path), input_names=names,
-                              output_names=spec.output_names, dynamic_axes=dynamic_axes,
-                              opset_version=LEGACY_OPSET, do_constant_folding=True,
-                              dynamo=False)
+            torch.onnx.export(
+                model,
+                args,
+                str(path),
+                input_names=names,
+                output_names=spec.output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=LEGACY_OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
         elif spec.exporter == "dynamo":
             dynamic_shapes = None
             if not spec.static:
@@ -296,10 +349,16 @@ def _export_to(spec: ModelSpec, path: Path) -> None:
                 if spec.arch != "vit":
                     dims[1] = torch.export.Dim("sequence", min=1, max=512)
                 dynamic_shapes = tuple(dict(dims) for _ in names)
-            program = torch.onnx.export(model, args, str(path), input_names=names,
-                                        output_names=spec.output_names,
-                                        dynamic_shapes=dynamic_shapes,
-                                        opset_version=DYNAMO_OPSET, dynamo=True)
+            program = torch.onnx.export(
+                model,
+                args,
+                str(path),
+                input_names=names,
+                output_names=spec.output_names,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=DYNAMO_OPSET,
+                dynamo=True,
+            )
             if program is None:
                 raise RuntimeError("torch.onnx.export(dynamo=True) returned no program")
         else:
@@ -339,8 +398,9 @@ def export(spec: ModelSpec) -> Exported:
             meta = _describe(tmp / "model.onnx")
         except Exception as e:  # an exporter that fails: record why, once
             error = _reason(e)
-            (tmp / "failed.json").write_text(json.dumps(
-                {"error": error, "traceback": traceback.format_exc()}, indent=1))
+            (tmp / "failed.json").write_text(
+                json.dumps({"error": error, "traceback": traceback.format_exc()}, indent=1)
+            )
             _publish(tmp, folder)
             raise ExportFailed(error) from e
         meta["export_seconds"] = round(time.perf_counter() - start, 2)
@@ -379,14 +439,17 @@ def _describe(path: Path) -> dict:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-                  for n in proto.graph.node)
+    ops = Counter(
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+        for n in proto.graph.node
+    )
 
     def dims(vi):
         return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
 
-    external = sorted({e.value for t in proto.graph.initializer for e in t.external_data
-                       if e.key == "location"})
+    external = sorted(
+        {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    )
     return {
         "ops": dict(sorted(ops.items())),
         "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},

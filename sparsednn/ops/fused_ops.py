@@ -19,7 +19,9 @@ def erf(x: np.ndarray) -> np.ndarray:
     x64 = np.asarray(x, dtype=np.float64)
     a = np.abs(x64)
     t = 1.0 / (1.0 + 0.3275911 * a)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    poly = t * (
+        0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
+    )
     y = np.copysign(1.0 - poly * np.exp(-a * a), x64)
     return y.astype(np.asarray(x).dtype, copy=False)
 
@@ -76,7 +78,7 @@ def Attention(q, k=None, v=None, mask=None, *, num_heads, head_size, scale, full
     "zero" (graphs that replace the softmax's NaN by 0, as torch's SDPA exports do)."""
     if k is None and v is None:
         n = num_heads * head_size
-        q, k, v = q[..., :n], q[..., n:2 * n], q[..., 2 * n:]
+        q, k, v = q[..., :n], q[..., n : 2 * n], q[..., 2 * n :]
     qh, kh, vh = (_split_heads(x, num_heads, head_size) for x in (q, k, v))
     scores = np.matmul(qh, kh.transpose(0, 1, 3, 2)) * np.float32(scale)
     if mask is not None:
@@ -89,7 +91,8 @@ def Attention(q, k=None, v=None, mask=None, *, num_heads, head_size, scale, full
         e[np.isnan(e)] = 0.0
     out = np.matmul(e, vh).astype(q.dtype, copy=False)
     return np.ascontiguousarray(out.transpose(0, 2, 1, 3)).reshape(
-        q.shape[0], q.shape[1], num_heads * head_size)
+        q.shape[0], q.shape[1], num_heads * head_size
+    )
 
 
 @shape_rule("Attention")

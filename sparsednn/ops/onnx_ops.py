@@ -34,8 +34,18 @@ BOOL = np.dtype(np.bool_)
 
 # ONNX TensorProto element types that sparsednn computes with.
 _DTYPES = {
-    1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32,
-    7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64,
+    1: np.float32,
+    2: np.uint8,
+    3: np.int8,
+    4: np.uint16,
+    5: np.int16,
+    6: np.int32,
+    7: np.int64,
+    9: np.bool_,
+    10: np.float16,
+    11: np.float64,
+    12: np.uint32,
+    13: np.uint64,
 }
 
 
@@ -420,9 +430,32 @@ def Softsign(x):
 
 
 _unary_rules(
-    "Identity", "Relu", "Neg", "Abs", "Sign", "Sqrt", "Reciprocal", "Exp", "Log", "Erf",
-    "Tanh", "Sin", "Cos", "Floor", "Ceil", "Round", "Sigmoid", "HardSigmoid", "HardSwish",
-    "LeakyRelu", "Elu", "Selu", "Softplus", "Softsign", "Clip", "Gelu",
+    "Identity",
+    "Relu",
+    "Neg",
+    "Abs",
+    "Sign",
+    "Sqrt",
+    "Reciprocal",
+    "Exp",
+    "Log",
+    "Erf",
+    "Tanh",
+    "Sin",
+    "Cos",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "Softplus",
+    "Softsign",
+    "Clip",
+    "Gelu",
 )
 
 
@@ -508,8 +541,7 @@ def _channel_view(v, x):
 
 
 @register
-def BatchNormalization(x, scale, bias, mean, var, *, epsilon=1e-05, momentum=0.9,
-                       training_mode=0):
+def BatchNormalization(x, scale, bias, mean, var, *, epsilon=1e-05, momentum=0.9, training_mode=0):
     if training_mode:
         raise _unsupported("BatchNormalization", "training_mode", training_mode)
     inv = (scale / np.sqrt(var + np.asarray(epsilon, var.dtype))).astype(x.dtype, copy=False)
@@ -684,11 +716,13 @@ ReduceMin = _define_reduce("ReduceMin", _min)
 ReduceProd = _define_reduce(
     "ReduceProd", lambda x, a, k: np.prod(x, axis=a, keepdims=k, dtype=x.dtype)
 )
-ReduceSumSquare = _define_reduce("ReduceSumSquare", lambda x, a, k: _sum(x * x, a, k),
-                                 lambda x: x * x)
+ReduceSumSquare = _define_reduce(
+    "ReduceSumSquare", lambda x, a, k: _sum(x * x, a, k), lambda x: x * x
+)
 ReduceL1 = _define_reduce("ReduceL1", lambda x, a, k: _sum(np.abs(x), a, k), np.abs)
 ReduceL2 = _define_reduce(
-    "ReduceL2", lambda x, a, k: np.sqrt(_sum(x * x, a, k).astype(np.float64)).astype(x.dtype),
+    "ReduceL2",
+    lambda x, a, k: np.sqrt(_sum(x * x, a, k).astype(np.float64)).astype(x.dtype),
     np.abs,
 )
 ReduceLogSum = _define_reduce("ReduceLogSum", lambda x, a, k: np.log(_sum(x, a, k)), np.log)
@@ -931,8 +965,15 @@ def _tile_shape(node):
     reps = _const_ints(node.inputs[1])
     if reps is None:
         return [(x.dtype, None)]
-    return [(x.dtype, tuple(d * r if isinstance(d, int) else (d if r == 1 else None)
-                            for d, r in zip(x.shape, reps)))]
+    return [
+        (
+            x.dtype,
+            tuple(
+                d * r if isinstance(d, int) else (d if r == 1 else None)
+                for d, r in zip(x.shape, reps)
+            ),
+        )
+    ]
 
 
 @register
@@ -957,8 +998,12 @@ def _concat_shape(node):
             else:
                 out.append(nonempty[0] if len(nonempty) == 1 else None)
         else:  # equal in every input: any concrete size, else any symbol
-            out.append(next((d for d in dims if isinstance(d, int)),
-                            next((d for d in dims if d is not None), None)))
+            out.append(
+                next(
+                    (d for d in dims if isinstance(d, int)),
+                    next((d for d in dims if d is not None), None),
+                )
+            )
     return [(ins[0].dtype, tuple(out))]
 
 
@@ -998,9 +1043,10 @@ def _split_shape(node):
             return [(x.dtype, None)] * len(node.outputs)
         sizes = _ints(split.const)
     else:
-        sizes = _split_sizes(dim, None if split is None else split.const,
-                             node.attrs.get("num_outputs"))
-    return [(x.dtype, (*x.shape[:a], s, *x.shape[a + 1:])) for s in sizes]
+        sizes = _split_sizes(
+            dim, None if split is None else split.const, node.attrs.get("num_outputs")
+        )
+    return [(x.dtype, (*x.shape[:a], s, *x.shape[a + 1 :])) for s in sizes]
 
 
 def _slices(shape, starts, ends, axes, steps):
@@ -1096,7 +1142,7 @@ def Gather(data, indices, *, axis=0):
 def _gather_shape(node):
     x, i = node.inputs
     a = _axis(node.attrs.get("axis", 0), len(x.shape))
-    return [(x.dtype, (*x.shape[:a], *i.shape, *x.shape[a + 1:]))]
+    return [(x.dtype, (*x.shape[:a], *i.shape, *x.shape[a + 1 :]))]
 
 
 @register
@@ -1121,7 +1167,7 @@ def GatherND(data, indices, *, batch_dims=0):
     idx = indices.reshape((nb, -1, k)).astype(np.int64, copy=False)
     rows = np.arange(nb)[:, None]
     out = d[(rows, *(idx[..., j] for j in range(k)))]
-    return out.reshape((*batch, *indices.shape[b:-1], *data.shape[b + k:]))
+    return out.reshape((*batch, *indices.shape[b:-1], *data.shape[b + k :]))
 
 
 @shape_rule("GatherND")
@@ -1131,7 +1177,7 @@ def _gather_nd_shape(node):
     k = i.shape[-1]
     if not isinstance(k, int):
         return [(x.dtype, None)]
-    return [(x.dtype, (*i.shape[:-1], *x.shape[b + k:]))]
+    return [(x.dtype, (*i.shape[:-1], *x.shape[b + k :]))]
 
 
 _REDUCTIONS = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
@@ -1184,8 +1230,9 @@ def Pad(data, pads, constant_value=None, axes=None, *, mode="constant"):
     for i, a in enumerate(axes):
         width[a] = [pads[i], pads[i + n]]
     grow = [(max(lo, 0), max(hi, 0)) for lo, hi in width]
-    check_allocation([s + lo + hi for s, (lo, hi) in zip(data.shape, grow)], data.dtype,
-                     "Pad's output")
+    check_allocation(
+        [s + lo + hi for s, (lo, hi) in zip(data.shape, grow)], data.dtype, "Pad's output"
+    )
     if mode == "constant":
         value = 0 if constant_value is None or constant_value.size == 0 else _scalar(constant_value)
         out = np.pad(data, grow, mode="constant", constant_values=value)
@@ -1193,8 +1240,10 @@ def Pad(data, pads, constant_value=None, axes=None, *, mode="constant"):
         out = np.pad(data, grow, mode=mode)
     else:
         raise _unsupported("Pad", "mode", mode)
-    crop = tuple(slice(-lo if lo < 0 else 0, (out.shape[i] + hi) if hi < 0 else None)
-                 for i, (lo, hi) in enumerate(width))
+    crop = tuple(
+        slice(-lo if lo < 0 else 0, (out.shape[i] + hi) if hi < 0 else None)
+        for i, (lo, hi) in enumerate(width)
+    )
     return out[crop]
 
 
@@ -1229,7 +1278,7 @@ def _shape_shape(node):
     x = node.inputs[0]
     if x.shape is None:
         return [(INT64, None)]
-    n = len(range(len(x.shape))[node.attrs.get("start", 0):node.attrs.get("end")])
+    n = len(range(len(x.shape))[node.attrs.get("start", 0) : node.attrs.get("end")])
     return [(INT64, (n,))]
 
 
@@ -1244,8 +1293,17 @@ def _size_shape(node):
 
 
 @register
-def Constant(*, value=None, value_float=None, value_floats=None, value_int=None,
-             value_ints=None, sparse_value=None, value_string=None, value_strings=None):
+def Constant(
+    *,
+    value=None,
+    value_float=None,
+    value_floats=None,
+    value_int=None,
+    value_ints=None,
+    sparse_value=None,
+    value_string=None,
+    value_strings=None,
+):
     if value is not None:
         return value
     if value_float is not None:
@@ -1413,8 +1471,10 @@ def _pool_geometry(op, spatial, kernel, auto_pad, pads, strides, dilations, ceil
             out.append(max(o, 0))
     else:
         raise _unsupported(op, "auto_pad", auto_pad)
-    extra = [max((o - 1) * st + e - (s + l + h), 0)
-             for o, st, e, s, l, h in zip(out, strides, eff, spatial, lo, hi)]
+    extra = [
+        max((o - 1) * st + e - (s + l + h), 0)
+        for o, st, e, s, l, h in zip(out, strides, eff, spatial, lo, hi)
+    ]
     return out, lo, hi, extra, strides, dilations
 
 
@@ -1423,17 +1483,31 @@ def _windows(xp, out, strides, dilations, kernel):
     n = len(out)
     s = xp.strides
     shape = (*xp.shape[:2], *out, *kernel)
-    view_strides = (*s[:2], *(s[2 + i] * strides[i] for i in range(n)),
-                    *(s[2 + i] * dilations[i] for i in range(n)))
+    view_strides = (
+        *s[:2],
+        *(s[2 + i] * strides[i] for i in range(n)),
+        *(s[2 + i] * dilations[i] for i in range(n)),
+    )
     return np.lib.stride_tricks.as_strided(xp, shape, view_strides, writeable=False)
 
 
 @register
-def Conv(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
-         pads=None, strides=None):
+def Conv(
+    x,
+    w,
+    b=None,
+    *,
+    auto_pad="NOTSET",
+    dilations=None,
+    group=1,
+    kernel_shape=None,
+    pads=None,
+    strides=None,
+):
     kernel = list(kernel_shape or w.shape[2:])
     out, lo, hi, _, strides, dilations = _pool_geometry(
-        "Conv", x.shape[2:], kernel, auto_pad, pads, strides, dilations)
+        "Conv", x.shape[2:], kernel, auto_pad, pads, strides, dilations
+    )
     xp = np.pad(x, [(0, 0), (0, 0), *zip(lo, hi)])
     n, c = x.shape[:2]
     m = w.shape[0]
@@ -1457,7 +1531,8 @@ def _pool(op, x, kernel, auto_pad, pads, strides, dilations, ceil_mode, fill):
     """The padded input and, per kernel offset, the strided slice of it that offset sees
     (a loop over the kernel's few offsets, each step vectorised over the whole output)."""
     out, lo, hi, extra, strides, dilations = _pool_geometry(
-        op, x.shape[2:], kernel, auto_pad, pads, strides, dilations, ceil_mode)
+        op, x.shape[2:], kernel, auto_pad, pads, strides, dilations, ceil_mode
+    )
     width = [(0, 0), (0, 0), *((l, h + e) for l, h, e in zip(lo, hi, extra))]
     xp = np.pad(x, width, constant_values=fill)
     return xp, _offset_slices(out, strides, dilations, kernel), (out, lo, hi, extra)
@@ -1466,20 +1541,37 @@ def _pool(op, x, kernel, auto_pad, pads, strides, dilations, ceil_mode, fill):
 def _offset_slices(out, strides, dilations, kernel):
     slices = []
     for offset in itertools.product(*(range(k) for k in kernel)):
-        slices.append((Ellipsis, *(slice(o * d, o * d + (n - 1) * s + 1, s) for o, d, n, s in
-                                   zip(offset, dilations, out, strides))))
+        slices.append(
+            (
+                Ellipsis,
+                *(
+                    slice(o * d, o * d + (n - 1) * s + 1, s)
+                    for o, d, n, s in zip(offset, dilations, out, strides)
+                ),
+            )
+        )
     return slices
 
 
 @register
-def MaxPool(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape, pads=None,
-            storage_order=0, strides=None):
+def MaxPool(
+    x,
+    *,
+    auto_pad="NOTSET",
+    ceil_mode=0,
+    dilations=None,
+    kernel_shape,
+    pads=None,
+    storage_order=0,
+    strides=None,
+):
     """Y, and the Indices output: flat positions in x (row-major, or column-major over the
     spatial axes when storage_order=1)."""
     nd = len(kernel_shape)
     strides, dilations = list(strides or [1] * nd), list(dilations or [1] * nd)
-    xp, slices, (out, lo, _, _) = _pool("MaxPool", x, kernel_shape, auto_pad, pads, strides,
-                                        dilations, ceil_mode, _lowest(x.dtype))
+    xp, slices, (out, lo, _, _) = _pool(
+        "MaxPool", x, kernel_shape, auto_pad, pads, strides, dilations, ceil_mode, _lowest(x.dtype)
+    )
     y = xp[slices[0]].copy()
     arg = np.zeros(y.shape, np.int32)  # the first maximum's kernel offset, flattened
     step = np.empty_like(arg)
@@ -1494,7 +1586,7 @@ def MaxPool(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape, 
     within = np.zeros(arg.shape, np.int64)
     order = range(nd - 1, -1, -1) if storage_order else range(nd)
     for i in order:
-        offset = (arg // math.prod(kernel_shape[i + 1:])) % kernel_shape[i]
+        offset = (arg // math.prod(kernel_shape[i + 1 :])) % kernel_shape[i]
         o = np.arange(out[i]).reshape((-1,) + (1,) * (nd - 1 - i))
         coord = np.clip(o * strides[i] + offset * dilations[i] - lo[i], 0, spatial[i] - 1)
         within *= spatial[i]
@@ -1505,20 +1597,34 @@ def MaxPool(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape, 
 
 
 @register
-def AveragePool(x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None,
-                kernel_shape, pads=None, strides=None):
+def AveragePool(
+    x,
+    *,
+    auto_pad="NOTSET",
+    ceil_mode=0,
+    count_include_pad=0,
+    dilations=None,
+    kernel_shape,
+    pads=None,
+    strides=None,
+):
     nd = len(kernel_shape)
     strides, dilations = list(strides or [1] * nd), list(dilations or [1] * nd)
-    xp, slices, (out, lo, hi, extra) = _pool("AveragePool", x, kernel_shape, auto_pad, pads,
-                                             strides, dilations, ceil_mode, 0)
+    xp, slices, (out, lo, hi, extra) = _pool(
+        "AveragePool", x, kernel_shape, auto_pad, pads, strides, dilations, ceil_mode, 0
+    )
     # How many elements each window averages: the input's (or with count_include_pad, the
     # explicitly padded input's) elements it covers, never ceil_mode's extra room.
     if count_include_pad:
-        mask = np.pad(np.ones((1, 1, *(s + l + h for s, l, h in zip(x.shape[2:], lo, hi))),
-                              x.dtype), [(0, 0), (0, 0), *((0, e) for e in extra)])
+        mask = np.pad(
+            np.ones((1, 1, *(s + l + h for s, l, h in zip(x.shape[2:], lo, hi))), x.dtype),
+            [(0, 0), (0, 0), *((0, e) for e in extra)],
+        )
     else:
-        mask = np.pad(np.ones((1, 1, *x.shape[2:]), x.dtype),
-                      [(0, 0), (0, 0), *((l, h + e) for l, h, e in zip(lo, hi, extra))])
+        mask = np.pad(
+            np.ones((1, 1, *x.shape[2:]), x.dtype),
+            [(0, 0), (0, 0), *((l, h + e) for l, h, e in zip(lo, hi, extra))],
+        )
     total = xp[slices[0]].copy()
     counts = mask[slices[0]].copy()
     for sl in slices[1:]:
@@ -1566,7 +1672,14 @@ def _conv_pool_out(node):
     spatial = x.shape[2:]
     if kernel is None or not all(isinstance(d, int) for d in (*spatial, *kernel)):
         return (x.dtype, (x.shape[0], channels, *([None] * (len(x.shape) - 2))))
-    out = _pool_geometry(node.op, spatial, kernel, a.get("auto_pad", "NOTSET"),
-                         a.get("pads"), a.get("strides"), a.get("dilations"),
-                         a.get("ceil_mode", 0))[0]
+    out = _pool_geometry(
+        node.op,
+        spatial,
+        kernel,
+        a.get("auto_pad", "NOTSET"),
+        a.get("pads"),
+        a.get("strides"),
+        a.get("dilations"),
+        a.get("ceil_mode", 0),
+    )[0]
     return (x.dtype, (x.shape[0], channels, *out))

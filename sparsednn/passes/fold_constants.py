@@ -49,7 +49,8 @@ def _creates_too_much(node: Node, arrays: list[np.ndarray | None]) -> bool:
             count = float(np.prod(target, dtype=np.float64))
         elif node.op == "Tile":
             count = float(np.prod(arrays[0].shape, dtype=np.float64)) * float(
-                np.prod(arrays[1].astype(np.float64)))
+                np.prod(arrays[1].astype(np.float64))
+            )
         elif node.op == "Range":
             start, limit, delta = (float(a) for a in arrays)
             count = abs((limit - start) / delta) if delta else float("inf")

@@ -230,7 +230,7 @@ def regroup(layout: Layout, entries: list, allowzero: bool) -> Layout | None:
 
     if -1 in sizes:
         split = sizes.index(-1)
-        left, right = sizes[:split], sizes[split + 1:]
+        left, right = sizes[:split], sizes[split + 1 :]
     else:
         left, right = sizes, []
     groups_left, pos = [], 0
@@ -238,14 +238,14 @@ def regroup(layout: Layout, entries: list, allowzero: bool) -> Layout | None:
         k = take(axes[pos:], target)
         if k is None:
             return None
-        groups_left.append(tuple(axes[pos:pos + k]))
+        groups_left.append(tuple(axes[pos : pos + k]))
         pos += k
     groups_right, end = [], len(axes)
     for target in reversed(right):
         k = take(axes[pos:end][::-1], target)
         if k is None:
             return None
-        groups_right.append(tuple(axes[end - k:end]))
+        groups_right.append(tuple(axes[end - k : end]))
         end -= k
     if -1 in sizes:
         middle = tuple(axes[pos:end])
@@ -509,8 +509,11 @@ def match_attention(uses: Uses, softmax: Node) -> Match | None:
     else:
         return None
     heads = q.h.size.coeff
-    if not (k.h.size == v.h.size == q.h.size and q.b.size == k.b.size == v.b.size
-            and k.s.size == v.s.size):
+    if not (
+        k.h.size == v.h.size == q.h.size
+        and q.b.size == k.b.size == v.b.size
+        and k.s.size == v.s.size
+    ):
         return None
     if v.scale != 1.0:  # a scaled v (not seen in exports): left alone
         return None
@@ -537,16 +540,20 @@ def fuse_attention(graph: Graph) -> Graph:
         if producer is None or id(producer) in replaced:
             continue
         name = f"{producer.name}_attention"
-        attrs = {"num_heads": m.heads, "head_size": m.head_size,
-                 "scale": float(np.float32(m.scale)),
-                 "fully_masked": "zero" if m.guarded else "nan"}
+        attrs = {
+            "num_heads": m.heads,
+            "head_size": m.head_size,
+            "scale": float(np.float32(m.scale)),
+            "fully_masked": "zero" if m.guarded else "nan",
+        }
         inputs = [m.q.source, m.k.source, m.v.source] + ([m.mask] if m.mask is not None else [])
         if m.out_4d:
             flat = Value(graph.fresh_name(f"{name}_out"), np.dtype(np.float32))
             attn = Node("Attention", name, inputs, [flat], attrs, domain=DOMAIN)
             flat.producer = attn
-            shape = Value.constant(graph.fresh_name(f"{name}_heads"),
-                                   np.array([0, 0, m.heads, m.head_size], np.int64))
+            shape = Value.constant(
+                graph.fresh_name(f"{name}_heads"), np.array([0, 0, m.heads, m.head_size], np.int64)
+            )
             reshape = Node("Reshape", f"{name}_split", [flat, shape], [m.out_value], {})
             m.out_value.producer = reshape
             replaced[id(producer)] = [attn, reshape]
@@ -588,9 +595,15 @@ def merge_qkv_projections(graph: Graph) -> Graph:
             continue
         x = linears[0].inputs[0]
         weights = [n.attrs.get("weight") for n in linears]
-        if any(n.inputs[0] is not x or n.attrs.get("activation", "none") != "none"
-               or not isinstance(w, np.ndarray) or w.ndim != 2 or w.dtype != np.float32
-               or w.shape != weights[0].shape for n, w in zip(linears, weights)):
+        if any(
+            n.inputs[0] is not x
+            or n.attrs.get("activation", "none") != "none"
+            or not isinstance(w, np.ndarray)
+            or w.ndim != 2
+            or w.dtype != np.float32
+            or w.shape != weights[0].shape
+            for n, w in zip(linears, weights)
+        ):
             continue
         sparsity = [1.0 - np.count_nonzero(w) / max(w.size, 1) for w in weights]
         if max(sparsity) - min(sparsity) > MAX_SPARSITY_SPREAD:
@@ -602,15 +615,25 @@ def merge_qkv_projections(graph: Graph) -> Graph:
             bias = np.concatenate([np.zeros(n, np.float32) if b is None else b for b in biases])
         first = min(linears, key=lambda node: position[id(node)])
         qkv = Value(graph.fresh_name(f"{first.name}_qkv_out"), np.dtype(np.float32))
-        merged = Node("Linear", f"{first.name}_qkv", [x], [qkv],
-                      {"weight": np.ascontiguousarray(np.concatenate(weights, axis=1)),
-                       "bias": bias, "activation": "none"}, domain=DOMAIN)
+        merged = Node(
+            "Linear",
+            f"{first.name}_qkv",
+            [x],
+            [qkv],
+            {
+                "weight": np.ascontiguousarray(np.concatenate(weights, axis=1)),
+                "bias": bias,
+                "activation": "none",
+            },
+            domain=DOMAIN,
+        )
         qkv.producer = merged
         insert[id(first)] = merged
         for i, (node, out) in enumerate(zip(linears, sources)):
-            bounds = [Value.constant(graph.fresh_name(f"{node.name}_{what}"),
-                                     np.array([value], np.int64))
-                      for what, value in (("start", i * n), ("end", (i + 1) * n), ("axis", -1))]
+            bounds = [
+                Value.constant(graph.fresh_name(f"{node.name}_{what}"), np.array([value], np.int64))
+                for what, value in (("start", i * n), ("end", (i + 1) * n), ("axis", -1))
+            ]
             part = Node("Slice", f"{node.name}_part", [qkv, *bounds], [out], {})
             out.producer = part
             replace[id(node)] = part
@@ -623,5 +646,3 @@ def merge_qkv_projections(graph: Graph) -> Graph:
             nodes.append(replace.get(id(node), node))
         graph.nodes = nodes
     return graph
-
-

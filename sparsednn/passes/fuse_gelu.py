@@ -38,7 +38,7 @@ def _match(erf: Node, uses: Uses):
         return None
     # Two multiplications remain: by x and by 0.5, in either order, possibly with x * 0.5 first.
     half_x = None
-    for reader in (uses.readers.get(id(x), [])):
+    for reader in uses.readers.get(id(x), []):
         if reader.op == "Mul" and is_close(const_scalar(other_input(reader, x)), 0.5):
             half_x = reader
     mul1 = uses.sole_reader(add.outputs[0])
@@ -81,7 +81,8 @@ def fuse_gelu(graph: Graph) -> Graph:
         removed.update(id(n) for n in nodes)
         replacement[id(last)] = gelu
     graph.nodes = [
-        replacement.get(id(n), n) for n in graph.nodes
+        replacement.get(id(n), n)
+        for n in graph.nodes
         if id(n) not in removed or id(n) in replacement
     ]
     return graph

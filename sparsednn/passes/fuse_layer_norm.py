@@ -98,7 +98,12 @@ def _match_decomposed(sub: Node, uses: Uses):
         return None
     eps = const_scalar(other_input(add_eps, var.outputs[0]))
     sqrt = uses.sole_reader(add_eps.outputs[0])
-    if eps is None or sqrt is None or sqrt.op != "Sqrt" or uses.sole_reader(sqrt.outputs[0]) is not div:
+    if (
+        eps is None
+        or sqrt is None
+        or sqrt.op != "Sqrt"
+        or uses.sole_reader(sqrt.outputs[0]) is not div
+    ):
         return None
     if div.inputs[1] is not sqrt.outputs[0]:
         return None
@@ -139,25 +144,42 @@ def fuse_layer_norm(graph: Graph) -> Graph:
         if any(id(n) in removed or id(n) in replacement for n in matched):
             continue
         last = matched[0]
-        attrs = {"scale": np.ascontiguousarray(scale, np.float32),
-                 "bias": None if bias is None else np.ascontiguousarray(bias, np.float32),
-                 "epsilon": eps}
+        attrs = {
+            "scale": np.ascontiguousarray(scale, np.float32),
+            "bias": None if bias is None else np.ascontiguousarray(bias, np.float32),
+            "epsilon": eps,
+        }
         add = x.producer
         inside = {id(n) for n in matched}
         x_readers = uses.readers.get(id(x), [])
-        if (add is not None and add.op == "Add" and id(x) not in uses.outputs
-                and all(id(r) in inside for r in x_readers)
-                and all(v is not None and v.dtype == np.float32 for v in add.inputs)
-                and id(add) not in removed and id(add) not in replacement):
-            fused = Node("AddLayerNorm", f"{last.name}_add_layer_norm", list(add.inputs),
-                         last.outputs[:1], attrs, domain=DOMAIN)
+        if (
+            add is not None
+            and add.op == "Add"
+            and id(x) not in uses.outputs
+            and all(id(r) in inside for r in x_readers)
+            and all(v is not None and v.dtype == np.float32 for v in add.inputs)
+            and id(add) not in removed
+            and id(add) not in replacement
+        ):
+            fused = Node(
+                "AddLayerNorm",
+                f"{last.name}_add_layer_norm",
+                list(add.inputs),
+                last.outputs[:1],
+                attrs,
+                domain=DOMAIN,
+            )
             removed.add(id(add))
         else:
-            fused = Node("LayerNorm", f"{last.name}_layer_norm", [x], last.outputs[:1], attrs,
-                         domain=DOMAIN)
+            fused = Node(
+                "LayerNorm", f"{last.name}_layer_norm", [x], last.outputs[:1], attrs, domain=DOMAIN
+            )
         fused.outputs[0].producer = fused
         replacement[id(last)] = fused
         removed.update(id(n) for n in matched[1:])
-    graph.nodes = [replacement.get(id(n), n) for n in graph.nodes
-                   if id(n) not in removed or id(n) in replacement]
+    graph.nodes = [
+        replacement.get(id(n), n)
+        for n in graph.nodes
+        if id(n) not in removed or id(n) in replacement
+    ]
     return graph

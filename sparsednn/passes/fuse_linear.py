@@ -64,9 +64,11 @@ def fuse_linear(graph: Graph) -> Graph:
                 last = reader
                 reader = uses.sole_reader(last.outputs[0])
         activation = "none"
-        if reader is not None and reader.op in ACTIVATION_OF_OP and not reader.attrs.get(
-            "approximate", "none"
-        ) == "tanh":
+        if (
+            reader is not None
+            and reader.op in ACTIVATION_OF_OP
+            and not reader.attrs.get("approximate", "none") == "tanh"
+        ):
             activation = ACTIVATION_OF_OP[reader.op]
             swallowed.append(reader)
             last = reader
@@ -81,7 +83,8 @@ def fuse_linear(graph: Graph) -> Graph:
         removed.update(id(s) for s in swallowed)
         replacement[id(last)] = linear
     graph.nodes = [
-        replacement.get(id(n), n) for n in graph.nodes
+        replacement.get(id(n), n)
+        for n in graph.nodes
         if id(n) not in removed or id(n) in replacement
     ]
     return graph

@@ -75,8 +75,9 @@ def _symbolic_value(node: Node) -> tuple | None:
         return tuple(x.shape[start:end])
     if op in ("Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape", "Flatten"):
         inner = _ints_of(ins[0])
-        return inner if inner is not None and len(inner) <= 1 or op in ("Identity", "Cast") \
-            else None
+        return (
+            inner if inner is not None and len(inner) <= 1 or op in ("Identity", "Cast") else None
+        )
     if op == "Gather" and node.attrs.get("axis", 0) == 0:
         data, index = _ints_of(ins[0]), _ints_of(ins[1])
         if data is None or index is None or any(not isinstance(i, int) for i in index):

@@ -115,8 +115,12 @@ def _redo_non_finite_rows(rows: np.ndarray, y: np.ndarray, ones: np.ndarray, att
     Rows holding one (their sum is not finite; one BLAS pass) are recomputed densely."""
     bad = np.flatnonzero(~np.isfinite(rows @ ones))
     if bad.size:
-        y[bad] = Linear(rows[bad], weight=np.asarray(attrs["weight"]), bias=attrs["bias"],
-                        activation=attrs["activation"])
+        y[bad] = Linear(
+            rows[bad],
+            weight=np.asarray(attrs["weight"]),
+            bias=attrs["bias"],
+            activation=attrs["activation"],
+        )
 
 
 @lowering("MatMul")
@@ -129,8 +133,14 @@ def lower_matmul(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
 def batched_matmul(a: np.ndarray, b: np.ndarray, num_threads: int) -> np.ndarray:
     """MatMul of activations (attention's QK^T and PV) split over the batch of matrices,
     one slice per thread: BLAS runs single-threaded inside sparsednn's own pool."""
-    if (a.ndim < 3 or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype or a.dtype.kind != "f"
-            or a.size == 0 or b.size == 0):  # (reshape(-1, ...) cannot size empty batches)
+    if (
+        a.ndim < 3
+        or a.shape[:-2] != b.shape[:-2]
+        or a.dtype != b.dtype
+        or a.dtype.kind != "f"
+        or a.size == 0
+        or b.size == 0
+    ):  # (reshape(-1, ...) cannot size empty batches)
         return np.matmul(a, b)
     batch = a.shape[:-2]
     a3 = a.reshape(-1, *a.shape[-2:])
@@ -140,10 +150,12 @@ def batched_matmul(a: np.ndarray, b: np.ndarray, num_threads: int) -> np.ndarray
         return np.matmul(a, b)
     out = np.empty((count, a.shape[-2], b.shape[-1]), a.dtype)
     bounds = np.linspace(0, count, min(num_threads, count) + 1).astype(int)
-    parallel_for([
-        partial(np.matmul, a3[lo:hi], b3[lo:hi], out=out[lo:hi])
-        for lo, hi in zip(bounds[:-1], bounds[1:])
-    ])
+    parallel_for(
+        [
+            partial(np.matmul, a3[lo:hi], b3[lo:hi], out=out[lo:hi])
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+    )
     return out.reshape(*batch, a.shape[-2], b.shape[-1])
 
 
@@ -162,8 +174,16 @@ def lower_attention(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
     where = f"node {node.name!r} (Attention, {heads} heads of {head_size})"
 
     def run_attention(q, k, v, mask=None):
-        return kernel(q, k, v, mask, scale=scale, masked_row_value=masked_row_value,
-                      num_threads=threads, where=where)
+        return kernel(
+            q,
+            k,
+            v,
+            mask,
+            scale=scale,
+            masked_row_value=masked_row_value,
+            num_threads=threads,
+            where=where,
+        )
 
     return run_attention
 
@@ -181,10 +201,12 @@ def _lower_layer_norm(node: Node, ctx: LoweringContext, residual: bool) -> Calla
     threads = ctx.num_threads
     where = f"node {node.name!r} ({node.op}, {n} features)"
     if residual:
-        return lambda x, y: kernel(x, y, scale=scale, bias=bias, epsilon=eps,
-                                   num_threads=threads, where=where)
-    return lambda x: kernel(x, scale=scale, bias=bias, epsilon=eps, num_threads=threads,
-                            where=where)
+        return lambda x, y: kernel(
+            x, y, scale=scale, bias=bias, epsilon=eps, num_threads=threads, where=where
+        )
+    return lambda x: kernel(
+        x, scale=scale, bias=bias, epsilon=eps, num_threads=threads, where=where
+    )
 
 
 @lowering("LayerNorm")

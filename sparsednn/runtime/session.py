@@ -26,9 +26,15 @@ from sparsednn.runtime.progress import progress_bar
 from sparsednn.runtime.threads import default_num_threads, single_threaded_blas
 
 _ONNX_TYPE_NAMES = {
-    "float32": "tensor(float)", "float64": "tensor(double)", "float16": "tensor(float16)",
-    "int64": "tensor(int64)", "int32": "tensor(int32)", "int16": "tensor(int16)",
-    "int8": "tensor(int8)", "uint8": "tensor(uint8)", "bool": "tensor(bool)",
+    "float32": "tensor(float)",
+    "float64": "tensor(double)",
+    "float16": "tensor(float16)",
+    "int64": "tensor(int64)",
+    "int32": "tensor(int32)",
+    "int16": "tensor(int16)",
+    "int8": "tensor(int8)",
+    "uint8": "tensor(uint8)",
+    "bool": "tensor(bool)",
 }
 
 
@@ -87,8 +93,13 @@ class Step:
 
 
 class InferenceSession:
-    def __init__(self, path_or_bytes, sess_options: SessionOptions | None = None,
-                 providers: Sequence[str] | None = None, **kwargs):
+    def __init__(
+        self,
+        path_or_bytes,
+        sess_options: SessionOptions | None = None,
+        providers: Sequence[str] | None = None,
+        **kwargs,
+    ):
         self.options = sess_options or SessionOptions()
         start = time.perf_counter()
         model_name = _model_name(path_or_bytes)
@@ -118,8 +129,12 @@ class InferenceSession:
     def get_providers(self) -> list[str]:
         return ["SparseDNNExecutionProvider"]
 
-    def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any],
-            run_options: Any = None) -> list[np.ndarray]:
+    def run(
+        self,
+        output_names: Sequence[str] | None,
+        input_feed: dict[str, Any],
+        run_options: Any = None,
+    ) -> list[np.ndarray]:
         wanted = self._output_slots(output_names)
         env: list[Any] = list(self._template)
         for slot, array in self._check_inputs(input_feed):
@@ -186,8 +201,9 @@ class InferenceSession:
         self._input_slots = {v.name: slot_of(v) for v in self.graph.inputs}
         ctx = LoweringContext(self.options.num_threads, self.kernels)
         steps: list[Step] = []
-        for node in progress_bar(self.graph.nodes, "compiling", self.options.show_progress,
-                                 unit="node"):
+        for node in progress_bar(
+            self.graph.nodes, "compiling", self.options.show_progress, unit="node"
+        ):
             ins = [None if v is None else slot_of(v) for v in node.inputs]
             outs = [slot_of(v) for v in node.outputs]
             steps.append(Step(node, lower(node, ctx), ins, outs))
@@ -269,9 +285,15 @@ class InferenceSession:
             checked.append((self._input_slots[name], array))
         self._check_memory({sym: size for sym, (size, _) in symbols.items()})
         # Copies last, once the sizes are known to fit (a broadcast view may be huge).
-        return [(slot, array if array.flags.c_contiguous and array.flags.aligned
-                 else array.copy(order="C"))  # (ascontiguousarray would make 0-d inputs 1-d)
-                for slot, array in checked]
+        return [
+            (
+                slot,
+                array
+                if array.flags.c_contiguous and array.flags.aligned
+                else array.copy(order="C"),
+            )  # (ascontiguousarray would make 0-d inputs 1-d)
+            for slot, array in checked
+        ]
 
     def _check_memory(self, sizes: dict[str, int]) -> None:
         """Refuse inputs whose largest intermediate tensor would not fit in memory, before
@@ -301,8 +323,12 @@ def _as_array(x: Any, value: Value, where: str) -> np.ndarray:
         except (ValueError, TypeError) as e:  # ragged lists, say
             raise InvalidInputError(f"{where} cannot be made an array: {e}") from None
         want = value.dtype
-        if want is not None and array.dtype != want and array.dtype.kind in "biuf" and (
-                np.can_cast(array.dtype, want, "same_kind") or array.size == 0):
+        if (
+            want is not None
+            and array.dtype != want
+            and array.dtype.kind in "biuf"
+            and (np.can_cast(array.dtype, want, "same_kind") or array.size == 0)
+        ):
             converted = array.astype(want)
             if want.kind in "iu" and not np.array_equal(converted, array):
                 raise InvalidInputError(f"{where}: values do not fit in {want.name}")

@@ -34,7 +34,7 @@ def make_mask(rng, kind, neg, b, h, sq, skv):
     if kind in ("pad", "pad_rank2"):
         m = np.zeros((b, 1, 1, skv), np.float32)
         for i in range(b):
-            m[i, ..., int(rng.integers(1, skv + 1)):] = neg
+            m[i, ..., int(rng.integers(1, skv + 1)) :] = neg
         return m.reshape(b, skv) if kind == "pad_rank2" and b == 1 else m
     if kind == "causal":
         keep = np.arange(skv)[None, :] <= np.arange(sq)[:, None] + (skv - sq)
@@ -65,14 +65,22 @@ def check(isa, b, sq, skv, h, d, mask_kind, neg, fully_masked, threads, four_d, 
     v = rng.standard_normal((b, skv, h * d)).astype(np.float32)
     mask = make_mask(rng, mask_kind, NEG[neg], b, h, sq, skv)
     scale = 1 / math.sqrt(d) if scale is None else scale
-    expected = Attention(q, k, v, mask, num_heads=h, head_size=d, scale=scale,
-                         fully_masked=fully_masked)
+    expected = Attention(
+        q, k, v, mask, num_heads=h, head_size=d, scale=scale, fully_masked=fully_masked
+    )
     if four_d == "packed":  # one [B, S, 3·H·D] array, q | k | v
         q, k, v = np.concatenate([q, k, v], axis=-1), None, None
     elif four_d:
         q, k, v = (x.reshape(x.shape[0], x.shape[1], h, d) for x in (q, k, v))
-    got = kern(q, k, v, mask, scale=scale, num_threads=threads,
-               masked_row_value=0.0 if fully_masked == "zero" else math.nan)
+    got = kern(
+        q,
+        k,
+        v,
+        mask,
+        scale=scale,
+        num_threads=threads,
+        masked_row_value=0.0 if fully_masked == "zero" else math.nan,
+    )
     assert got.shape == (b, sq, h * d) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5, equal_nan=True)
     return got, expected
@@ -93,15 +101,17 @@ def check(isa, b, sq, skv, h, d, mask_kind, neg, fully_masked, threads, four_d, 
     layout=st.sampled_from([False, True, "packed"]),  # [B,S,H·D], [B,S,H,D], packed q|k|v
     seed=st.integers(0, 2**16),
 )
-def test_matches_reference(isa, b, sq, skv, h, d, mask_kind, neg, fully_masked, threads, layout,
-                           seed):
+def test_matches_reference(
+    isa, b, sq, skv, h, d, mask_kind, neg, fully_masked, threads, layout, seed
+):
     skv = sq if skv is None or layout == "packed" else skv
     check(isa, b, sq, skv, h, d, mask_kind, neg, fully_masked, threads, layout, seed)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("b,s,h,d", [(1, 128, 12, 64), (2, 77, 12, 64), (1, 1, 12, 64),
-                                     (3, 33, 4, 32), (1, 300, 2, 64)])
+@pytest.mark.parametrize(
+    "b,s,h,d", [(1, 128, 12, 64), (2, 77, 12, 64), (1, 1, 12, 64), (3, 33, 4, 32), (1, 300, 2, 64)]
+)
 def test_bert_shapes(isa, b, s, h, d):
     """The shapes of BERT-base / small models, with padding and the threaded path."""
     for threads in (1, 2):
@@ -144,8 +154,12 @@ def test_masked_keys_weigh_exactly_zero(isa):
         mask = np.zeros((b, 1, 1, s), np.float32)
         mask[..., 10:] = neg
         got = kern(q, k, v, mask, scale=1.0)
-        np.testing.assert_allclose(got, kern(q[:, :], k[:, :10], v[:, :10], mask[..., :10],
-                                             scale=1.0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            got,
+            kern(q[:, :], k[:, :10], v[:, :10], mask[..., :10], scale=1.0),
+            rtol=1e-6,
+            atol=1e-6,
+        )
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -200,8 +214,9 @@ def test_non_contiguous_inputs():
     kern = compile_attention(2, 8)
     qkv = rng.standard_normal((2, 5, 48)).astype(np.float32)
     q, k, v = qkv[..., :16], qkv[..., 16:32], qkv[..., 32:]
-    expected = Attention(*(np.ascontiguousarray(x) for x in (q, k, v)), num_heads=2,
-                         head_size=8, scale=0.3)
+    expected = Attention(
+        *(np.ascontiguousarray(x) for x in (q, k, v)), num_heads=2, head_size=8, scale=0.3
+    )
     np.testing.assert_allclose(kern(q, k, v, scale=0.3), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -224,8 +239,9 @@ def _guarded(shape, page=4096):
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("s,d,mask_kind", [(1, 17, "pad"), (19, 20, "rows"), (33, 64, "full"),
-                                           (7, 3, "causal")])
+@pytest.mark.parametrize(
+    "s,d,mask_kind", [(1, 17, "pad"), (19, 20, "rows"), (33, 64, "full"), (7, 3, "causal")]
+)
 def test_no_access_past_the_buffers(isa, s, d, mask_kind):
     """q, k, v, the mask and the output each end at a guard page: tail keys, tail rows and
     head-size tails must stay inside them."""
@@ -245,6 +261,7 @@ def test_no_access_past_the_buffers(isa, s, d, mask_kind):
     out, region = _guarded((b, s, h * d))
     regions.append(region)
     kern(*arrays, mask, scale=0.5, num_threads=2, out=out)
-    expected = Attention(*(np.array(x) for x in arrays), np.array(mask), num_heads=h,
-                         head_size=d, scale=0.5)
+    expected = Attention(
+        *(np.array(x) for x in arrays), np.array(mask), num_heads=h, head_size=d, scale=0.5
+    )
     np.testing.assert_allclose(np.array(out), expected, rtol=2e-5, atol=2e-5, equal_nan=True)

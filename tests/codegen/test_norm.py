@@ -85,9 +85,12 @@ def test_as_accurate_as_onnxruntime(isa):
     bias = (0.1 * rng.standard_normal(n)).astype(np.float32)
     node = helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-12)
     graph = helper.make_graph(
-        [node], "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, n])],
+        [node],
+        "ln",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, n])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
-        [numpy_helper.from_array(scale, "g"), numpy_helper.from_array(bias, "b")])
+        [numpy_helper.from_array(scale, "g"), numpy_helper.from_array(bias, "b")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -108,10 +111,16 @@ def test_reference_ops_agree(isa):
     g, be = rng.standard_normal(40).astype(np.float32), rng.standard_normal(40).astype(np.float32)
     np.testing.assert_allclose(
         compile_layer_norm(40, True, host_target(isa))(a, b, scale=g, bias=be, epsilon=1e-5),
-        AddLayerNorm(a, b, scale=g, bias=be, epsilon=1e-5), rtol=1e-5, atol=1e-5)
+        AddLayerNorm(a, b, scale=g, bias=be, epsilon=1e-5),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     np.testing.assert_allclose(
         compile_layer_norm(40, False, host_target(isa))(a, scale=g, epsilon=1e-5),
-        LayerNorm(a, scale=g, epsilon=1e-5), rtol=1e-5, atol=1e-5)
+        LayerNorm(a, scale=g, epsilon=1e-5),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_other_broadcasts_add_first():
@@ -133,8 +142,7 @@ def test_bad_inputs_raise():
     g = np.ones(8, np.float32)
     x = np.zeros((2, 8), np.float32)
     with pytest.raises(SparseDNNError, match=r"node 'ln'.*\[\.\.\., 8\]"):
-        kern(np.zeros((2, 7), np.float32), np.zeros((2, 7), np.float32), scale=g,
-             where="node 'ln'")
+        kern(np.zeros((2, 7), np.float32), np.zeros((2, 7), np.float32), scale=g, where="node 'ln'")
     with pytest.raises(SparseDNNError, match=r"node 'ln'.*do not broadcast"):
         kern(np.zeros((2, 7), np.float32), x, scale=g, where="node 'ln'")
     with pytest.raises(SparseDNNError, match="node 'ln'.*float32"):
@@ -181,6 +189,9 @@ def test_no_access_past_the_buffers(isa, n):
     for arr in (a, b, g, be):
         arr[:] = rng.standard_normal(arr.shape)
     kern(a, b, scale=g, bias=be, epsilon=1e-5, num_threads=2, out=out)
-    np.testing.assert_allclose(np.array(out), AddLayerNorm(np.array(a), np.array(b),
-                               scale=np.array(g), bias=np.array(be), epsilon=1e-5),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.array(out),
+        AddLayerNorm(np.array(a), np.array(b), scale=np.array(g), bias=np.array(be), epsilon=1e-5),
+        rtol=1e-4,
+        atol=1e-4,
+    )

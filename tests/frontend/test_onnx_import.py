@@ -14,9 +14,11 @@ from sparsednn.frontend.onnx_import import import_onnx
 
 def relu_model(opset=17, op="Relu"):
     graph = helper.make_graph(
-        [helper.make_node(op, ["x"], ["y"], name="the_node")], "g",
+        [helper.make_node(op, ["x"], ["y"], name="the_node")],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 

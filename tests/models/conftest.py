@@ -36,9 +36,12 @@ class Zoo:
             try:
                 exported = hf.export(spec)
                 m = exported.meta
-                self.observe("exports", f"{spec.name}: OK (opset {m['opset'].get('ai.onnx')}, "
-                             f"inputs {m['inputs']}, outputs {m['outputs']}, external data "
-                             f"{m['external_data'] or 'none'}) ops {m['ops']}")
+                self.observe(
+                    "exports",
+                    f"{spec.name}: OK (opset {m['opset'].get('ai.onnx')}, "
+                    f"inputs {m['inputs']}, outputs {m['outputs']}, external data "
+                    f"{m['external_data'] or 'none'}) ops {m['ops']}",
+                )
                 self._exports[spec] = exported
             except ExportFailed as e:
                 self.observe("exports", f"{spec.name}: FAILED: {e}")
@@ -72,7 +75,8 @@ class Zoo:
         key = (spec, sparsity)
         if key not in self._ort:
             self._ort[key] = ort.InferenceSession(
-                self.model(spec, sparsity).SerializeToString(), providers=ORT_PROVIDERS)
+                self.model(spec, sparsity).SerializeToString(), providers=ORT_PROVIDERS
+            )
         return self._ort[key]
 
     def session(self, spec: ModelSpec, sparsity: float = 0.0):

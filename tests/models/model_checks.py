@@ -72,5 +72,6 @@ def no_recompilation(session):
             undo()
     after = getattr(session, "kernels", {})
     assert set(after) == set(kernels_before) and all(
-        after[k] is kernels_before[k] for k in after), "the session's kernels changed while running"
+        after[k] is kernels_before[k] for k in after
+    ), "the session's kernels changed while running"
     assert not compiled, f"running the session compiled {len(compiled)} LLVM module(s)/kernel(s)"

@@ -33,8 +33,10 @@ def test_bert_base_pruned_90_matches_onnxruntime(zoo, spec, observe):
         observe("BERT-base", f"{name}: {line}")
 
     exported = zoo.export(spec)
-    note(f"export took {exported.meta.get('export_seconds')} s (when first exported); "
-         f"ops {exported.ops}")
+    note(
+        f"export took {exported.meta.get('export_seconds')} s (when first exported); "
+        f"ops {exported.ops}"
+    )
     start = time.perf_counter()
     zoo.model(spec, SPARSITY)
     report = zoo.reports[(spec, SPARSITY)]
@@ -60,7 +62,9 @@ def test_bert_base_pruned_90_matches_onnxruntime(zoo, spec, observe):
             (got,) = session.run(["last_hidden_state"], feed)
             seconds = time.perf_counter() - t0
             diffs[batch] = max_abs_diff(got, expected)
-            note(f"batch {batch} x seq {SEQ}: max-abs {diffs[batch]:.2e} "
-                 f"(|out| up to {np.abs(expected).max():.1f}), "
-                 f"sparsednn run {seconds * 1e3:.0f} ms")
+            note(
+                f"batch {batch} x seq {SEQ}: max-abs {diffs[batch]:.2e} "
+                f"(|out| up to {np.abs(expected).max():.1f}), "
+                f"sparsednn run {seconds * 1e3:.0f} ms"
+            )
     assert all(d <= TOLERANCE for d in diffs.values()), diffs

@@ -13,7 +13,14 @@ from __future__ import annotations
 import pytest
 
 from model_checks import TOLERANCE, linear_projections, max_abs_diff
-from sparsednn.models.hf import EXAMPLE_BATCH, EXAMPLE_SEQ, ModelSpec, hidden_size, make_inputs, num_layers
+from sparsednn.models.hf import (
+    EXAMPLE_BATCH,
+    EXAMPLE_SEQ,
+    ModelSpec,
+    hidden_size,
+    make_inputs,
+    num_layers,
+)
 
 ARCHS = ["bert", "distilbert", "roberta", "vit"]
 EXPORTERS = ["legacy", "dynamo"]
@@ -21,9 +28,19 @@ EXPORTERS = ["legacy", "dynamo"]
 SHAPE_OPS = {"Shape", "Size"}
 # Inputs that carry shapes, axes or indices: constant once shapes are static.
 SHAPE_ARGUMENTS = {
-    "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Unsqueeze": (1,), "Squeeze": (1,),
-    "Slice": (1, 2, 3, 4), "ConstantOfShape": (0,), "Range": (0, 1, 2), "Split": (1,),
-    "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,), "Pad": (1, 2, 3),
+    "Reshape": (1,),
+    "Expand": (1,),
+    "Tile": (1,),
+    "Unsqueeze": (1,),
+    "Squeeze": (1,),
+    "Slice": (1, 2, 3, 4),
+    "ConstantOfShape": (0,),
+    "Range": (0, 1, 2),
+    "Split": (1,),
+    "ReduceSum": (1,),
+    "ReduceMean": (1,),
+    "ReduceMax": (1,),
+    "Pad": (1, 2, 3),
 }
 
 
@@ -57,11 +74,13 @@ def check_linear_fusion(session, spec: ModelSpec) -> list:
     projections = linear_projections(session.graph)
     assert projections == expected, (
         f"{spec.name}: {projections} projections in Linear nodes, expected {expected} "
-        f"(6 per layer x {layers}{' + pooler' if spec.pooler else ''}); ops: {counts}")
+        f"(6 per layer x {layers}{' + pooler' if spec.pooler else ''}); ops: {counts}"
+    )
     gelu = [n for n in linears if n.attrs.get("activation") == "gelu"]
     assert len(gelu) == layers, (
         f"{spec.name}: {len(gelu)} Linear nodes with activation gelu, expected {layers}; "
-        f"activations: {[n.attrs.get('activation') for n in linears]}")
+        f"activations: {[n.attrs.get('activation') for n in linears]}"
+    )
     for node in gelu:  # the FFN intermediate: [hidden, intermediate], with its bias
         k, n = node.attrs["weight"].shape
         assert k == hidden and n == 4 * hidden, (node.name, node.attrs["weight"].shape)
@@ -69,8 +88,11 @@ def check_linear_fusion(session, spec: ModelSpec) -> list:
     assert all(n.attrs.get("bias") is not None for n in linears), "a Linear lost its bias"
     for op in ("Erf", "Gelu", "Gemm"):
         assert op not in counts, f"{spec.name}: {counts[op]} {op} node(s) left unfused: {counts}"
-    leftover_matmuls = [n for n in session.graph.nodes if n.op == "MatMul"
-                        and n.inputs[1] is not None and n.inputs[1].is_const]
+    leftover_matmuls = [
+        n
+        for n in session.graph.nodes
+        if n.op == "MatMul" and n.inputs[1] is not None and n.inputs[1].is_const
+    ]
     assert not leftover_matmuls, f"MatMul by a constant left unfused: {leftover_matmuls}"
     return linears
 
@@ -97,8 +119,10 @@ def test_static_export_matches_onnxruntime(zoo, observe, arch, exporter):
     expected = reference.run(spec.output_names, feed)
     got = session.run(spec.output_names, feed)
     diffs = {name: max_abs_diff(g, e) for name, g, e in zip(spec.output_names, got, expected)}
-    observe("max-abs vs onnxruntime, static exports",
-            f"{spec.name}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    observe(
+        "max-abs vs onnxruntime, static exports",
+        f"{spec.name}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()),
+    )
     assert all(v <= TOLERANCE for v in diffs.values()), diffs
 
 

@@ -31,8 +31,7 @@ SENTENCES = [
 def tokenized():
     transformers = pytest.importorskip("transformers")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_dir()))
-    enc = tokenizer(SENTENCES, padding=True, truncation=True, max_length=256,
-                    return_tensors="np")
+    enc = tokenizer(SENTENCES, padding=True, truncation=True, max_length=256, return_tensors="np")
     feed = {k: np.asarray(enc[k], dtype=np.int64) for k in INPUT_NAMES}
     assert (feed["attention_mask"] == 0).any(), "the sentences should need padding"
     return feed
@@ -54,8 +53,9 @@ def reference_embeddings():
     """sentence-transformers' own normalised embeddings of SENTENCES."""
     st = pytest.importorskip("sentence_transformers")
     model = st.SentenceTransformer(str(minilm_dir()), device="cpu")
-    return np.asarray(model.encode(SENTENCES, normalize_embeddings=True,
-                                   convert_to_numpy=True), dtype=np.float64)
+    return np.asarray(
+        model.encode(SENTENCES, normalize_embeddings=True, convert_to_numpy=True), dtype=np.float64
+    )
 
 
 @pytest.fixture(scope="module", params=["legacy", "dynamo"])
@@ -90,44 +90,55 @@ def test_minilm_last_hidden_state_matches_onnxruntime(zoo, spec, observe, tokeni
             (expected,) = reference.run(["last_hidden_state"], feed)
             (got,) = session.run(["last_hidden_state"], feed)
             diffs[name] = max_abs_diff(got, expected)
-    observe("all-MiniLM-L6-v2", f"{spec.exporter}: last_hidden_state @ {sparsity:.0%}: max-abs "
-            + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    observe(
+        "all-MiniLM-L6-v2",
+        f"{spec.exporter}: last_hidden_state @ {sparsity:.0%}: max-abs "
+        + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()),
+    )
     assert all(v <= TOLERANCE for v in diffs.values()), diffs
 
 
 def test_minilm_sentence_embeddings_match_sentence_transformers(
-        zoo, spec, observe, tokenized, reference_embeddings):
+    zoo, spec, observe, tokenized, reference_embeddings
+):
     (hidden,) = zoo.session(spec, 0.0).run(["last_hidden_state"], tokenized)
     ours = sentence_embeddings(hidden, tokenized["attention_mask"])
     cosine = (ours * reference_embeddings).sum(1)
-    observe("all-MiniLM-L6-v2",
-            f"{spec.exporter}: dense sentence embeddings vs sentence-transformers: min cosine "
-            f"{cosine.min():.7f}, max-abs {np.abs(ours - reference_embeddings).max():.2e}")
+    observe(
+        "all-MiniLM-L6-v2",
+        f"{spec.exporter}: dense sentence embeddings vs sentence-transformers: min cosine "
+        f"{cosine.min():.7f}, max-abs {np.abs(ours - reference_embeddings).max():.2e}",
+    )
     assert cosine.min() >= 0.9999, cosine
     # The embeddings mean something: paraphrases are closer than unrelated sentences.
     sim = ours @ ours.T
     assert sim[0, 1] > sim[0, 2] and sim[0, 1] > sim[0, 3]
 
 
-def test_minilm_sentence_embeddings_match_torch(zoo, spec, observe, tokenized,
-                                                torch_embeddings):
+def test_minilm_sentence_embeddings_match_torch(zoo, spec, observe, tokenized, torch_embeddings):
     (hidden,) = zoo.session(spec, 0.0).run(["last_hidden_state"], tokenized)
     ours = sentence_embeddings(hidden, tokenized["attention_mask"])
     cosine = (ours * torch_embeddings).sum(1)
-    observe("all-MiniLM-L6-v2", f"{spec.exporter}: dense sentence embeddings vs torch "
-            f"(transformers + mean pooling): min cosine {cosine.min():.7f}")
+    observe(
+        "all-MiniLM-L6-v2",
+        f"{spec.exporter}: dense sentence embeddings vs torch "
+        f"(transformers + mean pooling): min cosine {cosine.min():.7f}",
+    )
     assert cosine.min() >= 0.9999, cosine
 
 
-def test_minilm_pruned_sentence_embeddings_match_onnxruntime(zoo, spec, observe, tokenized,
-                                                             torch_embeddings):
+def test_minilm_pruned_sentence_embeddings_match_onnxruntime(
+    zoo, spec, observe, tokenized, torch_embeddings
+):
     (expected,) = zoo.ort(spec, 0.9).run(["last_hidden_state"], tokenized)
     (hidden,) = zoo.session(spec, 0.9).run(["last_hidden_state"], tokenized)
     ours = sentence_embeddings(hidden, tokenized["attention_mask"])
     ref = sentence_embeddings(expected, tokenized["attention_mask"])
     cosine = (ours * ref).sum(1)
     drift = (ours * torch_embeddings).sum(1)  # what 90% pruning without retraining costs
-    observe("all-MiniLM-L6-v2",
-            f"{spec.exporter}: 90%-pruned sentence embeddings vs onnxruntime: min cosine "
-            f"{cosine.min():.7f}; vs the dense model: mean cosine {drift.mean():.3f}")
+    observe(
+        "all-MiniLM-L6-v2",
+        f"{spec.exporter}: 90%-pruned sentence embeddings vs onnxruntime: min cosine "
+        f"{cosine.min():.7f}; vs the dense model: mean cosine {drift.mean():.3f}",
+    )
     assert cosine.min() >= 0.9999, cosine

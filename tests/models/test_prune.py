@@ -37,35 +37,45 @@ def zoo_of_layers(seed: int = RNG_SEED) -> tuple[onnx.ModelProto, dict[str, np.n
         return rng.standard_normal(shape).astype(np.float32)
 
     arrays = {
-        "table": f(100, 64), "tied": f(100, 64),
-        "w_matmul": f(64, 96), "b_matmul": f(96),
-        "w_gemm": f(80, 96), "b_gemm": f(80),
-        "w_t": f(48, 80), "w_ident": f(80, 64),
-        "ln_scale": f(64), "ln_bias": f(64),
+        "table": f(100, 64),
+        "tied": f(100, 64),
+        "w_matmul": f(64, 96),
+        "b_matmul": f(96),
+        "w_gemm": f(80, 96),
+        "b_gemm": f(80),
+        "w_t": f(48, 80),
+        "w_ident": f(80, 64),
+        "ln_scale": f(64),
+        "ln_bias": f(64),
         "small": f(64, 8),
-        "w_conv": f(16, 8, 3, 3), "b_conv": f(16),
+        "w_conv": f(16, 8, 3, 3),
+        "b_conv": f(16),
     }
     nodes = [
-        helper.make_node("Gather", ["table", "ids"], ["emb"]),               # [n, 64]
+        helper.make_node("Gather", ["table", "ids"], ["emb"]),  # [n, 64]
         helper.make_node("Gather", ["tied", "ids"], ["emb2"]),
         helper.make_node("Add", ["emb", "emb2"], ["x"]),
         helper.make_node("LayerNormalization", ["x", "ln_scale", "ln_bias"], ["xn"], axis=-1),
-        helper.make_node("MatMul", ["xn", "w_matmul"], ["h0"]),              # [n, 96]
+        helper.make_node("MatMul", ["xn", "w_matmul"], ["h0"]),  # [n, 96]
         helper.make_node("Add", ["h0", "b_matmul"], ["h1"]),
         helper.make_node("Gemm", ["h1", "w_gemm", "b_gemm"], ["h2"], transB=1),  # [n, 80]
-        helper.make_node("Transpose", ["w_t"], ["w_t_T"], perm=[1, 0]),     # [80, 48]
-        helper.make_node("MatMul", ["h2", "w_t_T"], ["h3"]),                 # [n, 48]
+        helper.make_node("Transpose", ["w_t"], ["w_t_T"], perm=[1, 0]),  # [80, 48]
+        helper.make_node("MatMul", ["h2", "w_t_T"], ["h3"]),  # [n, 48]
         helper.make_node("Identity", ["w_ident"], ["w_ident_alias"]),
-        helper.make_node("MatMul", ["h2", "w_ident_alias"], ["h4"]),         # [n, 64]
-        helper.make_node("MatMul", ["h4", "small"], ["h5"]),                 # [n, 8]
-        helper.make_node("Transpose", ["tied"], ["tied_T"], perm=[1, 0]),   # [64, 100]
-        helper.make_node("MatMul", ["xn", "tied_T"], ["logits"]),            # tied decoder
+        helper.make_node("MatMul", ["h2", "w_ident_alias"], ["h4"]),  # [n, 64]
+        helper.make_node("MatMul", ["h4", "small"], ["h5"]),  # [n, 8]
+        helper.make_node("Transpose", ["tied"], ["tied_T"], perm=[1, 0]),  # [64, 100]
+        helper.make_node("MatMul", ["xn", "tied_T"], ["logits"]),  # tied decoder
         helper.make_node("Conv", ["img", "w_conv", "b_conv"], ["c"], pads=[1, 1, 1, 1]),
     ]
-    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"]),
-              helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 8, 6, 6])]
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-               for n in ("h3", "h5", "logits", "c")]
+    inputs = [
+        helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"]),
+        helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 8, 6, 6]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+        for n in ("h3", "h5", "logits", "c")
+    ]
     return _graph_model(nodes, inputs, outputs, arrays), arrays
 
 
@@ -73,8 +83,13 @@ def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-PRUNABLE = {"w_matmul": "MatMul", "w_gemm": "Gemm", "w_t": "MatMul", "w_ident": "MatMul",
-            "w_conv": "Conv"}
+PRUNABLE = {
+    "w_matmul": "MatMul",
+    "w_gemm": "Gemm",
+    "w_t": "MatMul",
+    "w_ident": "MatMul",
+    "w_conv": "Conv",
+}
 
 
 def test_prunes_exactly_the_linear_weights():
@@ -123,11 +138,16 @@ def test_global_scope_ranks_all_layers_together():
     rng = np.random.default_rng(3)
     loud = (10 * rng.standard_normal((64, 64))).astype(np.float32)
     quiet = (0.1 * rng.standard_normal((64, 64))).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "loud"], ["h"]),
-             helper.make_node("MatMul", ["h", "quiet"], ["y"])]
-    model = _graph_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                         {"loud": loud, "quiet": quiet})
+    nodes = [
+        helper.make_node("MatMul", ["x", "loud"], ["h"]),
+        helper.make_node("MatMul", ["h", "quiet"], ["y"]),
+    ]
+    model = _graph_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        {"loud": loud, "quiet": quiet},
+    )
     _, layer = prune_model(model, 0.5, scope="layer")
     assert [r["sparsity"] for r in layer] == [0.5, 0.5]
     pruned, glob = prune_model(model, 0.5, scope="global")
@@ -146,8 +166,8 @@ def _blocks_are_whole(matrix_kn: np.ndarray, block: tuple[int, int]) -> bool:
     k, n = matrix_kn.shape
     for i in range(0, k, bk):
         for j in range(0, n, bn):
-            nz = np.count_nonzero(matrix_kn[i:i + bk, j:j + bn])
-            if nz not in (0, matrix_kn[i:i + bk, j:j + bn].size):
+            nz = np.count_nonzero(matrix_kn[i : i + bk, j : j + bn])
+            if nz not in (0, matrix_kn[i : i + bk, j : j + bn].size):
                 return False
     return True
 
@@ -175,8 +195,8 @@ def test_block_pruning_zeroes_whole_blocks_in_the_kn_layout(block):
         norms_gone, norms_kept = [], []
         for i in range(0, kn.shape[0], bk):
             for j in range(0, kn.shape[1], bn):
-                norm = np.linalg.norm(orig[i:i + bk, j:j + bn])
-                (norms_gone if not kn[i:i + bk, j:j + bn].any() else norms_kept).append(norm)
+                norm = np.linalg.norm(orig[i : i + bk, j : j + bn])
+                (norms_gone if not kn[i : i + bk, j : j + bn].any() else norms_kept).append(norm)
         assert max(norms_gone) <= min(norms_kept) + 1e-6, name
 
 
@@ -203,8 +223,14 @@ def test_weights_in_external_data(tmp_path):
     path.parent.mkdir()
     on_disk = onnx.ModelProto()
     on_disk.CopyFrom(model)  # onnx.save moves the tensors of what it saves out: save a copy
-    onnx.save(on_disk, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="model.onnx.data", size_threshold=0)
+    onnx.save(
+        on_disk,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     assert (path.parent / "model.onnx.data").is_file()
     expected, _ = prune_model(model, 0.9, min_size=1000)
     want = _initializers(expected)
@@ -218,8 +244,9 @@ def test_weights_in_external_data(tmp_path):
     got = _initializers(pruned)
     for name in arrays:
         np.testing.assert_array_equal(got[name], want[name])
-    assert any(t.data_location == TensorProto.EXTERNAL for t in shell.graph.initializer), \
+    assert any(t.data_location == TensorProto.EXTERNAL for t in shell.graph.initializer), (
         "the caller's proto was changed"
+    )
 
     # 2. A path: its folder holds the data.
     pruned, report = prune_model(str(path), 0.9, min_size=1000)
@@ -237,8 +264,12 @@ def test_float16_and_float64_weights_keep_their_dtype():
     for dtype, elem in ((np.float16, TensorProto.FLOAT16), (np.float64, TensorProto.DOUBLE)):
         w = rng.standard_normal((64, 128)).astype(dtype)
         nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
-        model = _graph_model(nodes, [helper.make_tensor_value_info("x", elem, [1, 64])],
-                             [helper.make_tensor_value_info("y", elem, None)], {"w": w})
+        model = _graph_model(
+            nodes,
+            [helper.make_tensor_value_info("x", elem, [1, 64])],
+            [helper.make_tensor_value_info("y", elem, None)],
+            {"w": w},
+        )
         pruned, report = prune_model(model, 0.9)
         p = _initializers(pruned)["w"]
         assert p.dtype == dtype and weight_sparsity(p) == pytest.approx(0.9, abs=1e-3)
@@ -248,19 +279,37 @@ def test_integer_weights_and_rank3_matmul_operands_are_not_pruned():
     rng = np.random.default_rng(5)
     wi = rng.integers(-5, 5, (64, 128)).astype(np.int32)
     w3 = rng.standard_normal((2, 64, 64)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["xi", "wi"], ["yi"]),
-             helper.make_node("MatMul", ["x3", "w3"], ["y3"])]
+    nodes = [
+        helper.make_node("MatMul", ["xi", "wi"], ["yi"]),
+        helper.make_node("MatMul", ["x3", "w3"], ["y3"]),
+    ]
     model = _graph_model(
-        nodes, [helper.make_tensor_value_info("xi", TensorProto.INT32, [1, 64]),
-                helper.make_tensor_value_info("x3", TensorProto.FLOAT, [2, 1, 64])],
-        [helper.make_tensor_value_info("yi", TensorProto.INT32, None),
-         helper.make_tensor_value_info("y3", TensorProto.FLOAT, None)], {"wi": wi, "w3": w3})
+        nodes,
+        [
+            helper.make_tensor_value_info("xi", TensorProto.INT32, [1, 64]),
+            helper.make_tensor_value_info("x3", TensorProto.FLOAT, [2, 1, 64]),
+        ],
+        [
+            helper.make_tensor_value_info("yi", TensorProto.INT32, None),
+            helper.make_tensor_value_info("y3", TensorProto.FLOAT, None),
+        ],
+        {"wi": wi, "w3": w3},
+    )
     _, report = prune_model(model, 0.9)
     assert report == []
 
 
-@pytest.mark.parametrize("bad", [dict(sparsity=1.5), dict(sparsity=-0.1), dict(scope="model"),
-                                 dict(block=(0, 1)), dict(block=(4,)), dict(min_size=-1)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(sparsity=1.5),
+        dict(sparsity=-0.1),
+        dict(scope="model"),
+        dict(block=(0, 1)),
+        dict(block=(4,)),
+        dict(min_size=-1),
+    ],
+)
 def test_bad_arguments_are_refused(bad):
     model, _ = zoo_of_layers()
     kwargs = dict(sparsity=0.5) | bad
@@ -293,10 +342,12 @@ def test_prunes_the_linear_layers_of_real_exports(zoo, observe, arch, exporter):
     embeddings = [n for n in untouched if before[n].ndim == 2 and before[n].shape[0] >= 512]
     if spec.is_text:
         assert embeddings, "no embedding table seen"
-    observe("prune on real exports",
-            f"{spec.name}: {len(report)} weights pruned ({', '.join(sorted(ops))}), "
-            f"e.g. {report[0]['name']} {report[0]['shape']}; untouched 2-D tables: "
-            f"{[(n, before[n].shape) for n in embeddings][:3]}")
+    observe(
+        "prune on real exports",
+        f"{spec.name}: {len(report)} weights pruned ({', '.join(sorted(ops))}), "
+        f"e.g. {report[0]['name']} {report[0]['shape']}; untouched 2-D tables: "
+        f"{[(n, before[n].shape) for n in embeddings][:3]}",
+    )
     # The pruned model is still a valid model that onnxruntime runs.
     sess = ort.InferenceSession(pruned.SerializeToString(), providers=ORT_PROVIDERS)
     feed = make_inputs(spec, 2, 9)

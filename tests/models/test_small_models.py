@@ -64,20 +64,25 @@ def test_matches_onnxruntime_on_every_shape(zoo, observe, arch, exporter, sparsi
     name = f"{spec.name} @ {sparsity:.0%}"
     if diffs:
         worst = max(diffs, key=diffs.get)
-        observe("max-abs vs onnxruntime, small models",
-                f"{name}: max {diffs[worst]:.2e} (at {_fmt(worst)}) over {len(diffs)} shapes")
+        observe(
+            "max-abs vs onnxruntime, small models",
+            f"{name}: max {diffs[worst]:.2e} (at {_fmt(worst)}) over {len(diffs)} shapes",
+        )
     bad = {_fmt(k): f"{v:.2e}" for k, v in diffs.items() if not v <= TOLERANCE}
     by_message: dict[str, list[str]] = {}
     for shape, message in errors.items():
         by_message.setdefault(message, []).append(_fmt(shape))
     assert not errors, f"{name}: run failed: " + "; ".join(
-        f"at {', '.join(shapes)}: {message}" for message, shapes in by_message.items())
+        f"at {', '.join(shapes)}: {message}" for message, shapes in by_message.items()
+    )
     assert not bad, f"{name}: max-abs > {TOLERANCE} at {bad}"
 
 
-@pytest.mark.parametrize("scope,block", [("global", (1, 1)), ("layer", (4, 1)),
-                                         ("global", (1, 4))],
-                         ids=["global", "layer-4x1", "global-1x4"])
+@pytest.mark.parametrize(
+    "scope,block",
+    [("global", (1, 1)), ("layer", (4, 1)), ("global", (1, 4))],
+    ids=["global", "layer-4x1", "global-1x4"],
+)
 def test_global_and_block_pruned_model_matches_onnxruntime(zoo, observe, scope, block):
     import onnxruntime as ort
 
@@ -97,7 +102,9 @@ def test_global_and_block_pruned_model_matches_onnxruntime(zoo, observe, scope, 
             (got,) = session.run(["last_hidden_state"], feed)
             diffs[f"{batch}x{seq}"] = max_abs_diff(got, expected)
     sparsities = sorted(round(r["sparsity"], 3) for r in report)
-    observe("max-abs vs onnxruntime, small models",
-            f"{spec.name} @ 90% {scope} {block[0]}x{block[1]} blocks (layers "
-            f"{sparsities[0]:.1%}..{sparsities[-1]:.1%}): max {max(diffs.values()):.2e}")
+    observe(
+        "max-abs vs onnxruntime, small models",
+        f"{spec.name} @ 90% {scope} {block[0]}x{block[1]} blocks (layers "
+        f"{sparsities[0]:.1%}..{sparsities[-1]:.1%}): max {max(diffs.values()):.2e}",
+    )
     assert all(v <= TOLERANCE for v in diffs.values()), diffs

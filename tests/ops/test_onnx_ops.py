@@ -59,18 +59,28 @@ class Case:
                 inits.append(numpy_helper.from_array(np.asarray(x.value), name))
             else:
                 x = np.asarray(x)
-                graph_inputs.append(helper.make_tensor_value_info(
-                    name, helper.np_dtype_to_tensor_dtype(x.dtype), list(x.shape)))
+                graph_inputs.append(
+                    helper.make_tensor_value_info(
+                        name, helper.np_dtype_to_tensor_dtype(x.dtype), list(x.shape)
+                    )
+                )
         outs = [f"out{i}" for i in range(self.outputs)]
         node = helper.make_node(self.op, names, outs, name=f"{self.op}_node", **self.attrs)
         graph = helper.make_graph(
-            [node], f"one_{self.op}", graph_inputs,
-            [helper.make_empty_tensor_value_info(o) for o in outs], inits)
+            [node],
+            f"one_{self.op}",
+            graph_inputs,
+            [helper.make_empty_tensor_value_info(o) for o in outs],
+            inits,
+        )
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
 
     def feed(self):
-        return {f"in{i}": np.asarray(x) for i, x in enumerate(self.inputs)
-                if x is not None and not isinstance(x, C)}
+        return {
+            f"in{i}": np.asarray(x)
+            for i, x in enumerate(self.inputs)
+            if x is not None and not isinstance(x, C)
+        }
 
 
 def check(case: Case):
@@ -82,7 +92,8 @@ def check(case: Case):
             import onnxruntime
 
             expected = onnxruntime.InferenceSession(
-                model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+                model.SerializeToString(), providers=["CPUExecutionProvider"]
+            ).run(None, feed)
         else:
             expected = ReferenceEvaluator(model).run(None, feed)
         got = sparsednn.InferenceSession(model).run(None, feed)
@@ -94,8 +105,7 @@ def check(case: Case):
         if e.dtype == np.bool_ or np.issubdtype(e.dtype, np.integer):
             np.testing.assert_array_equal(g, e, err_msg=f"output {i}")
         else:
-            np.testing.assert_allclose(g, e, rtol=case.rtol, atol=case.atol,
-                                       err_msg=f"output {i}")
+            np.testing.assert_allclose(g, e, rtol=case.rtol, atol=case.atol, err_msg=f"output {i}")
 
 
 def f32(*shape, scale=1.0):
@@ -144,8 +154,11 @@ for op in ("Add", "Sub", "Mul", "Div"):
     for tag, (sa, sb) in BROADCASTS.items():
         case(f"{op}-{tag}", op, [f32(*sa), f32(*sb) if op != "Div" else pos(*sb)])
     case(f"{op}-int64", op, [i64(3, 4), nonzero_i64(4)])
-case("Div-int64-truncates", "Div", [np.array([7, -7, 7, -7, 0, -1], np.int64),
-                                    np.array([2, 2, -2, -2, 3, 4], np.int64)])
+case(
+    "Div-int64-truncates",
+    "Div",
+    [np.array([7, -7, 7, -7, 0, -1], np.int64), np.array([2, 2, -2, -2, 3, 4], np.int64)],
+)
 case("Div-int32", "Div", [i64(5).astype(np.int32), nonzero_i64(5).astype(np.int32)])
 case("Pow-float", "Pow", [pos(3, 4), f32(4)])
 case("Pow-square", "Pow", [f32(3, 4), C(np.array(2.0, np.float32))])
@@ -169,8 +182,9 @@ case("Where-int64", "Where", [boolean(5), i64(5), i64(1)])
 for op in ("Min", "Max", "Sum", "Mean"):
     case(f"{op}-one", op, [f32(3, 4)])
     # onnx's reference Mean does not broadcast three inputs
-    case(f"{op}-three", op, [f32(3, 4), f32(4), f32(2, 1, 1)],
-         ref="ort" if op == "Mean" else "onnx")
+    case(
+        f"{op}-three", op, [f32(3, 4), f32(4), f32(2, 1, 1)], ref="ort" if op == "Mean" else "onnx"
+    )
 case("Max-int64", "Max", [i64(3, 4), i64(3, 1)])
 case("Clip-both", "Clip", [f32(3, 4), C(np.float32(-0.5)), C(np.float32(0.5))])
 case("Clip-min-only", "Clip", [f32(3, 4), C(np.float32(-0.5))])
@@ -179,12 +193,28 @@ case("Clip-none", "Clip", [f32(3, 4)])
 case("Clip-int64", "Clip", [i64(10), C(np.int64(-2)), C(np.int64(3))])
 
 UNARY = {
-    "Sqrt": pos, "Reciprocal": pos, "Neg": f32, "Abs": f32, "Exp": f32, "Log": pos,
-    "Erf": lambda *s: f32(*s, scale=2), "Tanh": f32, "Relu": f32,
-    "Floor": lambda *s: f32(*s, scale=3), "Ceil": lambda *s: f32(*s, scale=3), "Sign": f32,
+    "Sqrt": pos,
+    "Reciprocal": pos,
+    "Neg": f32,
+    "Abs": f32,
+    "Exp": f32,
+    "Log": pos,
+    "Erf": lambda *s: f32(*s, scale=2),
+    "Tanh": f32,
+    "Relu": f32,
+    "Floor": lambda *s: f32(*s, scale=3),
+    "Ceil": lambda *s: f32(*s, scale=3),
+    "Sign": f32,
     "Softplus": lambda *s: f32(*s, scale=10),
-    "Softsign": f32, "Sin": f32, "Cos": f32, "Elu": f32, "Selu": f32, "HardSwish": f32,
-    "HardSigmoid": f32, "LeakyRelu": f32, "Identity": f32,
+    "Softsign": f32,
+    "Sin": f32,
+    "Cos": f32,
+    "Elu": f32,
+    "Selu": f32,
+    "HardSwish": f32,
+    "HardSigmoid": f32,
+    "LeakyRelu": f32,
+    "Identity": f32,
     "Sigmoid": lambda *s: f32(*s, scale=30),
 }
 for op, make in UNARY.items():
@@ -200,8 +230,12 @@ case("LeakyRelu-alpha", "LeakyRelu", [f32(3, 4)], {"alpha": 0.2})
 case("Elu-alpha", "Elu", [f32(3, 4)], {"alpha": 0.5})
 case("IsNaN", "IsNaN", [np.array([1.0, np.nan, -np.inf, 0.0], np.float32)])
 case("IsInf", "IsInf", [np.array([1.0, np.nan, -np.inf, np.inf], np.float32)])
-case("IsInf-positive", "IsInf", [np.array([1.0, np.nan, -np.inf, np.inf], np.float32)],
-     {"detect_negative": 0})
+case(
+    "IsInf-positive",
+    "IsInf",
+    [np.array([1.0, np.nan, -np.inf, np.inf], np.float32)],
+    {"detect_negative": 0},
+)
 case("Gelu", "Gelu", [f32(2, 3, 5, scale=3)], opset=20)
 case("Gelu-tanh", "Gelu", [f32(2, 3, 5, scale=3)], {"approximate": "tanh"}, opset=20)
 
@@ -213,19 +247,46 @@ case("Softmax-size1", "Softmax", [f32(3, 1)])
 case("Softmax-empty", "Softmax", [f32(0, 4)])
 case("LogSoftmax-empty", "LogSoftmax", [f32(2, 0)], {"axis": 0})
 case("Hardmax", "Hardmax", [f32(3, 5)])
-case("LayerNormalization", "LayerNormalization", [f32(2, 5, 8), f32(8), f32(8)], outputs=3,
-     opset=17)
+case(
+    "LayerNormalization", "LayerNormalization", [f32(2, 5, 8), f32(8), f32(8)], outputs=3, opset=17
+)
 case("LayerNormalization-no-bias", "LayerNormalization", [f32(2, 5, 8), f32(8)], opset=17)
-case("LayerNormalization-axis1", "LayerNormalization", [f32(2, 5, 8), f32(5, 8), f32(5, 8)],
-     {"axis": 1, "epsilon": 1e-3}, outputs=3, opset=17)
-case("LayerNormalization-axis-2", "LayerNormalization", [f32(2, 5, 8), f32(5, 8)],
-     {"axis": -2}, outputs=3, opset=17)
-case("BatchNormalization", "BatchNormalization",
-     [f32(2, 3, 4, 5), f32(3), f32(3), f32(3), pos(3)], opset=15)
-case("BatchNormalization-3d", "BatchNormalization",
-     [f32(2, 3, 7), f32(3), f32(3), f32(3), pos(3)], {"epsilon": 1e-2}, opset=15)
-case("InstanceNormalization", "InstanceNormalization", [f32(2, 3, 4, 5), f32(3), f32(3)],
-     rtol=1e-4, atol=1e-5)
+case(
+    "LayerNormalization-axis1",
+    "LayerNormalization",
+    [f32(2, 5, 8), f32(5, 8), f32(5, 8)],
+    {"axis": 1, "epsilon": 1e-3},
+    outputs=3,
+    opset=17,
+)
+case(
+    "LayerNormalization-axis-2",
+    "LayerNormalization",
+    [f32(2, 5, 8), f32(5, 8)],
+    {"axis": -2},
+    outputs=3,
+    opset=17,
+)
+case(
+    "BatchNormalization",
+    "BatchNormalization",
+    [f32(2, 3, 4, 5), f32(3), f32(3), f32(3), pos(3)],
+    opset=15,
+)
+case(
+    "BatchNormalization-3d",
+    "BatchNormalization",
+    [f32(2, 3, 7), f32(3), f32(3), f32(3), pos(3)],
+    {"epsilon": 1e-2},
+    opset=15,
+)
+case(
+    "InstanceNormalization",
+    "InstanceNormalization",
+    [f32(2, 3, 4, 5), f32(3), f32(3)],
+    rtol=1e-4,
+    atol=1e-5,
+)
 
 case("MatMul-2d", "MatMul", [f32(3, 4), f32(4, 5)])
 case("MatMul-batched-broadcast", "MatMul", [f32(2, 1, 3, 4), f32(5, 4, 6)], rtol=1e-4)
@@ -234,26 +295,42 @@ case("MatMul-2d-1d", "MatMul", [f32(3, 4), f32(4)])
 case("MatMul-k0", "MatMul", [f32(3, 0), f32(0, 5)])
 case("MatMul-int64", "MatMul", [i64(3, 4), i64(4, 2)])
 case("Gemm", "Gemm", [f32(3, 4), f32(4, 5), f32(5)])
-case("Gemm-trans-alpha-beta", "Gemm", [f32(4, 3), f32(5, 4), f32(1, 5)],
-     {"transA": 1, "transB": 1, "alpha": 0.5, "beta": 2.0})
+case(
+    "Gemm-trans-alpha-beta",
+    "Gemm",
+    [f32(4, 3), f32(5, 4), f32(1, 5)],
+    {"transA": 1, "transB": 1, "alpha": 0.5, "beta": 2.0},
+)
 case("Gemm-no-c", "Gemm", [f32(3, 4), f32(4, 5)])
 case("Gemm-scalar-c", "Gemm", [f32(3, 4), f32(4, 5), f32()], {"beta": 0.5})
-case("Einsum-bmm", "Einsum", [f32(2, 3, 4), f32(2, 4, 5)], {"equation": "bij,bjk->bik"},
-     rtol=1e-4)
+case("Einsum-bmm", "Einsum", [f32(2, 3, 4), f32(2, 4, 5)], {"equation": "bij,bjk->bik"}, rtol=1e-4)
 case("Einsum-transpose", "Einsum", [f32(3, 4)], {"equation": "ij->ji"})
 case("Einsum-dot", "Einsum", [f32(5), f32(5)], {"equation": "i,i->"}, rtol=1e-4)
-case("Einsum-attention", "Einsum", [f32(1, 2, 3, 4), f32(1, 2, 5, 4)],
-     {"equation": "bhid,bhjd->bhij"}, rtol=1e-4)
+case(
+    "Einsum-attention",
+    "Einsum",
+    [f32(1, 2, 3, 4), f32(1, 2, 5, 4)],
+    {"equation": "bhid,bhjd->bhij"},
+    rtol=1e-4,
+)
 
-REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
-          "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp")
+REDUCE = (
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceSumSquare",
+    "ReduceLogSumExp",
+)
 for op in REDUCE:
     x = f32(2, 3, 4)
     case(f"{op}-last", op, [x, ints(-1)], rtol=1e-4)
     case(f"{op}-two-axes", op, [x, ints(0, 2)], {"keepdims": 0}, rtol=1e-4)
     case(f"{op}-all", op, [x], rtol=1e-4)
-    case(f"{op}-empty-axes-noop", op, [x, C(np.zeros(0, np.int64))],
-         {"noop_with_empty_axes": 1})
+    case(f"{op}-empty-axes-noop", op, [x, C(np.zeros(0, np.int64))], {"noop_with_empty_axes": 1})
     case(f"{op}-empty-axes-all", op, [x, C(np.zeros(0, np.int64))], {"keepdims": 0}, rtol=1e-4)
 case("ReduceLogSum", "ReduceLogSum", [pos(2, 3, 4), ints(1)])
 for op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2"):
@@ -275,11 +352,20 @@ case("TopK", "TopK", [f32(3, 6), ints(3)], outputs=2)
 case("TopK-smallest-axis0", "TopK", [f32(5, 4), ints(2)], {"axis": 0, "largest": 0}, outputs=2)
 case("TopK-int64-ties", "TopK", [i64(4, 8, lo=0, hi=3), ints(5)], outputs=2, opset=13)
 case("CumSum", "CumSum", [f32(3, 4), C(np.array(1, np.int64))], rtol=1e-4)
-case("CumSum-exclusive-reverse", "CumSum", [i64(3, 4), C(np.array(-2, np.int64))],
-     {"exclusive": 1, "reverse": 1})
+case(
+    "CumSum-exclusive-reverse",
+    "CumSum",
+    [i64(3, 4), C(np.array(-2, np.int64))],
+    {"exclusive": 1, "reverse": 1},
+)
 case("CumSum-exclusive", "CumSum", [f32(5), C(np.array(0, np.int32))], {"exclusive": 1})
-case("CumSum-exclusive-3d", "CumSum", [f32(2, 3, 4), C(np.array(1, np.int64))],
-     {"exclusive": 1}, rtol=1e-4)
+case(
+    "CumSum-exclusive-3d",
+    "CumSum",
+    [f32(2, 3, 4), C(np.array(1, np.int64))],
+    {"exclusive": 1},
+    rtol=1e-4,
+)
 case("CumSum-empty", "CumSum", [f32(2, 0), C(np.array(1, np.int64))], {"exclusive": 1})
 
 case("Reshape-zero-and-minus1", "Reshape", [f32(2, 3, 4), ints(0, -1, 2)])
@@ -325,27 +411,54 @@ for tag, (starts, ends, axes, steps) in SLICES.items():
     if steps is not None:
         params.append(ints(*steps))
     case(f"Slice-{tag}", "Slice", [f32(4, 5, 6), *params])
-case("Slice-runtime-params", "Slice", [f32(4, 5), np.array([1], np.int64),
-                                       np.array([-1], np.int64), np.array([1], np.int64)])
+case(
+    "Slice-runtime-params",
+    "Slice",
+    [f32(4, 5), np.array([1], np.int64), np.array([-1], np.int64), np.array([1], np.int64)],
+)
 case("Gather-axis0", "Gather", [f32(5, 4), ints(0, 4, -1, 2)])
-case("Gather-axis-neg", "Gather", [f32(2, 5, 4), C(np.array([[1, -2], [0, 3]], np.int64))],
-     {"axis": -2})
+case(
+    "Gather-axis-neg",
+    "Gather",
+    [f32(2, 5, 4), C(np.array([[1, -2], [0, 3]], np.int64))],
+    {"axis": -2},
+)
 case("Gather-scalar-index", "Gather", [f32(5, 4), C(np.array(-1, np.int64))], {"axis": 1})
 case("Gather-int32-indices", "Gather", [i64(5, 4), np.array([[1, 2]], np.int32)])
 case("Gather-runtime-indices", "Gather", [f32(10, 3), i64(2, 4, lo=0, hi=10)])
-case("GatherElements", "GatherElements",
-     [f32(3, 4), C(np.array([[0, -1], [2, 1], [3, -4]], np.int64))], {"axis": 1})
+case(
+    "GatherElements",
+    "GatherElements",
+    [f32(3, 4), C(np.array([[0, -1], [2, 1], [3, -4]], np.int64))],
+    {"axis": 1},
+)
 case("GatherElements-axis0", "GatherElements", [f32(3, 4), i64(2, 4, lo=-3, hi=3)])
 case("GatherND", "GatherND", [f32(3, 4, 5), C(np.array([[0, 1], [2, -1]], np.int64))])
-case("GatherND-batch", "GatherND", [f32(2, 3, 4), C(np.array([[1], [2]], np.int64))],
-     {"batch_dims": 1})
+case(
+    "GatherND-batch",
+    "GatherND",
+    [f32(2, 3, 4), C(np.array([[1], [2]], np.int64))],
+    {"batch_dims": 1},
+)
 case("ScatterND", "ScatterND", [f32(4, 3), C(np.array([[1], [3]], np.int64)), f32(2, 3)])
-case("ScatterND-add", "ScatterND", [f32(4, 3), C(np.array([[1, 0], [1, 0]], np.int64)),
-                                    f32(2)], {"reduction": "add"})
-case("ScatterElements", "ScatterElements",
-     [f32(3, 4), C(np.array([[0, -1], [2, 1]], np.int64)), f32(2, 2)], {"axis": 1})
-case("ScatterElements-add", "ScatterElements",
-     [f32(3, 4), C(np.array([[0, 0], [2, 2]], np.int64)), f32(2, 2)], {"reduction": "add"})
+case(
+    "ScatterND-add",
+    "ScatterND",
+    [f32(4, 3), C(np.array([[1, 0], [1, 0]], np.int64)), f32(2)],
+    {"reduction": "add"},
+)
+case(
+    "ScatterElements",
+    "ScatterElements",
+    [f32(3, 4), C(np.array([[0, -1], [2, 1]], np.int64)), f32(2, 2)],
+    {"axis": 1},
+)
+case(
+    "ScatterElements-add",
+    "ScatterElements",
+    [f32(3, 4), C(np.array([[0, 0], [2, 2]], np.int64)), f32(2, 2)],
+    {"reduction": "add"},
+)
 case("Trilu-upper", "Trilu", [f32(2, 4, 5)])
 case("Trilu-lower-k", "Trilu", [f32(4, 5), C(np.array(-1, np.int64))], {"upper": 0})
 case("Trilu-upper-k", "Trilu", [i64(3, 3), C(np.array(2, np.int64))])
@@ -362,18 +475,37 @@ case("Shape-empty-range", "Shape", [f32(2, 3)], {"start": 2, "end": 1}, opset=15
 case("Size", "Size", [f32(2, 3, 4)])
 case("Size-empty", "Size", [f32(0, 3)])
 case("ConstantOfShape-default", "ConstantOfShape", [np.array([2, 3], np.int64)])
-case("ConstantOfShape-int64", "ConstantOfShape", [ints(2, 3)],
-     {"value": numpy_helper.from_array(np.array([7], np.int64))})
-case("ConstantOfShape-empty", "ConstantOfShape", [np.array([0, 3], np.int64)],
-     {"value": numpy_helper.from_array(np.array([1.5], np.float32))})
+case(
+    "ConstantOfShape-int64",
+    "ConstantOfShape",
+    [ints(2, 3)],
+    {"value": numpy_helper.from_array(np.array([7], np.int64))},
+)
+case(
+    "ConstantOfShape-empty",
+    "ConstantOfShape",
+    [np.array([0, 3], np.int64)],
+    {"value": numpy_helper.from_array(np.array([1.5], np.float32))},
+)
 case("Constant-tensor", "Constant", [], {"value": numpy_helper.from_array(f32(2, 3))})
 case("Constant-floats", "Constant", [], {"value_floats": [1.0, 2.5]})
 case("Constant-int", "Constant", [], {"value_int": 4})
-for to in (TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL, TensorProto.FLOAT16,
-           TensorProto.DOUBLE, TensorProto.UINT8, TensorProto.FLOAT):
+for to in (
+    TensorProto.INT64,
+    TensorProto.INT32,
+    TensorProto.BOOL,
+    TensorProto.FLOAT16,
+    TensorProto.DOUBLE,
+    TensorProto.UINT8,
+    TensorProto.FLOAT,
+):
     x = np.array([0.0, -0.0, 1.5, -2.7, 3.0, 100.25, 0.4], np.float32)
-    case(f"Cast-float-to-{TensorProto.DataType.Name(to)}", "Cast",
-         [x if to != TensorProto.UINT8 else np.abs(x)], {"to": to})
+    case(
+        f"Cast-float-to-{TensorProto.DataType.Name(to)}",
+        "Cast",
+        [x if to != TensorProto.UINT8 else np.abs(x)],
+        {"to": to},
+    )
 case("Cast-int64-to-float", "Cast", [i64(3, 4)], {"to": TensorProto.FLOAT})
 case("Cast-bool-to-float", "Cast", [boolean(3, 4)], {"to": TensorProto.FLOAT})
 case("Cast-int64-to-bool", "Cast", [i64(8)], {"to": TensorProto.BOOL})
@@ -384,44 +516,115 @@ case("Range-negative-delta", "Range", [C(np.int64(10)), C(np.int64(-3)), C(np.in
 case("Range-float", "Range", [C(np.float32(0.5)), np.array(3.2, np.float32), C(np.float32(0.3))])
 case("Range-empty", "Range", [C(np.int64(5)), C(np.int64(1)), C(np.int64(1))])
 case("Dropout", "Dropout", [f32(3, 4)], outputs=2)
-case("Dropout-ratio-inference", "Dropout",
-     [f32(3, 4), C(np.float32(0.5)), C(np.array(False))], outputs=2)
+case(
+    "Dropout-ratio-inference",
+    "Dropout",
+    [f32(3, 4), C(np.float32(0.5)), C(np.array(False))],
+    outputs=2,
+)
 case("NonZero", "NonZero", [f32(3, 4) * boolean(3, 4)])
 case("NonZero-int64", "NonZero", [i64(2, 3, lo=0, hi=2)])
-case("OneHot", "OneHot", [C(np.array([0, 3, -1, 2], np.int64)), C(np.int64(4)),
-                          C(np.array([0.0, 1.0], np.float32))])
-case("OneHot-axis0", "OneHot", [np.array([[1, 2], [0, 1]], np.int64), C(np.int64(3)),
-                                C(np.array([-1, 5], np.int64))], {"axis": 0})
+case(
+    "OneHot",
+    "OneHot",
+    [C(np.array([0, 3, -1, 2], np.int64)), C(np.int64(4)), C(np.array([0.0, 1.0], np.float32))],
+)
+case(
+    "OneHot-axis0",
+    "OneHot",
+    [np.array([[1, 2], [0, 1]], np.int64), C(np.int64(3)), C(np.array([-1, 5], np.int64))],
+    {"axis": 0},
+)
 
 case("Conv", "Conv", [f32(2, 3, 7, 7), f32(4, 3, 3, 3)], rtol=1e-4, atol=1e-5)
-case("Conv-bias-pads-strides", "Conv", [f32(1, 3, 8, 9), f32(4, 3, 3, 2), f32(4)],
-     {"pads": [1, 0, 2, 1], "strides": [2, 3]}, rtol=1e-4, atol=1e-5)
-case("Conv-groups-dilations", "Conv", [f32(2, 4, 9, 9), f32(6, 2, 3, 3)],
-     {"group": 2, "dilations": [2, 1]}, rtol=1e-4, atol=1e-5)
-case("Conv-depthwise", "Conv", [f32(1, 4, 6, 6), f32(4, 1, 3, 3), f32(4)],
-     {"group": 4, "pads": [1, 1, 1, 1]}, rtol=1e-4, atol=1e-5)
-case("Conv-1d-same", "Conv", [f32(2, 3, 10), f32(5, 3, 4)],
-     {"auto_pad": "SAME_UPPER", "strides": [3]}, rtol=1e-4, atol=1e-5)
-case("Conv-patch-embedding", "Conv", [f32(1, 3, 16, 16), f32(8, 3, 4, 4), f32(8)],
-     {"strides": [4, 4]}, rtol=1e-4, atol=1e-5)
+case(
+    "Conv-bias-pads-strides",
+    "Conv",
+    [f32(1, 3, 8, 9), f32(4, 3, 3, 2), f32(4)],
+    {"pads": [1, 0, 2, 1], "strides": [2, 3]},
+    rtol=1e-4,
+    atol=1e-5,
+)
+case(
+    "Conv-groups-dilations",
+    "Conv",
+    [f32(2, 4, 9, 9), f32(6, 2, 3, 3)],
+    {"group": 2, "dilations": [2, 1]},
+    rtol=1e-4,
+    atol=1e-5,
+)
+case(
+    "Conv-depthwise",
+    "Conv",
+    [f32(1, 4, 6, 6), f32(4, 1, 3, 3), f32(4)],
+    {"group": 4, "pads": [1, 1, 1, 1]},
+    rtol=1e-4,
+    atol=1e-5,
+)
+case(
+    "Conv-1d-same",
+    "Conv",
+    [f32(2, 3, 10), f32(5, 3, 4)],
+    {"auto_pad": "SAME_UPPER", "strides": [3]},
+    rtol=1e-4,
+    atol=1e-5,
+)
+case(
+    "Conv-patch-embedding",
+    "Conv",
+    [f32(1, 3, 16, 16), f32(8, 3, 4, 4), f32(8)],
+    {"strides": [4, 4]},
+    rtol=1e-4,
+    atol=1e-5,
+)
 case("Conv-3d", "Conv", [f32(1, 2, 4, 5, 5), f32(3, 2, 2, 3, 3)], rtol=1e-4, atol=1e-5)
 case("MaxPool", "MaxPool", [f32(2, 3, 7, 7)], {"kernel_shape": [3, 3], "strides": [2, 2]})
-case("MaxPool-pads-ceil", "MaxPool", [f32(1, 2, 6, 7)],
-     {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 1, 1, 0], "ceil_mode": 1})
-case("MaxPool-dilations-indices", "MaxPool", [f32(1, 2, 7, 7)],
-     {"kernel_shape": [2, 2], "dilations": [2, 2]}, outputs=2)
-case("MaxPool-same-lower", "MaxPool", [f32(1, 1, 5, 6)],
-     {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_LOWER"}, ref="ort")
+case(
+    "MaxPool-pads-ceil",
+    "MaxPool",
+    [f32(1, 2, 6, 7)],
+    {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 1, 1, 0], "ceil_mode": 1},
+)
+case(
+    "MaxPool-dilations-indices",
+    "MaxPool",
+    [f32(1, 2, 7, 7)],
+    {"kernel_shape": [2, 2], "dilations": [2, 2]},
+    outputs=2,
+)
+case(
+    "MaxPool-same-lower",
+    "MaxPool",
+    [f32(1, 1, 5, 6)],
+    {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_LOWER"},
+    ref="ort",
+)
 case("MaxPool-1d", "MaxPool", [f32(2, 3, 9)], {"kernel_shape": [3], "pads": [1, 1]}, ref="ort")
 case("AveragePool", "AveragePool", [f32(2, 3, 7, 7)], {"kernel_shape": [3, 3], "strides": [2, 2]})
-case("AveragePool-pads-exclude", "AveragePool", [f32(1, 2, 6, 6)],
-     {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]})
-case("AveragePool-pads-include", "AveragePool", [f32(1, 2, 6, 6)],
-     {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1})
-case("AveragePool-ceil", "AveragePool", [f32(1, 2, 6, 7)],
-     {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1})
-case("AveragePool-same-upper", "AveragePool", [f32(1, 1, 5, 6)],
-     {"kernel_shape": [2, 3], "auto_pad": "SAME_UPPER"})
+case(
+    "AveragePool-pads-exclude",
+    "AveragePool",
+    [f32(1, 2, 6, 6)],
+    {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]},
+)
+case(
+    "AveragePool-pads-include",
+    "AveragePool",
+    [f32(1, 2, 6, 6)],
+    {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1},
+)
+case(
+    "AveragePool-ceil",
+    "AveragePool",
+    [f32(1, 2, 6, 7)],
+    {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1},
+)
+case(
+    "AveragePool-same-upper",
+    "AveragePool",
+    [f32(1, 1, 5, 6)],
+    {"kernel_shape": [2, 3], "auto_pad": "SAME_UPPER"},
+)
 case("GlobalAveragePool", "GlobalAveragePool", [f32(2, 3, 4, 5)])
 case("GlobalAveragePool-1d", "GlobalAveragePool", [f32(2, 3, 4)])
 case("GlobalMaxPool", "GlobalMaxPool", [f32(2, 3, 4, 5)])
@@ -454,21 +657,23 @@ def test_every_onnx_op_has_a_case():
 
 
 # -- fresh random inputs (hypothesis) -----------------------------------------------------
-SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 shapes = st.lists(st.integers(0, 4), min_size=0, max_size=4).map(tuple)
 
 
 @st.composite
 def broadcastable(draw):
     a = draw(shapes)
-    b = tuple(draw(st.sampled_from([d, 1])) for d in a[len(a) - draw(st.integers(0, len(a))):])
+    b = tuple(draw(st.sampled_from([d, 1])) for d in a[len(a) - draw(st.integers(0, len(a))) :])
     return (a, b) if draw(st.booleans()) else (b, a)
 
 
 @SETTINGS
-@given(broadcastable(), st.sampled_from(["Add", "Sub", "Mul", "Div", "Max", "Less", "Where"]),
-       st.integers(0, 2**32 - 1))
+@given(
+    broadcastable(),
+    st.sampled_from(["Add", "Sub", "Mul", "Div", "Max", "Less", "Where"]),
+    st.integers(0, 2**32 - 1),
+)
 def test_broadcasting_ops_on_random_shapes(shapes_ab, op, seed):
     r = np.random.default_rng(seed)
     a, b = (r.standard_normal(s).astype(np.float32) for s in shapes_ab)
@@ -480,13 +685,17 @@ def test_broadcasting_ops_on_random_shapes(shapes_ab, op, seed):
 @given(st.lists(st.integers(1, 5), min_size=1, max_size=3), st.data())
 def test_slice_on_random_params(shape, data):
     rank = len(shape)
-    axes = data.draw(st.lists(st.integers(-rank, rank - 1), min_size=1, max_size=rank,
-                              unique_by=lambda a: a % rank))
+    axes = data.draw(
+        st.lists(
+            st.integers(-rank, rank - 1), min_size=1, max_size=rank, unique_by=lambda a: a % rank
+        )
+    )
     bound = st.integers(-8, 8) | st.sampled_from([INT64_MAX, -INT64_MAX])
     starts = data.draw(st.lists(bound, min_size=len(axes), max_size=len(axes)))
     ends = data.draw(st.lists(bound, min_size=len(axes), max_size=len(axes)))
-    steps = data.draw(st.lists(st.integers(-3, 3).filter(bool), min_size=len(axes),
-                               max_size=len(axes)))
+    steps = data.draw(
+        st.lists(st.integers(-3, 3).filter(bool), min_size=len(axes), max_size=len(axes))
+    )
     x = f32(*shape)
     params = [ints(*starts), ints(*ends), ints(*axes), ints(*steps)]
     (got,) = sparsednn.InferenceSession(Case("Slice", [x, *params]).model()).run(None, {"in0": x})
@@ -511,8 +720,9 @@ def spec_slice(x, starts, ends, axes, steps):
 @given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.data())
 def test_reductions_on_random_axes(shape, data):
     rank = len(shape)
-    axes = data.draw(st.lists(st.integers(-rank, rank - 1), max_size=rank,
-                              unique_by=lambda a: a % rank))
+    axes = data.draw(
+        st.lists(st.integers(-rank, rank - 1), max_size=rank, unique_by=lambda a: a % rank)
+    )
     op = data.draw(st.sampled_from(["ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2"]))
     keepdims = data.draw(st.integers(0, 1))
     check(Case(op, [f32(*shape), ints(*axes)], {"keepdims": keepdims}, rtol=1e-4))
@@ -539,9 +749,14 @@ def test_layer_normalization_float32_on_transformer_shapes():
 def test_ops_do_not_write_into_inputs():
     x = f32(2, 3, 8)
     x.flags.writeable = False  # constants and fed arrays may be read-only
-    for op, args in [("Softmax", (x,)), ("LogSoftmax", (x,)),
-                     ("LayerNormalization", (x, f32(8))), ("Clip", (x,)),
-                     ("Gemm", (x[0], f32(8, 2), f32(2))), ("Pad", (x, np.zeros(6, np.int64)))]:
+    for op, args in [
+        ("Softmax", (x,)),
+        ("LogSoftmax", (x,)),
+        ("LayerNormalization", (x, f32(8))),
+        ("Clip", (x,)),
+        ("Gemm", (x[0], f32(8, 2), f32(2))),
+        ("Pad", (x, np.zeros(6, np.int64))),
+    ]:
         OPS[op].compute(*args)
 
 
@@ -556,11 +771,14 @@ def test_unsupported_attribute_values_raise():
         OPS["Conv"].compute(f32(1, 1, 3, 3), f32(1, 1, 2, 2), auto_pad="WEIRD")
 
 
-@pytest.mark.parametrize("op, attrs, inputs", [
-    ("Pad", {"mode": "bogus"}, [f32(2, 3), ints(1, 1, 1, 1)]),
-    ("Cast", {"to": TensorProto.STRING}, [f32(2, 3)]),
-    ("BatchNormalization", {"training_mode": 1}, [f32(1, 2, 3)] + [pos(2)] * 4),
-])
+@pytest.mark.parametrize(
+    "op, attrs, inputs",
+    [
+        ("Pad", {"mode": "bogus"}, [f32(2, 3), ints(1, 1, 1, 1)]),
+        ("Cast", {"to": TensorProto.STRING}, [f32(2, 3)]),
+        ("BatchNormalization", {"training_mode": 1}, [f32(1, 2, 3)] + [pos(2)] * 4),
+    ],
+)
 def test_unsupported_attribute_values_fail_at_load_time(op, attrs, inputs):
     with pytest.raises(UnsupportedOpError, match=op):
         sparsednn.InferenceSession(Case(op, inputs, attrs).model())
@@ -570,8 +788,14 @@ def test_unsupported_op_fails_at_load_time_naming_op_node_and_supported_ops():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["r"], name="fine"),
-         helper.make_node("Shrink", ["r"], ["y"], name="my_shrink_node")], "g", [x], [y])
+        [
+            helper.make_node("Relu", ["x"], ["r"], name="fine"),
+            helper.make_node("Shrink", ["r"], ["y"], name="my_shrink_node"),
+        ],
+        "g",
+        [x],
+        [y],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     with pytest.raises(UnsupportedOpError) as err:
         sparsednn.InferenceSession(model)
@@ -603,12 +827,16 @@ def infer(op, inputs, attrs=None, outputs=1, opset=18):
             inits.append(numpy_helper.from_array(np.asarray(x.value), name))
         else:
             dtype, shape = x
-            graph_inputs.append(helper.make_tensor_value_info(
-                name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
+            graph_inputs.append(
+                helper.make_tensor_value_info(
+                    name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape
+                )
+            )
     outs = [f"out{i}" for i in range(outputs)]
     node = helper.make_node(op, names, outs, **(attrs or {}))
-    graph = helper.make_graph([node], "g", graph_inputs,
-                              [helper.make_empty_tensor_value_info(o) for o in outs], inits)
+    graph = helper.make_graph(
+        [node], "g", graph_inputs, [helper.make_empty_tensor_value_info(o) for o in outs], inits
+    )
     g = import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
     for n in g.nodes:
         for o in n.outputs:
@@ -623,24 +851,35 @@ X4 = (F, ["batch", 12, "seq", 64])
 
 SHAPE_RULES = [
     ("Add", [X3, (F, [768])], {}, [(F, ("batch", "seq", 768))]),
-    ("Mul", [(F, ["batch", 1, 1, "seq"]), (F, ["batch", 12, "seq", 1])], {},
-     [(F, ("batch", 12, "seq", "seq"))]),
+    (
+        "Mul",
+        [(F, ["batch", 1, 1, "seq"]), (F, ["batch", 12, "seq", 1])],
+        {},
+        [(F, ("batch", 12, "seq", "seq"))],
+    ),
     ("Sub", [(F, [1]), X3], {}, [(F, ("batch", "seq", 768))]),
     ("Pow", [X3, C(np.float32(2))], {}, [(F, ("batch", "seq", 768))]),
     ("Equal", [(I, ["batch", "seq"]), C(np.int64(0))], {}, [(B, ("batch", "seq"))]),
     ("Less", [X3, (F, [1, 1, 768])], {}, [(B, ("batch", "seq", 768))]),
     ("Not", [(B, ["batch", "seq"])], {}, [(B, ("batch", "seq"))]),
-    ("Where", [(B, ["batch", 1, 1, "seq"]), C(np.float32(0)), X4], {},
-     [(F, ("batch", 12, "seq", 64))]),
+    (
+        "Where",
+        [(B, ["batch", 1, 1, "seq"]), C(np.float32(0)), X4],
+        {},
+        [(F, ("batch", 12, "seq", 64))],
+    ),
     ("MatMul", [X3, (F, [768, 3072])], {}, [(F, ("batch", "seq", 3072))]),
     ("MatMul", [X4, (F, ["batch", 12, 64, "seq"])], {}, [(F, ("batch", 12, "seq", "seq"))]),
     ("MatMul", [(F, ["n"]), (F, ["n", 5])], {}, [(F, (5,))]),
-    ("Gemm", [(F, ["batch", 768]), (F, [2, 768]), (F, [2])], {"transB": 1},
-     [(F, ("batch", 2))]),
+    ("Gemm", [(F, ["batch", 768]), (F, [2, 768]), (F, [2])], {"transB": 1}, [(F, ("batch", 2))]),
     ("Reshape", [X3, C(np.array([0, 0, 12, 64]))], {}, [(F, ("batch", "seq", 12, 64))]),
     ("Reshape", [X4, C(np.array([0, -1, 64]))], {}, [(F, ("batch", None, 64))]),
-    ("Reshape", [(F, ["batch", "seq", 12, 64]), C(np.array([0, 0, -1]))], {},
-     [(F, ("batch", "seq", 768))]),
+    (
+        "Reshape",
+        [(F, ["batch", "seq", 12, 64]), C(np.array([0, 0, -1]))],
+        {},
+        [(F, ("batch", "seq", 768))],
+    ),
     ("Reshape", [X3, C(np.array([-1, 768]))], {}, [(F, (None, 768))]),
     ("Transpose", [(F, ["batch", "seq", 12, 64])], {"perm": [0, 2, 1, 3]}, [(F, X4[1])]),
     ("Transpose", [(F, ["a", "b", 3])], {}, [(F, (3, "b", "a"))]),
@@ -649,19 +888,34 @@ SHAPE_RULES = [
     ("Gather", [X3, C(np.array([0]))], {"axis": 1}, [(F, ("batch", 1, 768))]),
     ("Concat", [(F, ["batch", 3]), (F, ["batch", 4])], {"axis": -1}, [(F, ("batch", 7))]),
     ("Concat", [(F, ["batch", 1, 768]), X3], {"axis": 1}, [(F, ("batch", None, 768))]),
-    ("Unsqueeze", [(I, ["batch", "seq"]), C(np.array([1, 2]))], {},
-     [(I, ("batch", 1, 1, "seq"))]),
+    ("Unsqueeze", [(I, ["batch", "seq"]), C(np.array([1, 2]))], {}, [(I, ("batch", 1, 1, "seq"))]),
     ("Unsqueeze", [(I, ["batch", "seq"]), C(np.array([-1]))], {}, [(I, ("batch", "seq", 1))]),
     ("Squeeze", [(F, ["batch", 1, 768]), C(np.array([1]))], {}, [(F, ("batch", 768))]),
-    ("Slice", [X3, C(np.array([0])), C(np.array([1])), C(np.array([1]))], {},
-     [(F, ("batch", None, 768))]),  # 1, unless seq is 0: cannot tell
-    ("Slice", [X3, C(np.array([0, 10])), C(np.array([INT64_MAX, 20])), C(np.array([0, 2]))],
-     {}, [(F, ("batch", "seq", 10))]),
-    ("Slice", [X3, C(np.array([1])), C(np.array([INT64_MAX])), C(np.array([1]))], {},
-     [(F, ("batch", None, 768))]),
+    (
+        "Slice",
+        [X3, C(np.array([0])), C(np.array([1])), C(np.array([1]))],
+        {},
+        [(F, ("batch", None, 768))],
+    ),  # 1, unless seq is 0: cannot tell
+    (
+        "Slice",
+        [X3, C(np.array([0, 10])), C(np.array([INT64_MAX, 20])), C(np.array([0, 2]))],
+        {},
+        [(F, ("batch", "seq", 10))],
+    ),
+    (
+        "Slice",
+        [X3, C(np.array([1])), C(np.array([INT64_MAX])), C(np.array([1]))],
+        {},
+        [(F, ("batch", None, 768))],
+    ),
     ("Softmax", [X4], {"axis": -1}, [(F, X4[1])]),
-    ("LayerNormalization", [X3, C(np.ones(768, np.float32))], {"axis": -1},
-     [(F, ("batch", "seq", 768)), (F, ("batch", "seq", 1)), (F, ("batch", "seq", 1))]),
+    (
+        "LayerNormalization",
+        [X3, C(np.ones(768, np.float32))],
+        {"axis": -1},
+        [(F, ("batch", "seq", 768)), (F, ("batch", "seq", 1)), (F, ("batch", "seq", 1))],
+    ),
     ("ReduceMean", [X3, C(np.array([-1]))], {}, [(F, ("batch", "seq", 1))]),
     ("ReduceSum", [X3, C(np.array([0, 1]))], {"keepdims": 0}, [(F, (768,))]),
     ("ReduceMax", [X3], {"keepdims": 0}, [(F, ())]),
@@ -672,8 +926,12 @@ SHAPE_RULES = [
     ("Cast", [(I, ["batch", "seq"])], {"to": TensorProto.FLOAT}, [(F, ("batch", "seq"))]),
     ("Cast", [X3], {"to": TensorProto.BOOL}, [(B, ("batch", "seq", 768))]),
     ("CastLike", [(I, ["n"]), (F, [1])], {}, [(F, ("n",))]),
-    ("Expand", [(F, ["batch", 1, 1, "seq"]), C(np.array([1, 12, 1, 1]))], {},
-     [(F, ("batch", 12, 1, "seq"))]),
+    (
+        "Expand",
+        [(F, ["batch", 1, 1, "seq"]), C(np.array([1, 12, 1, 1]))],
+        {},
+        [(F, ("batch", 12, 1, "seq"))],
+    ),
     ("Erf", [X3], {}, [(F, X3[1])]),
     ("Sqrt", [X3], {}, [(F, X3[1])]),
     ("Tanh", [X3], {}, [(F, X3[1])]),
@@ -682,25 +940,48 @@ SHAPE_RULES = [
     ("ArgMax", [X3], {"axis": -1, "keepdims": 0}, [(I, ("batch", "seq"))]),
     ("Flatten", [(F, ["batch", 3, 4])], {}, [(F, ("batch", 12))]),
     ("ConstantOfShape", [C(np.array([2, 3]))], {}, [(F, (2, 3))]),
-    ("Split", [X3, C(np.array([256, 512]))], {"axis": -1},
-     [(F, ("batch", "seq", 256)), (F, ("batch", "seq", 512))]),
+    (
+        "Split",
+        [X3, C(np.array([256, 512]))],
+        {"axis": -1},
+        [(F, ("batch", "seq", 256)), (F, ("batch", "seq", 512))],
+    ),
     ("Split", [(F, ["batch", 6])], {"axis": 1}, [(F, ("batch", 2))] * 3),
-    ("Conv", [(F, ["batch", 3, 224, 224]), (F, [768, 3, 16, 16])], {"strides": [16, 16]},
-     [(F, ("batch", 768, 14, 14))]),
-    ("MaxPool", [(F, ["batch", 3, 7, 7])], {"kernel_shape": [3, 3], "strides": [2, 2]},
-     [(F, ("batch", 3, 3, 3))]),
+    (
+        "Conv",
+        [(F, ["batch", 3, 224, 224]), (F, [768, 3, 16, 16])],
+        {"strides": [16, 16]},
+        [(F, ("batch", 768, 14, 14))],
+    ),
+    (
+        "MaxPool",
+        [(F, ["batch", 3, 7, 7])],
+        {"kernel_shape": [3, 3], "strides": [2, 2]},
+        [(F, ("batch", 3, 3, 3))],
+    ),
     ("GlobalAveragePool", [(F, ["batch", 8, 7, 7])], {}, [(F, ("batch", 8, 1, 1))]),
-    ("Pad", [(F, ["batch", 3, 4]), C(np.array([0, 0, 1, 0, 0, 2]))], {},
-     [(F, ("batch", 3, 7))]),
+    ("Pad", [(F, ["batch", 3, 4]), C(np.array([0, 0, 1, 0, 0, 2]))], {}, [(F, ("batch", 3, 7))]),
     ("Tile", [(F, ["batch", 3]), C(np.array([1, 2]))], {}, [(F, ("batch", 6))]),
     ("TopK", [(F, ["batch", 10]), C(np.array([3]))], {}, [(F, ("batch", 3)), (I, ("batch", 3))]),
-    ("Einsum", [X4, (F, ["batch", 12, "seq", 64])], {"equation": "bhid,bhjd->bhij"},
-     [(F, ("batch", 12, "seq", "seq"))]),
+    (
+        "Einsum",
+        [X4, (F, ["batch", 12, "seq", 64])],
+        {"equation": "bhid,bhjd->bhij"},
+        [(F, ("batch", 12, "seq", "seq"))],
+    ),
     ("Range", [C(np.int64(0)), C(np.int64(10)), C(np.int64(3))], {}, [(I, (4,))]),
-    ("GatherND", [(F, ["batch", 5, 6]), (I, ["batch", 2, 1])], {"batch_dims": 1},
-     [(F, ("batch", 2, 6))]),
-    ("OneHot", [(I, ["batch", "seq"]), C(np.int64(10)), C(np.array([0, 1], np.float32))], {},
-     [(F, ("batch", "seq", 10))]),
+    (
+        "GatherND",
+        [(F, ["batch", 5, 6]), (I, ["batch", 2, 1])],
+        {"batch_dims": 1},
+        [(F, ("batch", 2, 6))],
+    ),
+    (
+        "OneHot",
+        [(I, ["batch", "seq"]), C(np.int64(10)), C(np.array([0, 1], np.float32))],
+        {},
+        [(F, ("batch", "seq", 10))],
+    ),
     ("Mod", [(I, ["n", 1]), (I, [3])], {}, [(I, ("n", 3))]),
     ("NonZero", [(F, ["a", "b"])], {}, [(I, (2, None))]),
     ("Constant", [], {"value_floats": [1.0, 2.0]}, [(F, (2,))]),
@@ -711,8 +992,11 @@ def _n_outputs(expected):
     return len(expected)
 
 
-@pytest.mark.parametrize("op, inputs, attrs, expected", SHAPE_RULES,
-                         ids=[f"{r[0]}-{i}" for i, r in enumerate(SHAPE_RULES)])
+@pytest.mark.parametrize(
+    "op, inputs, attrs, expected",
+    SHAPE_RULES,
+    ids=[f"{r[0]}-{i}" for i, r in enumerate(SHAPE_RULES)],
+)
 def test_shape_rule(op, inputs, attrs, expected):
     opset = 13 if op == "ReduceMean" and "axes" in attrs else 18
     got = infer(op, inputs, attrs, outputs=_n_outputs(expected), opset=opset)
@@ -721,11 +1005,14 @@ def test_shape_rule(op, inputs, attrs, expected):
 
 def test_split_rule_records_the_number_of_parts_of_an_opset13_split():
     graph = helper.make_graph(
-        [helper.make_node("Split", ["x"], ["a", "b"], axis=0)], "g",
+        [helper.make_node("Split", ["x"], ["a", "b"], axis=0)],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-        [helper.make_empty_tensor_value_info(o) for o in "ab"])
-    g = infer_shapes(import_onnx(helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 13)])))
+        [helper.make_empty_tensor_value_info(o) for o in "ab"],
+    )
+    g = infer_shapes(
+        import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    )
     assert g.nodes[0].attrs["num_outputs"] == 2
 
 
@@ -776,31 +1063,43 @@ def test_attention_block_with_runtime_shape_arithmetic_matches_onnxruntime():
         n("Mul", ["g3", "half"], ["y"]),
     ]
     consts = {
-        "zero": np.array(0, np.int64), "one": np.array(1, np.int64),
-        "axes0": np.array([0], np.int64), "axes12": np.array([1, 2], np.int64),
-        "heads": np.array([h], np.int64), "dim": np.array([d], np.int64),
-        "hidden": np.array([h * d], np.int64), "sqrt_d": np.array(2.0, np.float32),
-        "one_f": np.array(1.0, np.float32), "neg_big": np.array(-1e4, np.float32),
-        "gamma": pos(h * d), "beta": f32(h * d), "sqrt2": np.array(np.sqrt(2), np.float32),
+        "zero": np.array(0, np.int64),
+        "one": np.array(1, np.int64),
+        "axes0": np.array([0], np.int64),
+        "axes12": np.array([1, 2], np.int64),
+        "heads": np.array([h], np.int64),
+        "dim": np.array([d], np.int64),
+        "hidden": np.array([h * d], np.int64),
+        "sqrt_d": np.array(2.0, np.float32),
+        "one_f": np.array(1.0, np.float32),
+        "neg_big": np.array(-1e4, np.float32),
+        "gamma": pos(h * d),
+        "beta": f32(h * d),
+        "sqrt2": np.array(np.sqrt(2), np.float32),
         "half": np.array(0.5, np.float32),
     }
     graph = helper.make_graph(
-        nodes, "attention",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", h * d]),
-         helper.make_tensor_value_info("wq", TensorProto.FLOAT, [h * d, h * d]),
-         helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "seq"])],
+        nodes,
+        "attention",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", h * d]),
+            helper.make_tensor_value_info("wq", TensorProto.FLOAT, [h * d, h * d]),
+            helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", h * d])],
-        [numpy_helper.from_array(v, k) for k, v in consts.items()])
+        [numpy_helper.from_array(v, k) for k, v in consts.items()],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     session = sparsednn.InferenceSession(model)
     # Either the attention fusion swallowed the head split/merge chain, or it runs at run time.
     ops = set(session.graph.op_counts())
     assert "Attention" in ops or {"Shape", "Concat", "Reshape", "Softmax"} <= ops
-    ort = onnxruntime.InferenceSession(model.SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
+    ort = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     for batch, seq in [(1, 1), (2, 5), (3, 7)]:
         mask = np.ones((batch, seq), np.int64)
-        mask[:, seq // 2 + 1:] = 0
+        mask[:, seq // 2 + 1 :] = 0
         feed = {"x": f32(batch, seq, h * d), "wq": f32(h * d, h * d), "mask": mask}
         (got,), (want,) = session.run(None, feed), ort.run(None, feed)
         assert got.dtype == np.float32 and got.shape == (batch, seq, h * d)

@@ -17,12 +17,18 @@ def reshape_by_shape_chain(x_shape):
         helper.make_node("Reshape", ["x", "shape"], ["y"]),
         helper.make_node("Mul", ["shape", "shape"], ["unused"]),  # dead: nothing reads it
     ]
-    inits = {"zero": np.array(0, np.int64), "axes0": np.array([0], np.int64),
-             "minus1": np.array([-1], np.int64)}
+    inits = {
+        "zero": np.array(0, np.int64),
+        "axes0": np.array([0], np.int64),
+        "minus1": np.array([-1], np.int64),
+    }
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 

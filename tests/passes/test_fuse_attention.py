@@ -65,10 +65,25 @@ class Builder:
         return self.op("Concat", parts, axis=0)
 
 
-def build(k_form="perm0231", scale_form="div", mask_form="pad", shape_form="const",
-          out_form="flat", softmax_axis=-1, q_split=None, k_split=None, k_perm=None,
-          probs_output=False, scale_v=False, mask_then_scale=False, seed=0, heads=H,
-          head_size=D, k_zeros=0.0, k_output=False):
+def build(
+    k_form="perm0231",
+    scale_form="div",
+    mask_form="pad",
+    shape_form="const",
+    out_form="flat",
+    softmax_axis=-1,
+    q_split=None,
+    k_split=None,
+    k_perm=None,
+    probs_output=False,
+    scale_v=False,
+    mask_then_scale=False,
+    seed=0,
+    heads=H,
+    head_size=D,
+    k_zeros=0.0,
+    k_output=False,
+):
     """One attention layer on x [b, s, heads·head_size]; mask inputs as the variants need."""
     bld = Builder(seed)
     x = "x"
@@ -91,17 +106,20 @@ def build(k_form="perm0231", scale_form="div", mask_form="pad", shape_form="cons
     elif k_form == "dynamo":
         k4 = split(k, k_split, [0, 2, 1, 3])
         sh = bld.op("Shape", [k4])
-        last2 = bld.op("Slice", [sh, bld.const(np.array([-2], np.int64)),
-                                 bld.const(np.array([4], np.int64))])
-        k3 = bld.op("Reshape", [k4, bld.op("Concat", [bld.const(np.array([-1], np.int64)),
-                                                      last2], axis=0)])
+        last2 = bld.op(
+            "Slice", [sh, bld.const(np.array([-2], np.int64)), bld.const(np.array([4], np.int64))]
+        )
+        k3 = bld.op(
+            "Reshape", [k4, bld.op("Concat", [bld.const(np.array([-1], np.int64)), last2], axis=0)]
+        )
         k3t = bld.op("Transpose", [k3], perm=[0, 2, 1])
-        lead = bld.op("Slice", [sh, bld.const(np.array([0], np.int64)),
-                                bld.const(np.array([2], np.int64))])
+        lead = bld.op(
+            "Slice", [sh, bld.const(np.array([0], np.int64)), bld.const(np.array([2], np.int64))]
+        )
         tail = bld.op("Concat", [lead, bld.const(np.array([d_, -1], np.int64))], axis=0)
         kt = bld.op("Reshape", [k3t, tail])
     if scale_form == "qk":
-        c = bld.const(F32(d_ ** -0.25))
+        c = bld.const(F32(d_**-0.25))
         qt, kt = bld.op("Mul", [qt, c]), bld.op("Mul", [c, kt])
     if scale_v:
         vt = bld.op("Mul", [vt, bld.const(F32(2.0))])
@@ -119,16 +137,25 @@ def build(k_form="perm0231", scale_form="div", mask_form="pad", shape_form="cons
         scores = scale(scores)
     guarded = False
     if mask_form == "pad":  # the built-in encoders: (1 - mask) * float32 min, [B, 1, 1, S]
-        m = bld.op("Cast", [bld.op("Unsqueeze", ["mask", bld.const(np.array([1, 2], np.int64))])],
-                   to=TensorProto.FLOAT)
-        m = bld.op("Mul", [bld.op("Sub", [bld.const(F32(1)), m]),
-                           bld.const(F32(np.finfo(F32).min))])
+        m = bld.op(
+            "Cast",
+            [bld.op("Unsqueeze", ["mask", bld.const(np.array([1, 2], np.int64))])],
+            to=TensorProto.FLOAT,
+        )
+        m = bld.op(
+            "Mul", [bld.op("Sub", [bld.const(F32(1)), m]), bld.const(F32(np.finfo(F32).min))]
+        )
         scores = bld.op("Add", [m, scores])
         inputs.append(("mask", TensorProto.INT64, ["batch", "sequence"]))
     elif mask_form == "where":  # torch SDPA exports: bool mask -> 0 / -inf, NaN guard after
-        cond = bld.op("Cast", [bld.op("Unsqueeze", ["mask", bld.const(np.array([1, 2], np.int64))])],
-                      to=TensorProto.BOOL)
-        m = bld.op("Where", [cond, bld.const(np.array([0], F32)), bld.const(np.array([-np.inf], F32))])
+        cond = bld.op(
+            "Cast",
+            [bld.op("Unsqueeze", ["mask", bld.const(np.array([1, 2], np.int64))])],
+            to=TensorProto.BOOL,
+        )
+        m = bld.op(
+            "Where", [cond, bld.const(np.array([0], F32)), bld.const(np.array([-np.inf], F32))]
+        )
         scores = bld.op("Add", [scores, m])
         inputs.append(("mask", TensorProto.INT64, ["batch", "sequence"]))
         guarded = True
@@ -155,8 +182,12 @@ def build(k_form="perm0231", scale_form="div", mask_form="pad", shape_form="cons
     if shape_form == "slices":
         inputs.append(("ids", TensorProto.INT64, ["batch", "sequence"]))
     graph = helper.make_graph(
-        bld.nodes, "attention",
-        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs], outputs, bld.inits)
+        bld.nodes,
+        "attention",
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+        outputs,
+        bld.inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -173,7 +204,7 @@ def feed_for(model, b, s, seed=0):
         elif name == "mask":
             m = np.ones((b, s), np.int64)
             for i in range(1, b):
-                m[i, int(rng.integers(1, s + 1)):] = 0
+                m[i, int(rng.integers(1, s + 1)) :] = 0
             feed[name] = m
         elif name == "fmask":
             feed[name] = rng.standard_normal((b, 1, s, s)).astype(F32)
@@ -191,8 +222,7 @@ def check_against_onnxruntime(model, fused: bool):
             assert op not in counts, counts
     else:
         assert "Attention" not in counts, counts
-    reference = ort.InferenceSession(model.SerializeToString(),
-                                     providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     session = sparsednn.InferenceSession(model)
     for i, (b, s) in enumerate([(1, 1), (2, 7), (3, 16), (1, 33)]):
         feed = feed_for(model, b, s, seed=i)
@@ -231,15 +261,25 @@ def test_export_variants_fuse(k_form, scale_form, mask_form, shape_form, out_for
     assert graph.op_counts()["Linear"] == 1
 
 
-@pytest.mark.parametrize("k_form,shape_form", list(itertools.product(
-    ["perm0231", "two", "dynamo"], ["const", "gather", "slices"])))
+@pytest.mark.parametrize(
+    "k_form,shape_form",
+    list(itertools.product(["perm0231", "two", "dynamo"], ["const", "gather", "slices"])),
+)
 def test_every_k_form_and_shape_source(k_form, shape_form):
     check_against_onnxruntime(build(k_form, "qk", "where", shape_form), fused=True)
 
 
-@pytest.mark.parametrize("case", [
-    "softmax_axis", "interleaved_heads", "k_heads_and_dims_swapped", "probs_output",
-    "scaled_v", "mask_then_scale"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "softmax_axis",
+        "interleaved_heads",
+        "k_heads_and_dims_swapped",
+        "probs_output",
+        "scaled_v",
+        "mask_then_scale",
+    ],
+)
 def test_lookalikes_do_not_fuse(case):
     """Graphs with the same ops that compute something else (or need the probabilities)."""
     kwargs = {
@@ -275,8 +315,9 @@ def test_fully_masked_rows_match_onnxruntime():
             feed["mask"][1, :] = 0
         else:
             feed["fmask"][1, :, 2, :] = -np.inf
-        expected = ort.InferenceSession(model.SerializeToString(),
-                                        providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        expected = ort.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        ).run(None, feed)[0]
         got = sparsednn.InferenceSession(model).run(None, feed)[0]
         assert np.isnan(expected).any() == expect_nan
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5, equal_nan=True)
@@ -293,7 +334,8 @@ def test_builtin_encoder_fuses_every_layer():
     assert counts.get("Attention") == config.layers and "Softmax" not in counts, counts
     assert "Transpose" not in counts and "Reshape" not in counts, counts
     feed = example_inputs(config, 3, 17)
-    expected = ort.InferenceSession(model.SerializeToString(),
-                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    expected = ort.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    ).run(None, feed)[0]
     got = sparsednn.InferenceSession(model).run(None, feed)[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -44,9 +44,12 @@ def in_threads(n, work):
 
 @pytest.fixture(scope="module")
 def bert_sessions():
-    return {threads: sparsednn.InferenceSession(
-        build_encoder(TINY, 0.9), sparsednn.SessionOptions(intra_op_num_threads=threads))
-        for threads in (1, 2)}
+    return {
+        threads: sparsednn.InferenceSession(
+            build_encoder(TINY, 0.9), sparsednn.SessionOptions(intra_op_num_threads=threads)
+        )
+        for threads in (1, 2)
+    }
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -85,8 +88,9 @@ def test_errors_in_one_thread_do_not_disturb_the_others(bert_sessions):
 
 
 def test_several_sessions_with_different_models_and_thread_counts(bert_sessions):
-    dense = sparsednn.InferenceSession(build_encoder(TINY, 0.0, seed=1),
-                                       sparsednn.SessionOptions(intra_op_num_threads=2))
+    dense = sparsednn.InferenceSession(
+        build_encoder(TINY, 0.0, seed=1), sparsednn.SessionOptions(intra_op_num_threads=2)
+    )
     mlp = sparsednn.InferenceSession(small_mlp(), sparsednn.SessionOptions(intra_op_num_threads=1))
     shapes = sparsednn.InferenceSession(shape_ops_model())
     x = np.random.default_rng(0).standard_normal((33, 12)).astype(np.float32)

@@ -20,9 +20,11 @@ WEIGHTS = np.arange(4, dtype=np.float32)
 
 def model_with_external(location, offset="0", length="16", extra=None):
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "c"], ["y"])], "ext",
+        [helper.make_node("Add", ["x", "c"], ["y"])],
+        "ext",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+    )
     t = numpy_helper.from_array(WEIGHTS, "c")
     t.data_location = TensorProto.EXTERNAL
     t.ClearField("raw_data")
@@ -72,9 +74,16 @@ def test_symlink_inside_the_folder_is_fine(folder):
     np.testing.assert_array_equal(run(sparsednn.InferenceSession(str(path))), WEIGHTS)
 
 
-@pytest.mark.parametrize("location", [
-    "../secret.bin", "sub/../../secret.bin", "/etc/passwd", "//etc/passwd", "./../secret.bin",
-])
+@pytest.mark.parametrize(
+    "location",
+    [
+        "../secret.bin",
+        "sub/../../secret.bin",
+        "/etc/passwd",
+        "//etc/passwd",
+        "./../secret.bin",
+    ],
+)
 def test_escaping_locations_are_refused(folder, location):
     (folder / "model" / "sub").mkdir()
     path = saved(folder, model_with_external(location))
@@ -97,15 +106,18 @@ def test_symlink_loop_is_a_clear_error(folder):
         sparsednn.InferenceSession(str(path))
 
 
-@pytest.mark.parametrize("offset, length, match", [
-    ("-1", "16", "offset -1"),
-    ("0", "-16", "-16 bytes"),
-    ("8", "100", "24 bytes.*100 bytes at offset 8"),
-    ("1000", "16", "offset 1000"),
-    ("abc", "16", "must be integers"),
-    ("0", "1e3", "must be integers"),
-    ("0", str(2**70), "bytes"),
-])
+@pytest.mark.parametrize(
+    "offset, length, match",
+    [
+        ("-1", "16", "offset -1"),
+        ("0", "-16", "-16 bytes"),
+        ("8", "100", "24 bytes.*100 bytes at offset 8"),
+        ("1000", "16", "offset 1000"),
+        ("abc", "16", "must be integers"),
+        ("0", "1e3", "must be integers"),
+        ("0", str(2**70), "bytes"),
+    ],
+)
 def test_bad_offsets_and_lengths(folder, offset, length, match):
     path = saved(folder, model_with_external("w.bin", offset=offset, length=length))
     with pytest.raises(ModelLoadError, match=match):
@@ -118,14 +130,17 @@ def test_length_that_disagrees_with_the_tensor_dims(folder):
         sparsednn.InferenceSession(str(path))
 
 
-@pytest.mark.parametrize("location, match", [
-    ("missing.bin", "is missing"),
-    (".", "not a regular file"),
-    ("sub", "not a regular file"),
-    ("", "no usable location"),
-    (None, "no usable location"),
-    ("w.bin\x00.txt", "no usable location"),
-])
+@pytest.mark.parametrize(
+    "location, match",
+    [
+        ("missing.bin", "is missing"),
+        (".", "not a regular file"),
+        ("sub", "not a regular file"),
+        ("", "no usable location"),
+        (None, "no usable location"),
+        ("w.bin\x00.txt", "no usable location"),
+    ],
+)
 def test_missing_or_unusable_locations(folder, location, match):
     (folder / "model" / "sub").mkdir()
     path = saved(folder, model_with_external(location))
@@ -158,8 +173,9 @@ def test_bytes_and_protos_read_relative_to_the_working_directory(folder, monkeyp
 
 @pytest.mark.parametrize("as_bytes", [True, False])
 @pytest.mark.parametrize("location", ["../secret.bin", str("/etc/passwd")])
-def test_bytes_and_protos_cannot_escape_the_working_directory(folder, monkeypatch, as_bytes,
-                                                                location):
+def test_bytes_and_protos_cannot_escape_the_working_directory(
+    folder, monkeypatch, as_bytes, location
+):
     monkeypatch.chdir(folder / "model")
     m = model_with_external(location)
     with pytest.raises(ModelLoadError, match="outside"):
@@ -177,10 +193,12 @@ def test_onnx_saved_external_data_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 32)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "big",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
-        [numpy_helper.from_array(w, "w")])
+        [numpy_helper.from_array(w, "w")],
+    )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path / "big.onnx"
     onnx.save(m, path, save_as_external_data=True, location="big.data", size_threshold=0)

@@ -12,10 +12,18 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import sparsednn
-from sparsednn.errors import (InvalidGraphError, ModelLoadError, SparseDNNError,
-                              UnsupportedOpError)
-from sparsednn.testing import (BASE_MODELS, MUTATORS, DrawChooser, run_model, shape_ops_model,
-                               small_mlp, structured_mutation, try_model, unguarded_allocation)
+from sparsednn.errors import InvalidGraphError, ModelLoadError, SparseDNNError, UnsupportedOpError
+from sparsednn.testing import (
+    BASE_MODELS,
+    MUTATORS,
+    DrawChooser,
+    run_model,
+    shape_ops_model,
+    small_mlp,
+    structured_mutation,
+    try_model,
+    unguarded_allocation,
+)
 
 F = TensorProto.FLOAT
 
@@ -43,8 +51,17 @@ def fails(proto_or_bytes, error=SparseDNNError, match=None, feed=None):
 
 
 # -- bytes --------------------------------------------------------------------------------
-@pytest.mark.parametrize("data", [b"", b"\x00", b"\xff" * 64, b"\x08\x07" * 100,
-                                  b"\x3a\xff\xff\xff\xff\x0f", b"not a model at all"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00",
+        b"\xff" * 64,
+        b"\x08\x07" * 100,
+        b"\x3a\xff\xff\xff\xff\x0f",
+        b"not a model at all",
+    ],
+)
 def test_garbage_bytes(data):
     fails(data, ModelLoadError)
 
@@ -74,18 +91,25 @@ def test_node_without_op_type():
 
 
 def test_node_without_inputs():
-    fails(model([helper.make_node("Relu", [], ["y"])]), InvalidGraphError,
-          "lacks its required input 0")
+    fails(
+        model([helper.make_node("Relu", [], ["y"])]),
+        InvalidGraphError,
+        "lacks its required input 0",
+    )
 
 
 def test_too_many_inputs():
-    fails(model([helper.make_node("Relu", ["x", "x"], ["y"])]), InvalidGraphError,
-          "takes at most 1")
+    fails(
+        model([helper.make_node("Relu", ["x", "x"], ["y"])]), InvalidGraphError, "takes at most 1"
+    )
 
 
 def test_required_input_given_as_empty_name():
-    fails(model([helper.make_node("Reshape", ["x", ""], ["y"])]), InvalidGraphError,
-          "required input 1 \\('shape'\\)")
+    fails(
+        model([helper.make_node("Reshape", ["x", ""], ["y"])]),
+        InvalidGraphError,
+        "required input 1 \\('shape'\\)",
+    )
 
 
 def test_input_without_type():
@@ -107,19 +131,22 @@ def test_attribute_given_twice():
 
 
 def test_attribute_out_of_range():
-    fails(model([helper.make_node("Softmax", ["x"], ["y"], axis=2**62)]), SparseDNNError,
-          "axis")
+    fails(model([helper.make_node("Softmax", ["x"], ["y"], axis=2**62)]), SparseDNNError, "axis")
 
 
 def test_subgraph_attribute_is_unsupported():
     then = helper.make_graph([], "then", [], [helper.make_tensor_value_info("x", F, None)])
     node = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=then)
-    fails(model([node], inputs=[helper.make_tensor_value_info("c", TensorProto.BOOL, [])]),
-          UnsupportedOpError)
+    fails(
+        model([node], inputs=[helper.make_tensor_value_info("c", TensorProto.BOOL, [])]),
+        UnsupportedOpError,
+    )
 
 
-@pytest.mark.parametrize("data_type", [TensorProto.STRING, TensorProto.BFLOAT16,
-                                       TensorProto.COMPLEX64, TensorProto.UNDEFINED, 99])
+@pytest.mark.parametrize(
+    "data_type",
+    [TensorProto.STRING, TensorProto.BFLOAT16, TensorProto.COMPLEX64, TensorProto.UNDEFINED, 99],
+)
 def test_initializer_of_an_unsupported_type(data_type):
     t = numpy_helper.from_array(np.ones(4, np.float32), "c")
     t.data_type = data_type
@@ -128,14 +155,20 @@ def test_initializer_of_an_unsupported_type(data_type):
 
 @pytest.mark.parametrize("opset", [-1, 0, 7, 12, 10**6])
 def test_unsupported_opsets(opset):
-    fails(model([helper.make_node("Relu", ["x"], ["y"])], opset=opset), ModelLoadError,
-          f"opset {opset}")
+    fails(
+        model([helper.make_node("Relu", ["x"], ["y"])], opset=opset),
+        ModelLoadError,
+        f"opset {opset}",
+    )
 
 
 # -- graph structure ----------------------------------------------------------------------
 def test_cycle():
-    nodes = [helper.make_node("Add", ["x", "b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
-             helper.make_node("Identity", ["b"], ["y"])]
+    nodes = [
+        helper.make_node("Add", ["x", "b"], ["a"]),
+        helper.make_node("Relu", ["a"], ["b"]),
+        helper.make_node("Identity", ["b"], ["y"]),
+    ]
     fails(model(nodes), InvalidGraphError, "'b'.*topological order")
 
 
@@ -144,13 +177,15 @@ def test_self_loop():
 
 
 def test_dangling_input():
-    fails(model([helper.make_node("Add", ["x", "nowhere"], ["y"])]), InvalidGraphError,
-          "'nowhere'")
+    fails(model([helper.make_node("Add", ["x", "nowhere"], ["y"])]), InvalidGraphError, "'nowhere'")
 
 
 def test_output_never_computed():
-    fails(model([helper.make_node("Relu", ["x"], ["r"])]), InvalidGraphError,
-          "output 'y' is never computed")
+    fails(
+        model([helper.make_node("Relu", ["x"], ["r"])]),
+        InvalidGraphError,
+        "output 'y' is never computed",
+    )
 
 
 def test_two_nodes_produce_one_name():
@@ -159,23 +194,32 @@ def test_two_nodes_produce_one_name():
 
 
 def test_node_output_named_like_the_input():
-    fails(model([helper.make_node("Relu", ["x"], ["x"]), helper.make_node("Neg", ["x"], ["y"])]),
-          InvalidGraphError, "'x'")
+    fails(
+        model([helper.make_node("Relu", ["x"], ["x"]), helper.make_node("Neg", ["x"], ["y"])]),
+        InvalidGraphError,
+        "'x'",
+    )
 
 
 def test_duplicate_graph_inputs_count_once():
     x = helper.make_tensor_value_info("x", F, ["n", 4])
-    session = sparsednn.InferenceSession(model([helper.make_node("Relu", ["x"], ["y"])],
-                                               inputs=[x, x]))
+    session = sparsednn.InferenceSession(
+        model([helper.make_node("Relu", ["x"], ["y"])], inputs=[x, x])
+    )
     assert [a.name for a in session.get_inputs()] == ["x"]
     (y,) = session.run(None, {"x": -np.ones((2, 4), np.float32)})
     assert (y == 0).all()
 
 
 def test_duplicate_initializers():
-    fails(model([helper.make_node("Add", ["x", "c"], ["y"])],
-                inits=[numpy_helper.from_array(np.ones(4, np.float32), "c")] * 2),
-          InvalidGraphError, "'c' is defined twice")
+    fails(
+        model(
+            [helper.make_node("Add", ["x", "c"], ["y"])],
+            inits=[numpy_helper.from_array(np.ones(4, np.float32), "c")] * 2,
+        ),
+        InvalidGraphError,
+        "'c' is defined twice",
+    )
 
 
 def test_duplicate_graph_outputs_are_fine_or_clean():
@@ -192,40 +236,54 @@ HUGE = [2**62, 2**40, 2**33, 65536 * 65536]
 def test_initializer_dims_that_disagree_with_its_data(dims):
     t = numpy_helper.from_array(np.ones(4, np.float32), "c")
     t.dims[:] = dims
-    fails(model([helper.make_node("Add", ["x", "c"], ["y"])], inits=[t]), InvalidGraphError,
-          "'c'")
+    fails(model([helper.make_node("Add", ["x", "c"], ["y"])], inits=[t]), InvalidGraphError, "'c'")
 
 
 def test_initializer_with_short_raw_data():
     t = numpy_helper.from_array(np.ones(4, np.float32), "c")
     t.raw_data = t.raw_data[:10]
-    fails(model([helper.make_node("Add", ["x", "c"], ["y"])], inits=[t]), InvalidGraphError,
-          "holds 10 bytes.*16 bytes")
+    fails(
+        model([helper.make_node("Add", ["x", "c"], ["y"])], inits=[t]),
+        InvalidGraphError,
+        "holds 10 bytes.*16 bytes",
+    )
 
 
 def test_initializer_with_too_few_typed_values():
     t = onnx.TensorProto(name="c", data_type=F, dims=[2**40], float_data=[1.0, 2.0])
-    fails(model([helper.make_node("Add", ["x", "c"], ["y"])], inits=[t]), InvalidGraphError,
-          "holds 2 values")
+    fails(
+        model([helper.make_node("Add", ["x", "c"], ["y"])], inits=[t]),
+        InvalidGraphError,
+        "holds 2 values",
+    )
 
 
 @pytest.mark.parametrize("n", HUGE)
 def test_constant_of_shape_bigger_than_memory(n):
-    msg = fails(model([helper.make_node("ConstantOfShape", ["s"], ["y"])], inits=[i64("s", n, 4)]),
-                InvalidGraphError, "memory")
+    msg = fails(
+        model([helper.make_node("ConstantOfShape", ["s"], ["y"])], inits=[i64("s", n, 4)]),
+        InvalidGraphError,
+        "memory",
+    )
     assert "GiB" in msg or "TiB" in msg or "PiB" in msg
 
 
 @pytest.mark.parametrize("n", HUGE)
 def test_expand_bigger_than_memory(n):
-    fails(model([helper.make_node("Expand", ["x", "s"], ["y"])], inits=[i64("s", n, 1, 4)]),
-          SparseDNNError, "memory")
+    fails(
+        model([helper.make_node("Expand", ["x", "s"], ["y"])], inits=[i64("s", n, 1, 4)]),
+        SparseDNNError,
+        "memory",
+    )
 
 
 @pytest.mark.parametrize("n", HUGE)
 def test_tile_bigger_than_memory(n):
-    fails(model([helper.make_node("Tile", ["x", "r"], ["y"])], inits=[i64("r", n, n)]),
-          SparseDNNError, "memory")
+    fails(
+        model([helper.make_node("Tile", ["x", "r"], ["y"])], inits=[i64("r", n, n)]),
+        SparseDNNError,
+        "memory",
+    )
 
 
 @pytest.mark.parametrize("limit", HUGE)
@@ -237,22 +295,29 @@ def test_range_bigger_than_memory(limit):
 
 def test_range_with_zero_delta():
     inits = [numpy_helper.from_array(np.int64(v), n) for v, n in ((0, "a"), (5, "b"), (0, "c"))]
-    fails(model([helper.make_node("Range", ["a", "b", "c"], ["y"])], inits=inits),
-          InvalidGraphError, "delta is 0")
+    fails(
+        model([helper.make_node("Range", ["a", "b", "c"], ["y"])], inits=inits),
+        InvalidGraphError,
+        "delta is 0",
+    )
 
 
 @pytest.mark.parametrize("shape", [[2**62, 2], [-1, -1], [-5, 2], [2**31, 2**31, 0]])
 def test_reshape_to_absurd_shapes(shape):
-    fails(model([helper.make_node("Reshape", ["x", "s"], ["y"])], inits=[i64("s", *shape)]),
-          SparseDNNError)
+    fails(
+        model([helper.make_node("Reshape", ["x", "s"], ["y"])], inits=[i64("s", *shape)]),
+        SparseDNNError,
+    )
 
 
 def test_shapes_computed_at_run_time_are_checked_before_allocating():
     """ConstantOfShape/Expand/Tile whose shape comes from an input: refused at run()."""
-    nodes = [helper.make_node("ConstantOfShape", ["s"], ["c"]),
-             helper.make_node("Expand", ["x", "s"], ["e"]),
-             helper.make_node("Tile", ["x", "s"], ["t"]),
-             helper.make_node("Concat", ["c", "e", "t"], ["y"], axis=0)]
+    nodes = [
+        helper.make_node("ConstantOfShape", ["s"], ["c"]),
+        helper.make_node("Expand", ["x", "s"], ["e"]),
+        helper.make_node("Tile", ["x", "s"], ["t"]),
+        helper.make_node("Concat", ["c", "e", "t"], ["y"], axis=0),
+    ]
     s_in = helper.make_tensor_value_info("s", TensorProto.INT64, [2])
     x_in = helper.make_tensor_value_info("x", F, [1, 1])
     session = sparsednn.InferenceSession(model(nodes, inputs=[s_in, x_in]))
@@ -265,17 +330,27 @@ def test_shapes_computed_at_run_time_are_checked_before_allocating():
 
 
 def test_declared_input_dims_negative():
-    fails(model([helper.make_node("Relu", ["x"], ["y"])],
-                inputs=[helper.make_tensor_value_info("x", F, [-3, 4])]),
-          InvalidGraphError, "negative")
+    fails(
+        model(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            inputs=[helper.make_tensor_value_info("x", F, [-3, 4])],
+        ),
+        InvalidGraphError,
+        "negative",
+    )
 
 
 def test_huge_declared_dims_load_fast():
     """onnx's data propagation walks a 'shape' as long as a declared dim: it is skipped."""
-    nodes = [helper.make_node("Shape", ["x"], ["s"]),
-             helper.make_node("Slice", ["s", "z", "o"], ["y"])]
-    m = model(nodes, inits=[i64("z", 0), i64("o", 1)],
-              outputs=[helper.make_tensor_value_info("y", TensorProto.INT64, None)])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Slice", ["s", "z", "o"], ["y"]),
+    ]
+    m = model(
+        nodes,
+        inits=[i64("z", 0), i64("o", 1)],
+        outputs=[helper.make_tensor_value_info("y", TensorProto.INT64, None)],
+    )
     m.graph.value_info.append(helper.make_tensor_value_info("s", TensorProto.INT64, [2**31]))
     t0 = time.perf_counter()
     assert try_model(m.SerializeToString()) in ("ok", "error")
@@ -284,12 +359,22 @@ def test_huge_declared_dims_load_fast():
 
 def test_constant_of_shape_of_huge_computed_shape_loads_fast():
     """onnx's data propagation would hold ConstantOfShape's 2**32 values as a shape (~600 GB)."""
-    nodes = [helper.make_node("Mul", ["a", "a"], ["s"]),
-             helper.make_node("ConstantOfShape", ["s"], ["c"],
-                              value=numpy_helper.from_array(np.array([1], np.int64), "v")),
-             helper.make_node("Add", ["c", "c"], ["y"])]
-    m = model(nodes, inputs=[], inits=[i64("a", 65536)],
-              outputs=[helper.make_tensor_value_info("y", TensorProto.INT64, None)])
+    nodes = [
+        helper.make_node("Mul", ["a", "a"], ["s"]),
+        helper.make_node(
+            "ConstantOfShape",
+            ["s"],
+            ["c"],
+            value=numpy_helper.from_array(np.array([1], np.int64), "v"),
+        ),
+        helper.make_node("Add", ["c", "c"], ["y"]),
+    ]
+    m = model(
+        nodes,
+        inputs=[],
+        inits=[i64("a", 65536)],
+        outputs=[helper.make_tensor_value_info("y", TensorProto.INT64, None)],
+    )
     t0 = time.perf_counter()
     with pytest.raises(SparseDNNError, match="memory"):
         sparsednn.InferenceSession(m)
@@ -303,8 +388,12 @@ def test_base_models_run(base):
 
 
 @pytest.mark.parametrize("kind", sorted(MUTATORS))
-@settings(max_examples=25, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(data=st.data())
 def test_structured_mutations_fail_cleanly(kind, data):
     model_bytes, done = structured_mutation(DrawChooser(data), kinds=[kind])
@@ -315,8 +404,12 @@ def test_structured_mutations_fail_cleanly(kind, data):
         assert str(e), done  # a message, not an empty error
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(data=st.data())
 def test_mixed_structured_mutations_fail_cleanly(data):
     model_bytes, done = structured_mutation(DrawChooser(data))
@@ -331,7 +424,8 @@ def test_shape_ops_model_matches_onnxruntime():
 
     m = shape_ops_model()
     x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
-    (want,) = ort.InferenceSession(m.SerializeToString(),
-                                   providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    (want,) = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )
     (got,) = sparsednn.InferenceSession(m).run(None, {"x": x})
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

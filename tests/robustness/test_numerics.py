@@ -22,39 +22,54 @@ def linear_model(activation, sparsity, seed=0):
     w[:, :3] = 0
     w[5, :] = 0
     b = rng.standard_normal(N).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["h"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"]),
+        helper.make_node("Add", ["m", "b"], ["h"]),
+    ]
     if activation == "relu":
         nodes.append(helper.make_node("Relu", ["h"], ["y"]))
     elif activation == "gelu":
-        nodes += [helper.make_node("Div", ["h", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
-                  helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["h", "e1"], ["m1"]),
-                  helper.make_node("Mul", ["m1", "half"], ["y"])]
+        nodes += [
+            helper.make_node("Div", ["h", "sqrt2"], ["d"]),
+            helper.make_node("Erf", ["d"], ["e"]),
+            helper.make_node("Add", ["e", "one"], ["e1"]),
+            helper.make_node("Mul", ["h", "e1"], ["m1"]),
+            helper.make_node("Mul", ["m1", "half"], ["y"]),
+        ]
     else:
         nodes.append(helper.make_node("Identity", ["h"], ["y"]))
-    consts = {"w": w, "b": b, "sqrt2": np.float32(np.sqrt(2)), "one": np.float32(1),
-              "half": np.float32(0.5)}
+    consts = {
+        "w": w,
+        "b": b,
+        "sqrt2": np.float32(np.sqrt(2)),
+        "one": np.float32(1),
+        "half": np.float32(0.5),
+    }
     used = {i for n in nodes for i in n.input}
     graph = helper.make_graph(
-        nodes, f"linear_{activation}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", K])],
+        nodes,
+        f"linear_{activation}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", K])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", N])],
-        [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items() if k in used])
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items() if k in used],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def special_rows(seed=1):
     x = np.random.default_rng(seed).standard_normal((12, K)).astype(np.float32)
-    x[0, 0] = np.nan      # a NaN meeting nonzero weights
-    x[1, 1] = np.inf      # +Inf against weights of both signs (and zero ones: NaN)
+    x[0, 0] = np.nan  # a NaN meeting nonzero weights
+    x[1, 1] = np.inf  # +Inf against weights of both signs (and zero ones: NaN)
     x[2, 2] = -np.inf
-    x[3, 5] = np.nan      # in the all-zero row of w: the sparse kernel never reads it
+    x[3, 5] = np.nan  # in the all-zero row of w: the sparse kernel never reads it
     x[4, 5] = np.inf
-    x[5, 7] = 1e30        # large but finite: products overflow to +-Inf in some columns
+    x[5, 7] = 1e30  # large but finite: products overflow to +-Inf in some columns
     x[6, 9] = -1e30
-    x[7, :] = np.inf      # +Inf + -Inf: NaN
+    x[7, :] = np.inf  # +Inf + -Inf: NaN
     x[8, :] = 0.0
     x[9, 10:20] = np.nan
     x[10, 5] = -np.inf
-    return x                      # row 11: plain finite values
+    return x  # row 11: plain finite values
 
 
 def assert_same_specials(got, want, atol=1e-4):
@@ -120,7 +135,7 @@ def test_nan_and_inf_through_a_whole_bert_like_model(poisoned_bert, token):
     cfg, m, session = poisoned_bert
     feed = example_inputs(cfg, 3, 10, seed=token)
     feed["input_ids"][feed["input_ids"] < 10] = 11
-    feed["input_ids"][0, 4] = token          # one poisoned token in the first sequence
+    feed["input_ids"][0, 4] = token  # one poisoned token in the first sequence
     (got,) = session.run(None, feed)
     want = ort_run(m, feed)
     assert np.isnan(want[0]).any() and not np.isnan(want[1:]).any()
@@ -131,7 +146,7 @@ def test_masked_positions_and_large_values_stay_finite(poisoned_bert):
     cfg, m, session = poisoned_bert
     feed = example_inputs(cfg, 4, 12, seed=3)
     feed["input_ids"][feed["input_ids"] < 10] = 11
-    feed["attention_mask"][2] = 0             # a fully masked row: softmax of equal -3.4e38s
+    feed["attention_mask"][2] = 0  # a fully masked row: softmax of equal -3.4e38s
     (got,) = session.run(None, feed)
     want = ort_run(m, feed)
     assert np.isfinite(want).all()

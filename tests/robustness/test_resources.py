@@ -45,8 +45,10 @@ def test_2000_runs_leave_memory_flat(observe):
         session.run(None, feeds[i % 50])
     gc.collect()
     growth = rss() - before
-    observe("robustness", f"2000 runs of small_mlp: RSS {before / MIB:.1f} -> "
-                          f"{(before + growth) / MIB:.1f} MiB")
+    observe(
+        "robustness",
+        f"2000 runs of small_mlp: RSS {before / MIB:.1f} -> {(before + growth) / MIB:.1f} MiB",
+    )
     assert growth < 4 * MIB
 
 
@@ -64,8 +66,11 @@ def test_200_sessions_created_and_destroyed_leave_memory_flat(observe):
     refs += [cycle(seed) for seed in range(20, 220)]
     gc.collect()
     growth = rss() - before
-    observe("robustness", f"200 sessions created and destroyed: RSS {before / MIB:.1f} -> "
-                          f"{(before + growth) / MIB:.1f} MiB")
+    observe(
+        "robustness",
+        f"200 sessions created and destroyed: RSS {before / MIB:.1f} -> "
+        f"{(before + growth) / MIB:.1f} MiB",
+    )
     assert all(r() is None for r in refs), "a destroyed session is still referenced"
     assert growth < 8 * MIB
 
@@ -86,6 +91,7 @@ def test_destroyed_session_frees_its_linear_kernels():
 def limited_address_space(gib):
     """Cap this process's address space for a block, so that an unguarded huge allocation
     fails fast instead of swapping the machine; restored afterwards."""
+
     class Cap:
         def __enter__(self):
             self.old = resource.getrlimit(resource.RLIMIT_AS)
@@ -127,9 +133,12 @@ def test_memory_limit_applies_to_run_inputs(monkeypatch):
 
 def constant_model(op, inputs, inits, out_type=TensorProto.FLOAT):
     graph = helper.make_graph(
-        [helper.make_node(op, inputs, ["y"])], op.lower(),
+        [helper.make_node(op, inputs, ["y"])],
+        op.lower(),
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
-        [helper.make_tensor_value_info("y", out_type, None)], inits)
+        [helper.make_tensor_value_info("y", out_type, None)],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -137,11 +146,15 @@ def shape(name, *dims):
     return numpy_helper.from_array(np.array(dims, np.int64), name)
 
 
-@pytest.mark.parametrize("model", [
-    constant_model("ConstantOfShape", ["s"], [shape("s", 1 << 20, 1 << 20)]),
-    constant_model("Expand", ["x", "s"], [shape("s", 1 << 20, 1 << 20)]),
-    constant_model("Tile", ["x", "s"], [shape("s", 1 << 20, 1 << 20)]),
-], ids=["ConstantOfShape", "Expand", "Tile"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        constant_model("ConstantOfShape", ["s"], [shape("s", 1 << 20, 1 << 20)]),
+        constant_model("Expand", ["x", "s"], [shape("s", 1 << 20, 1 << 20)]),
+        constant_model("Tile", ["x", "s"], [shape("s", 1 << 20, 1 << 20)]),
+    ],
+    ids=["ConstantOfShape", "Expand", "Tile"],
+)
 def test_models_needing_more_than_memory_fail_before_allocating(model):
     with limited_address_space(2):
         with pytest.raises(SparseDNNError, match="memory") as e:
@@ -155,9 +168,12 @@ def test_initializer_larger_than_the_memory_limit(monkeypatch):
     monkeypatch.setenv("SPARSEDNN_MEMORY_LIMIT", str(1 << 20))
     big = numpy_helper.from_array(np.ones((1024, 512), np.float32), "c")  # 2 MiB
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "c"], ["y"])], "big",
+        [helper.make_node("Add", ["x", "c"], ["y"])],
+        "big",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 512])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [big])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [big],
+    )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(InvalidGraphError, match="'c'.*2.0 MiB.*SPARSEDNN_MEMORY_LIMIT"):
         sparsednn.InferenceSession(m)
@@ -170,12 +186,16 @@ def test_external_data_larger_than_memory_is_not_read(tmp_path):
         f.truncate(1 << 40)
     t = onnx_tensor_external("c", [1 << 38], "huge.bin", 1 << 40)
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "c"], ["y"])], "huge",
+        [helper.make_node("Add", ["x", "c"], ["y"])],
+        "huge",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [t])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [t],
+    )
     path = tmp_path / "m.onnx"
-    path.write_bytes(helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    path.write_bytes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    )
     with limited_address_space(2):
         with pytest.raises(ModelLoadError, match="1.0 TiB.*refused before reading"):
             sparsednn.InferenceSession(str(path))

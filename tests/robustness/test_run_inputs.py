@@ -19,18 +19,24 @@ TINY = ARCHITECTURES["bert-tiny"]
 
 def two_input_model():
     """y = relu(a @ W + B) * s + c: a sparse Linear with a ReLU epilogue, a scalar input."""
-    nodes = [helper.make_node("MatMul", ["a", "W"], ["mm"]),
-             helper.make_node("Add", ["mm", "B"], ["h"]),
-             helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Mul", ["r", "s"], ["rs"]),
-             helper.make_node("Add", ["rs", "c"], ["y"])]
+    nodes = [
+        helper.make_node("MatMul", ["a", "W"], ["mm"]),
+        helper.make_node("Add", ["mm", "B"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Mul", ["r", "s"], ["rs"]),
+        helper.make_node("Add", ["rs", "c"], ["y"]),
+    ]
     graph = helper.make_graph(
-        nodes, "two_inputs",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 16]),
-         helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", 24]),
-         helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
+        nodes,
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 16]),
+            helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", 24]),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 24])],
-        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(B, "B")])
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(B, "B")],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -44,14 +50,18 @@ def session():
 @pytest.fixture(scope="module")
 def bert():
     m = build_encoder(TINY, 0.9)
-    return (sparsednn.InferenceSession(m),
-            ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]))
+    return (
+        sparsednn.InferenceSession(m),
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]),
+    )
 
 
 def feed(batch=3):
-    return {"a": rng.standard_normal((batch, 16)).astype(np.float32),
-            "c": rng.standard_normal((batch, 24)).astype(np.float32),
-            "s": np.array(1.5, np.float32)}
+    return {
+        "a": rng.standard_normal((batch, 16)).astype(np.float32),
+        "c": rng.standard_normal((batch, 24)).astype(np.float32),
+        "s": np.array(1.5, np.float32),
+    }
 
 
 def reference(f):
@@ -62,8 +72,10 @@ def reference(f):
 @pytest.fixture
 def no_native_run(session, monkeypatch):
     """Fails the test if the plan starts executing: checks must come first."""
+
     def refuse(env):
         raise AssertionError("the plan ran: inputs were not checked first")
+
     monkeypatch.setattr(session, "_execute", refuse)
 
 
@@ -86,8 +98,10 @@ def bad_feeds():
         "0-d for rank 2": ({**f, "a": np.float32(1)}, "'a' must have rank 2"),
         "rank 1 for scalar": ({**f, "s": np.ones(1, np.float32)}, "'s' must have rank 0"),
         "static dim": ({**f, "a": np.zeros((2, 15), np.float32)}, "'a' axis 1 must be 16"),
-        "symbol mismatch": ({**f, "c": np.zeros((3, 24), np.float32)},
-                            "'batch' is 2 in input 'a' but 3 in input 'c'"),
+        "symbol mismatch": (
+            {**f, "c": np.zeros((3, 24), np.float32)},
+            "'batch' is 2 in input 'a' but 3 in input 'c'",
+        ),
         "ragged list": ({**f, "a": [[1.0] * 16, [1.0] * 15]}, "'a' cannot be made an array"),
     }
 
@@ -150,11 +164,15 @@ def test_inputs_are_not_modified(session):
 
 
 def test_output_does_not_alias_the_input():
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
-    s = sparsednn.InferenceSession(helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17)]))
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "id",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+    )
+    s = sparsednn.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
     x = np.arange(3, dtype=np.float32)
     (y,) = s.run(None, {"x": x})
     np.testing.assert_array_equal(y, x)
@@ -210,9 +228,11 @@ def test_bert_inputs_as_lists_and_int32_lists(bert):
 def test_bert_wrong_id_dtypes(bert):
     ours, _ = bert
     f = example_inputs(TINY, 2, 6)
-    for bad, got in [(f["input_ids"].astype(np.int32), "int32"),
-                     (f["input_ids"].astype(np.float32), "float32"),
-                     (f["input_ids"].astype(np.float64).tolist(), "float64")]:
+    for bad, got in [
+        (f["input_ids"].astype(np.int32), "int32"),
+        (f["input_ids"].astype(np.float32), "float32"),
+        (f["input_ids"].astype(np.float64).tolist(), "float64"),
+    ]:
         with pytest.raises(InvalidInputError, match=f"'input_ids' must be int64, got {got}"):
             ours.run(None, {**f, "input_ids": bad})
 

@@ -17,16 +17,22 @@ B = rng.standard_normal(24).astype(np.float32)
 
 def two_input_model():
     """y = relu(a @ W + B) + c, with a symbolic batch shared by both inputs."""
-    nodes = [helper.make_node("MatMul", ["a", "W"], ["mm"]),
-             helper.make_node("Add", ["mm", "B"], ["h"]),
-             helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Add", ["r", "c"], ["y"])]
+    nodes = [
+        helper.make_node("MatMul", ["a", "W"], ["mm"]),
+        helper.make_node("Add", ["mm", "B"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Add", ["r", "c"], ["y"]),
+    ]
     graph = helper.make_graph(
-        nodes, "two_inputs",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 16]),
-         helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", 24])],
+        nodes,
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 16]),
+            helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", 24]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 24])],
-        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(B, "B")])
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(B, "B")],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -36,8 +42,10 @@ def session():
 
 
 def feed(batch=3):
-    return {"a": rng.standard_normal((batch, 16)).astype(np.float32),
-            "c": rng.standard_normal((batch, 24)).astype(np.float32)}
+    return {
+        "a": rng.standard_normal((batch, 16)).astype(np.float32),
+        "c": rng.standard_normal((batch, 24)).astype(np.float32),
+    }
 
 
 def reference(f):
@@ -46,6 +54,7 @@ def reference(f):
 
 def test_inputs_and_outputs_are_described_like_onnxruntime(session):
     (a, c), (y,) = session.get_inputs(), session.get_outputs()
+    assert c.name == "c" and c.shape == ["batch", 24]
     assert (a.name, a.shape, a.type) == ("a", ["batch", 16], "tensor(float)")
     assert (y.name, y.shape) == ("y", ["batch", 24])
 
@@ -78,18 +87,29 @@ def test_non_contiguous_and_read_only_inputs(session):
     np.testing.assert_allclose(y2, reference(f), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"a": np.zeros((2, 16), np.float32)}, "missing input.*'c'"),
-    ({**feed(2), "extra": np.zeros(1)}, "unknown input.*'extra'"),
-    ({"a": np.zeros((2, 16), np.float64), "c": np.zeros((2, 24), np.float32)},
-     "'a' must be float32, got float64"),
-    ({"a": np.zeros((2, 16, 1), np.float32), "c": np.zeros((2, 24), np.float32)},
-     "'a' must have rank 2"),
-    ({"a": np.zeros((2, 15), np.float32), "c": np.zeros((2, 24), np.float32)},
-     "'a' axis 1 must be 16"),
-    ({"a": np.zeros((2, 16), np.float32), "c": np.zeros((3, 24), np.float32)},
-     "dimension 'batch' is 2 in input 'a' but 3 in input 'c'"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"a": np.zeros((2, 16), np.float32)}, "missing input.*'c'"),
+        ({**feed(2), "extra": np.zeros(1)}, "unknown input.*'extra'"),
+        (
+            {"a": np.zeros((2, 16), np.float64), "c": np.zeros((2, 24), np.float32)},
+            "'a' must be float32, got float64",
+        ),
+        (
+            {"a": np.zeros((2, 16, 1), np.float32), "c": np.zeros((2, 24), np.float32)},
+            "'a' must have rank 2",
+        ),
+        (
+            {"a": np.zeros((2, 15), np.float32), "c": np.zeros((2, 24), np.float32)},
+            "'a' axis 1 must be 16",
+        ),
+        (
+            {"a": np.zeros((2, 16), np.float32), "c": np.zeros((3, 24), np.float32)},
+            "dimension 'batch' is 2 in input 'a' but 3 in input 'c'",
+        ),
+    ],
+)
 def test_bad_inputs_are_named(session, bad, match):
     with pytest.raises(InvalidInputError, match=match):
         session.run(None, bad)
@@ -133,8 +153,9 @@ def test_compile_and_session_options(tmp_path):
 
 
 def test_profiling_reports_time_per_node():
-    s = sparsednn.InferenceSession(two_input_model(), sparsednn.SessionOptions(
-        enable_profiling=True))
+    s = sparsednn.InferenceSession(
+        two_input_model(), sparsednn.SessionOptions(enable_profiling=True)
+    )
     s.run(None, feed())
     s.run(None, feed())
     profile = s.profile()
