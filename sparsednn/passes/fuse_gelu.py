@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from sparsednn.ir import Graph, Node
-from sparsednn.passes.matching import Uses, const_scalar, is_close, other_input
+from sparsednn.passes.matching import Rewrite, Uses, const_scalar, is_close, other_input
 
 SQRT2 = math.sqrt(2.0)
 
@@ -66,23 +66,13 @@ def _match(erf: Node, uses: Uses):
 
 def fuse_gelu(graph: Graph) -> Graph:
     uses = Uses(graph)
-    removed: set[int] = set()
-    replacement: dict[int, Node] = {}
+    rewrite = Rewrite()
     for node in graph.nodes:
-        if node.op != "Erf" or id(node) in removed:
+        if node.op != "Erf" or rewrite.taken(node):
             continue
         match = _match(node, uses)
         if match is None:
             continue
         x, nodes, last = match
-        gelu = Node("Gelu", f"{last.name}_gelu", [x], last.outputs, {})
-        for out in last.outputs:
-            out.producer = gelu
-        removed.update(id(n) for n in nodes)
-        replacement[id(last)] = gelu
-    graph.nodes = [
-        replacement.get(id(n), n)
-        for n in graph.nodes
-        if id(n) not in removed or id(n) in replacement
-    ]
-    return graph
+        rewrite.replace(nodes, Node("Gelu", f"{last.name}_gelu", [x], last.outputs, {}), at=last)
+    return rewrite.apply(graph)

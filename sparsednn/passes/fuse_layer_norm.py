@@ -20,7 +20,7 @@ import numpy as np
 
 from sparsednn.ir import Graph, Node, Value
 from sparsednn.ops.fused_ops import DOMAIN
-from sparsednn.passes.matching import Uses, as_row_vector, const_scalar, other_input
+from sparsednn.passes.matching import Rewrite, Uses, as_row_vector, const_scalar, other_input
 
 
 def _last_axis(axes, rank) -> bool:
@@ -127,10 +127,9 @@ def _match_decomposed(sub: Node, uses: Uses):
 
 def fuse_layer_norm(graph: Graph) -> Graph:
     uses = Uses(graph)
-    removed: set[int] = set()
-    replacement: dict[int, Node] = {}
+    rewrite = Rewrite()
     for node in graph.nodes:
-        if id(node) in removed:
+        if rewrite.taken(node):
             continue
         if node.op == "LayerNormalization":
             m = _match_onnx(node, uses)
@@ -141,7 +140,7 @@ def fuse_layer_norm(graph: Graph) -> Graph:
         if m is None:
             continue
         x, scale, bias, eps, matched = m
-        if any(id(n) in removed or id(n) in replacement for n in matched):
+        if any(rewrite.taken(n) for n in matched):
             continue
         last = matched[0]
         attrs = {
@@ -158,8 +157,7 @@ def fuse_layer_norm(graph: Graph) -> Graph:
             and id(x) not in uses.outputs
             and all(id(r) in inside for r in x_readers)
             and all(v is not None and v.dtype == np.float32 for v in add.inputs)
-            and id(add) not in removed
-            and id(add) not in replacement
+            and not rewrite.taken(add)
         ):
             fused = Node(
                 "AddLayerNorm",
@@ -169,17 +167,10 @@ def fuse_layer_norm(graph: Graph) -> Graph:
                 attrs,
                 domain=DOMAIN,
             )
-            removed.add(id(add))
+            matched = [*matched, add]
         else:
             fused = Node(
                 "LayerNorm", f"{last.name}_layer_norm", [x], last.outputs[:1], attrs, domain=DOMAIN
             )
-        fused.outputs[0].producer = fused
-        replacement[id(last)] = fused
-        removed.update(id(n) for n in matched[1:])
-    graph.nodes = [
-        replacement.get(id(n), n)
-        for n in graph.nodes
-        if id(n) not in removed or id(n) in replacement
-    ]
-    return graph
+        rewrite.replace(matched, fused, at=last)
+    return rewrite.apply(graph)

@@ -10,7 +10,7 @@ import numpy as np
 
 from sparsednn.ir import Graph, Node, Value
 from sparsednn.ops.fused_ops import DOMAIN
-from sparsednn.passes.matching import Uses, as_row_vector, other_input
+from sparsednn.passes.matching import Rewrite, Uses, as_row_vector, other_input
 
 ACTIVATION_OF_OP = {"Relu": "relu", "Gelu": "gelu"}
 
@@ -44,10 +44,9 @@ def _linear_core(node: Node) -> tuple[Value, np.ndarray, np.ndarray | None] | No
 
 def fuse_linear(graph: Graph) -> Graph:
     uses = Uses(graph)
-    removed: set[int] = set()
-    replacement: dict[int, Node] = {}
+    rewrite = Rewrite()
     for node in graph.nodes:
-        core = None if id(node) in removed else _linear_core(node)
+        core = None if rewrite.taken(node) else _linear_core(node)
         if core is None:
             continue
         x, weight, bias = core
@@ -78,13 +77,5 @@ def fuse_linear(graph: Graph) -> Graph:
             "activation": activation,
         }
         linear = Node("Linear", node.name, [x], last.outputs, attrs, domain=DOMAIN)
-        for out in last.outputs:
-            out.producer = linear
-        removed.update(id(s) for s in swallowed)
-        replacement[id(last)] = linear
-    graph.nodes = [
-        replacement.get(id(n), n)
-        for n in graph.nodes
-        if id(n) not in removed or id(n) in replacement
-    ]
-    return graph
+        rewrite.replace(swallowed, linear, at=last)
+    return rewrite.apply(graph)

@@ -47,3 +47,32 @@ def as_row_vector(value: Value | None, n: int) -> np.ndarray | None:
     if c.ndim == 0 or c.shape[-1] not in (1, n) or any(d != 1 for d in c.shape[:-1]):
         return None
     return np.broadcast_to(c.reshape(-1), (n,)).astype(np.float32)
+
+
+class Rewrite:
+    """The bookkeeping of a fusion pass: matched nodes are replaced by one new node, which
+    takes the place of the match's last node (so the graph stays topologically sorted), and
+    the graph is rebuilt once at the end."""
+
+    def __init__(self):
+        self._removed: set[int] = set()
+        self._replacement: dict[int, Node] = {}
+
+    def taken(self, node: Node) -> bool:
+        """Whether an earlier match already swallowed or replaced `node`."""
+        return id(node) in self._removed or id(node) in self._replacement
+
+    def replace(self, swallowed: list[Node], by: Node, at: Node) -> None:
+        """Drop the `swallowed` nodes; `by` (whose outputs it now produces) stands at `at`."""
+        for out in by.outputs:
+            out.producer = by
+        self._removed.update(id(n) for n in swallowed)
+        self._replacement[id(at)] = by
+
+    def apply(self, graph: Graph) -> Graph:
+        graph.nodes = [
+            self._replacement.get(id(n), n)
+            for n in graph.nodes
+            if id(n) not in self._removed or id(n) in self._replacement
+        ]
+        return graph
