@@ -488,3 +488,22 @@ def unguarded_allocation(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def guarded_array(shape, page: int = 4096):
+    """A float32 array ending exactly where an inaccessible page starts (Linux): a kernel
+    reading or writing one element past its end faults instead of passing silently.
+    Returns the array and its mapping (keep the mapping alive as long as the array)."""
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    count = int(np.prod(shape))
+    size = (count * 4 + page - 1) // page * page + page
+    region = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    if libc.mprotect(ctypes.c_void_p(base + size - page), page, 0) != 0:
+        raise OSError("mprotect refused to protect the guard page")
+    arr = np.frombuffer(region, dtype=np.float32, count=count, offset=size - page - count * 4)
+    return arr.reshape(shape), region

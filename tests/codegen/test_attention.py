@@ -20,6 +20,7 @@ from sparsednn.codegen.attention import block_rows, compile_attention
 from sparsednn.codegen.target import available_isas, host_target
 from sparsednn.errors import SparseDNNError
 from sparsednn.ops.fused_ops import Attention
+from sparsednn.testing import guarded_array
 
 ISAS = available_isas()
 NEG = {"-inf": -np.inf, "f32min": np.finfo(np.float32).min, "-1e4": -1e4}
@@ -220,23 +221,6 @@ def test_non_contiguous_inputs():
     np.testing.assert_allclose(kern(q, k, v, scale=0.3), expected, rtol=1e-5, atol=1e-6)
 
 
-def _guarded(shape, page=4096):
-    """A float32 array ending exactly where an inaccessible page starts (Linux)."""
-    import ctypes
-    import ctypes.util
-    import mmap
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    count = int(np.prod(shape))
-    size = (count * 4 + page - 1) // page * page + page
-    region = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
-    if libc.mprotect(ctypes.c_void_p(base + size - page), page, 0) != 0:
-        pytest.skip("mprotect unavailable")
-    arr = np.frombuffer(region, dtype=np.float32, count=count, offset=size - page - count * 4)
-    return arr.reshape(shape), region
-
-
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(
@@ -250,15 +234,15 @@ def test_no_access_past_the_buffers(isa, s, d, mask_kind):
     kern = compile_attention(h, d, host_target(isa))
     arrays, regions = [], []
     for _ in range(3):
-        x, region = _guarded((b, s, h * d))
+        x, region = guarded_array((b, s, h * d))
         x[:] = rng.standard_normal(x.shape)
         arrays.append(x)
         regions.append(region)
     m = make_mask(rng, mask_kind, -np.inf, b, h, s, s)
-    mask, region = _guarded(m.shape)
+    mask, region = guarded_array(m.shape)
     mask[:] = m
     regions.append(region)
-    out, region = _guarded((b, s, h * d))
+    out, region = guarded_array((b, s, h * d))
     regions.append(region)
     kern(*arrays, mask, scale=0.5, num_threads=2, out=out)
     expected = Attention(

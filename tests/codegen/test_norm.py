@@ -18,6 +18,7 @@ from sparsednn.codegen.norm import compile_layer_norm
 from sparsednn.codegen.target import available_isas, host_target
 from sparsednn.errors import SparseDNNError
 from sparsednn.ops.fused_ops import AddLayerNorm, LayerNorm
+from sparsednn.testing import guarded_array
 
 ISAS = available_isas()
 
@@ -162,29 +163,13 @@ def test_empty_rows():
     assert kern(np.zeros((0, 8), np.float32), scale=np.ones(8, np.float32)).shape == (0, 8)
 
 
-def _guarded(shape, page=4096):
-    import ctypes
-    import ctypes.util
-    import mmap
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    count = int(np.prod(shape))
-    size = (count * 4 + page - 1) // page * page + page
-    region = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
-    if libc.mprotect(ctypes.c_void_p(base + size - page), page, 0) != 0:
-        pytest.skip("mprotect unavailable")
-    arr = np.frombuffer(region, dtype=np.float32, count=count, offset=size - page - count * 4)
-    return arr.reshape(shape), region
-
-
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n", [1, 13, 768, 1000])
 def test_no_access_past_the_buffers(isa, n):
     rng = np.random.default_rng(n)
     kern = compile_layer_norm(n, True, host_target(isa))
-    guarded = [_guarded(s) for s in ((5, n), (5, n), (5, n), (n,), (n,))]  # (keeps the maps)
+    guarded = [guarded_array(s) for s in ((5, n), (5, n), (5, n), (n,), (n,))]  # (keeps the maps)
     a, b, out, g, be = (arr for arr, _region in guarded)
     for arr in (a, b, g, be):
         arr[:] = rng.standard_normal(arr.shape)

@@ -30,6 +30,7 @@ from sparsednn.codegen.spmm import (
 )
 from sparsednn.codegen.target import available_isas, host_target
 from sparsednn.errors import InvalidInputError
+from sparsednn.testing import guarded_array
 
 ISAS = available_isas()
 
@@ -427,24 +428,6 @@ def test_staged_output_for_thrashing_strides(isa, n):
             assert_close(kern(x, num_threads=threads), x, w, bias, "gelu")
 
 
-def _guarded(shape, page=4096):
-    """A float32 array ending exactly where an inaccessible page starts (Linux): a kernel
-    reading or writing one element past its end faults instead of passing silently."""
-    import ctypes.util
-    import mmap
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    nbytes = int(np.prod(shape)) * 4
-    size = (nbytes + page - 1) // page * page + page
-    region = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
-    if libc.mprotect(ctypes.c_void_p(base + size - page), page, 0) != 0:
-        pytest.skip("mprotect unavailable")
-    start = size - page - nbytes
-    arr = np.frombuffer(region, dtype=np.float32, count=int(np.prod(shape)), offset=start)
-    return arr.reshape(shape), region
-
-
 @pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="Linux only")
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m", [1, 17, 70])
@@ -454,11 +437,11 @@ def test_no_access_past_the_buffers(isa, m):
     k, n = 37, 1024  # odd K (scalar pack tail), staged output, tail rows of the last tile
     w = random_weight(rng, k, n, 0.8)
     bias = rng.standard_normal(n).astype(np.float32)
-    x, _x_region = _guarded((m, k))  # (the mapping stays alive with the array)
+    x, _x_region = guarded_array((m, k))  # (the mapping stays alive with the array)
     x[:] = rng.standard_normal((m, k)).astype(np.float32)
     for make in (compile_sparse_linear, compile_dense_linear):
         kern = make(w, bias, "gelu", target=host_target(isa))
-        y, _y_region = _guarded((m, n))
+        y, _y_region = guarded_array((m, n))
         kern(x, out=y, num_threads=2)
         assert_close(np.array(y), np.array(x), w, bias, "gelu")
         del y
