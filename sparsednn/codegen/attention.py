@@ -83,6 +83,8 @@ _CTYPES = ctypes.CFUNCTYPE(
             for _, ty in _ARGS]
 )  # fmt: skip
 
+_KINDS = "".join("f" if ty == f32 else "i" for _, ty in _ARGS)  # native_pool.run_kernel
+
 
 def _pieces(d: int, width: int) -> list[tuple[int, int]]:
     """(offset, lanes) vector pieces covering d floats: full vectors, then power-of-two tails."""
@@ -459,6 +461,9 @@ class AttentionKernel:
         self._fns = {has: _CTYPES(self._jm.function_address(n)) for has, n in names.items()}
         self.rows_per_block = block_rows(head_size, target)
         self.compile_seconds = self._jm.compile_seconds
+        from sparsednn.runtime import native_pool
+
+        native_pool.prepare()  # the worker pool and its trampolines, before any run
 
     @property
     def llvm_ir(self) -> str:
@@ -554,15 +559,24 @@ class AttentionKernel:
         def run(lo: int, hi: int) -> None:
             fn(*args, thread_scratch(floats)[0], *common, lo, hi)
 
-        from sparsednn.runtime.threads import parallel_for
+        from sparsednn.runtime.native_pool import float_bits
+        from sparsednn.runtime.threads import parallel_for, parallel_native
 
         bounds = [pairs * i // threads for i in range(threads + 1)]
+        head = (*args, 0, sq, skv, *strides, *mstrides, ldt, float_bits(scale),
+                float_bits(masked_row_value))  # fmt: skip
+        rows = [(*head, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+        if parallel_native(ctypes.cast(fn, ctypes.c_void_p).value, _KINDS, rows, 5, floats):
+            return out
         parallel_for([functools.partial(run, lo, hi) for lo, hi in itertools.pairwise(bounds)])
         return out
 
     def useful_threads(self, pairs: int, sq: int, skv: int, num_threads: int) -> int:
         flops = 4.0 * pairs * sq * skv * self.head_size
-        return max(1, min(int(num_threads), pairs, 1 + int(flops // _FLOPS_PER_EXTRA_THREAD)))
+        from sparsednn.runtime.threads import handoff_factor
+
+        per = max(_FLOPS_PER_EXTRA_THREAD * handoff_factor(), 1e-9)
+        return max(1, min(int(num_threads), pairs, 1 + int(flops // per)))
 
     @staticmethod
     def _mask(mask, target_shape, where):

@@ -77,6 +77,8 @@ _CTYPES = ctypes.CFUNCTYPE(
             for _, ty in _ARGS]
 )  # fmt: skip
 
+_KINDS = "".join("f" if ty == f32 else "i" for _, ty in _ARGS)  # native_pool.run_kernel
+
 
 def _reduce_add(b: ir.IRBuilder, v):
     w = v.type.count
@@ -194,6 +196,9 @@ class LayerNormKernel:
         self._jm = compile_cached(self.name, emit, target, "light", n, residual)
         self._fn = _CTYPES(self._jm.function_address(self.name))
         self.compile_seconds = self._jm.compile_seconds
+        from sparsednn.runtime import native_pool
+
+        native_pool.prepare()  # the worker pool and its trampolines, before any run
         # for sums that broadcast otherwise than over leading dimensions (compiled now: a
         # session never compiles while running)
         self._plain = _cached(n, False, target) if residual else self
@@ -280,13 +285,23 @@ class LayerNormKernel:
             n,
             float(epsilon),
         )
-        threads = max(1, min(int(num_threads), rows, 1 + (rows * n) // _ELEMENTS_PER_EXTRA_THREAD))
+        threads = 1
+        if num_threads > 1:
+            from sparsednn.runtime.threads import handoff_factor
+
+            per = max(int(_ELEMENTS_PER_EXTRA_THREAD * handoff_factor()), 1)
+            threads = max(1, min(int(num_threads), rows, 1 + (rows * n) // per))
         if threads == 1:
             fn(*args, 0, rows)
         else:
-            from sparsednn.runtime.threads import parallel_for
+            from sparsednn.runtime.native_pool import float_bits
+            from sparsednn.runtime.threads import parallel_for, parallel_native
 
             bounds = np.linspace(0, rows, threads + 1).astype(int).tolist()
+            head = (*args[:9], float_bits(args[9]))
+            cells = [(*head, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+            if parallel_native(ctypes.cast(fn, ctypes.c_void_p).value, _KINDS, cells):
+                return out
             parallel_for(
                 [functools.partial(fn, *args, lo, hi) for lo, hi in itertools.pairwise(bounds)]
             )

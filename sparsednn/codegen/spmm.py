@@ -41,7 +41,12 @@ from sparsednn.codegen import jit
 from sparsednn.codegen.epilogue import Epilogue
 from sparsednn.codegen.target import Target, host_target
 from sparsednn.errors import CompileError, InvalidInputError
-from sparsednn.runtime.threads import parallel_for, single_threaded_blas
+from sparsednn.runtime.threads import (
+    handoff_factor,
+    parallel_for,
+    parallel_native,
+    single_threaded_blas,
+)
 
 __all__ = [
     "DenseLinearKernel",
@@ -987,6 +992,11 @@ def _check_call(name, k, n, x, out):
 _tls = threading.local()
 
 
+def _fn_address(fn) -> int:
+    """The code address of a ctypes function object (for the native pool's trampolines)."""
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
 def _scratch(n_floats: int) -> int:
     """Address of a 64-byte aligned float buffer of n_floats owned by the calling thread."""
     s = getattr(_tls, "scratch", None)
@@ -1256,6 +1266,9 @@ class SparseLinearKernel:
             self._spmv_code = self._spmv_compiled()
             self.cache_hit = self.cache_hit and (code_known or self._spmv_code[0].from_cache)
         self.compile_seconds = time.perf_counter() - t_start
+        from sparsednn.runtime import native_pool
+
+        native_pool.prepare()  # the worker pool and its trampolines, before any run
 
     @property
     def k_block(self) -> int:
@@ -1371,7 +1384,8 @@ class SparseLinearKernel:
             return max(1, num_threads)
         if est_ns is None:
             est_ns = self._estimate_ns(m)
-        return max(1, min(num_threads, int(est_ns // self._NS_PER_EXTRA_THREAD)))
+        per = max(self._NS_PER_EXTRA_THREAD * handoff_factor(), 1e-9)
+        return max(1, min(num_threads, int(est_ns // per)))
 
     def row_ranges(self, num_threads: int) -> list[tuple[int, int]]:
         """Output rows of each thread, balanced by nonzeros."""
@@ -1410,23 +1424,32 @@ class SparseLinearKernel:
             bounds = [min(m, round(m * i / threads / V) * V) for i in range(threads)] + [m]
             sf = self._scratch_full
             fn, ptrs = self._fn, self._ptrs
+            spans = [(t0, t1) for t0, t1 in itertools.pairwise(bounds) if t1 > t0]
+            rows = [(x_addr + 4 * k * t0, t1 - t0, y_addr + 4 * n * t0, 0, n, *ptrs, 0)
+                    for t0, t1 in spans]  # fmt: skip
+            if parallel_native(_fn_address(fn), "i" * 9, rows, 8, sf):
+                return out
             tasks = [
                 (
                     lambda t0=t0, t1=t1: fn(
                         x_addr + 4 * k * t0, t1 - t0, y_addr + 4 * n * t0, 0, n, *ptrs, _scratch(sf)
                     )
                 )  # fmt: skip
-                for t0, t1 in itertools.pairwise(bounds)
-                if t1 > t0
+                for t0, t1 in spans
             ]
         else:
+            ranges = self.row_ranges(threads)
+            rows = [(x_addr, m, y_addr, s, e, *self._ptrs, 0) for s, e in ranges]
+            floats = max(self._scratch_floats(e - s) for s, e in ranges)
+            if parallel_native(_fn_address(self._fn), "i" * 9, rows, 8, floats):
+                return out
             tasks = [
                 (
                     lambda s=s, e=e: self._fn(
                         x_addr, m, y_addr, s, e, *self._ptrs, _scratch(self._scratch_floats(e - s))
                     )
                 )  # fmt: skip
-                for s, e in self.row_ranges(threads)
+                for s, e in ranges
             ]
         parallel_for(tasks)
         return out
@@ -1444,9 +1467,13 @@ class SparseLinearKernel:
         cost = layout.slice_ptr[1:].astype(np.float64) + 2.0 * np.arange(1, n_slices + 1)
         cuts = [0] + [int(np.searchsorted(cost, cost[-1] * i / threads)) for i in
                       range(1, threads)] + [n_slices]  # fmt: skip
+        spans = [(s, e) for s, e in itertools.pairwise(cuts) if e > s]
+        rows = [(x_addr, m, y_addr, s, e, *ptrs, 0) for s, e in spans]
+        if parallel_native(_fn_address(fn), "i" * 12, rows, 11, scratch):
+            return
         parallel_for([
             (lambda s=s, e=e: fn(x_addr, m, y_addr, s, e, *ptrs, _scratch(scratch)))
-            for s, e in itertools.pairwise(cuts) if e > s
+            for s, e in spans
         ])  # fmt: skip
 
     def __repr__(self) -> str:

@@ -1,0 +1,279 @@
+"""A native, low-latency worker pool for the generated kernels.
+
+The Python pool (threads.parallel_for) costs ~50 us per hand-off (futex wake-up plus the GIL).
+Here each worker is a Python thread that calls, through ctypes, a JIT-compiled `worker_loop`
+that only returns at shutdown (the GIL is released for its whole life): it spins on a
+generation counter (with `pause`) for SPIN_US after its last task, then sleeps on a futex. The
+dispatcher, `pool_run` (also native, called with the GIL released), publishes the task,
+wakes sleeping workers, runs its own share and spins until the workers are done. Tasks are
+`void task(i8* ctx, i64 index)`; generated trampolines (codegen/pool.py) turn a row of i64
+arguments per task into a call of an existing kernel.
+
+    ok = run_kernel(fn_addr, "iiif", rows, scratch_col=5, scratch_floats=n)
+
+runs kernel(rows[i]) for every row i (in parallel) and returns True, or returns False without
+running anything (pool disabled or busy): the caller then uses threads.parallel_for.
+
+Concurrency: one dispatch at a time. A second Python thread that wants the pool while it is
+in use does not wait: run_kernel returns False and that caller runs its tasks through the
+Python pool (no deadlock, no convoy behind a long kernel). All validation happens in Python
+before the dispatch (exceptions cannot cross native code).
+
+Scratch: kernels that take a per-thread scratch buffer get, in column `scratch_col`, the
+address of the pool's buffer for the task's slot (task i uses slot i); slots are only used
+while the dispatch lock is held.
+
+Enabled on x86-64 Linux unless SPARSEDNN_NATIVE_POOL=0; any failure to start leaves it off.
+Workers stop at interpreter exit (atexit: stop flag, futex wake, join).
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import platform
+import sys
+import threading
+import time
+
+import numpy as np
+
+SPIN_US = 100.0  # a worker spins this long after its last task before sleeping
+# kernels' thresholds for using another thread are scaled by this when the pool runs
+# (threads.handoff_factor); measured on bert-base-90, see README
+HANDOFF_FACTOR = float(os.environ.get("SPARSEDNN_HANDOFF_FACTOR", "0.2"))
+
+_init_lock = threading.Lock()
+_dispatch_lock = threading.Lock()
+_pool: _NativePool | None = None
+_failed = False
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("SPARSEDNN_NATIVE_POOL", "1").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+        "",
+    )
+
+
+def supported() -> bool:
+    return sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
+
+
+class _NativePool:
+    def __init__(self, n_workers: int):
+        from sparsednn.codegen import jit
+        from sparsednn.codegen import pool as P
+        from sparsednn.codegen.target import host_target
+
+        self.P = P
+        self._tramps_init: dict = {}
+        self.target = host_target()
+        self.jm = self._compile(jit, P)
+        addr = self.jm.function_address
+        self.state_buf = np.zeros(P.STATE_WORDS + 16, np.int64)
+        base = self.state_buf.ctypes.data
+        off = (-base) % 64 // 8
+        self.state = self.state_buf[off : off + P.STATE_WORDS]
+        self.state_addr = self.state.ctypes.data
+        self.syscall_addr = ctypes.cast(ctypes.CDLL(None).syscall, ctypes.c_void_p).value
+        self.read_tsc = ctypes.CFUNCTYPE(ctypes.c_uint64)(addr("read_tsc"))
+        self.n_workers = n_workers
+        self.state[P.NWORKERS] = n_workers
+        self.state[P.SYSCALL] = self.syscall_addr
+        self.state[P.SPIN] = int(SPIN_US * 1e-6 * self._tsc_hz())
+        self._run = ctypes.CFUNCTYPE(
+            None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64
+        )(addr("pool_run"))
+        self._stop = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(addr("pool_stop"))
+        self._loop = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(addr("worker_loop"))
+        self.noop_task = addr("noop_task")
+        self.gettid_task = addr("gettid_task")
+        self._tramps: dict = dict(self._tramps_init)
+        self._scratch: list = []
+        self.threads = [
+            threading.Thread(
+                target=self._loop,
+                args=(self.state_addr, w),
+                daemon=True,
+                name=f"sparsednn-native-{w}",
+            )  # fmt: skip
+            for w in range(n_workers)
+        ]
+        for t in self.threads:
+            t.start()
+        self.stopped = False
+
+    def _compile(self, jit, P):
+        """The pool's module with the trampolines of the known kernels, through the kernel
+        cache (so a process whose kernels all come from the cache runs no LLVM for it)."""
+        from pathlib import Path
+
+        from sparsednn.codegen import cache
+
+        kinds = known_kinds()
+
+        def emit():
+            mod = jit.new_module("sparsednn_pool", self.target)
+            P.emit_pool(mod)
+            for k in kinds:
+                P.emit_trampoline(mod, k)
+            return mod
+
+        t = self.target
+        try:
+            src = Path(P.__file__).read_bytes().hex()
+        except OSError:  # pragma: no cover
+            src = "pool"
+        key = cache.digest("code", cache.code_version(), "native_pool", src, kinds,
+                           t.cpu_name, t.features, t.isa, t.vector_width, t.triple)  # fmt: skip
+        jm = jit.load_cached(key, t, source=emit, opt=2)
+        if jm is None:
+            jm = jit.compile_module(emit(), t, opt=2, cache_key=key)
+        for k in kinds:
+            self._tramps_init[k] = (jm.function_address(f"tramp_{k}"), jm)
+        return jm
+
+    def _tsc_hz(self) -> float:
+        t0, c0 = time.perf_counter(), self.read_tsc()
+        time.sleep(0.005)
+        t1, c1 = time.perf_counter(), self.read_tsc()
+        hz = (c1 - c0) / max(t1 - t0, 1e-6)
+        return hz if 1e8 < hz < 1e11 else 3e9
+
+    def trampoline(self, kinds: str) -> int:
+        a = self._tramps.get(kinds)
+        if a is None:
+            from sparsednn.codegen import jit
+
+            mod = jit.new_module(f"sparsednn_tramp_{kinds}", self.target)
+            name = self.P.emit_trampoline(mod, kinds)
+            jm = jit.compile_module(mod, self.target, opt=2)
+            a = (jm.function_address(name), jm)
+            self._tramps[kinds] = a
+        return a[0]
+
+    def scratch(self, slot: int, n_floats: int) -> int:
+        while len(self._scratch) <= slot:
+            self._scratch.append(None)
+        s = self._scratch[slot]
+        if s is None or s[1] < n_floats:
+            size = max(int(n_floats), 1 << 14)
+            buf = np.empty(size + 16, np.float32)
+            s = ((buf.ctypes.data + 63) & ~63, size, buf)
+            self._scratch[slot] = s
+        return s[0]
+
+    def run(self, task_addr: int, ctx_addr: int, n: int) -> None:
+        self._run(self.state_addr, task_addr, ctx_addr, n)
+
+    def shutdown(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        self._stop(self.state_addr)
+        for t in self.threads:
+            t.join(timeout=5.0)
+
+
+def known_kinds() -> tuple:
+    """Argument kinds of the kernels dispatched through the pool (their trampolines are
+    compiled with the pool): sparse panel kernel, SpMV variant, attention, layer norm."""
+    from sparsednn.codegen import attention, norm
+
+    return ("i" * 9, "i" * 12, attention._KINDS, norm._KINDS)
+
+
+def prepare() -> None:
+    """Start the pool now (kernel constructors call this, so running a session compiles
+    nothing); errors leave the pool off."""
+    try:
+        get_pool()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def get_pool() -> _NativePool | None:
+    """The process's native pool (started on first use), or None when disabled/unsupported."""
+    global _pool, _failed
+    if _pool is not None:
+        return _pool
+    if _failed or not supported() or not enabled_by_env():
+        return None
+    with _init_lock:
+        if _pool is None and not _failed:
+            try:
+                from sparsednn.runtime.threads import default_num_threads
+
+                _pool = _NativePool(max(1, default_num_threads() - 1))
+                atexit.register(shutdown)
+            except Exception:  # any failure: the Python pool stays in charge
+                _failed = True
+                return None
+    return _pool
+
+
+def shutdown() -> None:
+    """Stop and join the workers (at exit; the pool is not restarted afterwards)."""
+    global _pool, _failed
+    with _init_lock:
+        p = _pool
+        if p is not None:
+            with _dispatch_lock:
+                p.shutdown()
+            _pool = None
+            _failed = True
+
+
+def run_tasks(task_addr: int, ctx_addr: int, n: int) -> bool:
+    """Run native task(ctx, i) for i in [0, n) on the pool; False if disabled or busy."""
+    p = _pool or get_pool()
+    if p is None or n > 255 or n < 1:
+        return False
+    if not _dispatch_lock.acquire(blocking=False):
+        return False
+    try:
+        if p.stopped:
+            return False
+        p.run(task_addr, ctx_addr, n)
+        return True
+    finally:
+        _dispatch_lock.release()
+
+
+def float_bits(x: float) -> int:
+    """A float32 argument as stored in an argument row (its bits in the low 32 bits)."""
+    return int(np.float32(x).view(np.int32)) & 0xFFFFFFFF
+
+
+def run_kernel(fn_addr: int, kinds: str, rows, scratch_col: int = -1,
+               scratch_floats: int = 0) -> bool:  # fmt: skip
+    """kernel(*rows[i]) for every row, in parallel on the pool; False (nothing run) if the
+    pool is disabled or busy. kinds: one letter per argument, 'i' (pointer or integer) or 'f'
+    (float32: float_bits in the row). scratch_col >= 0: that column is set to the task's
+    scratch buffer of at least scratch_floats floats."""
+    p = _pool or get_pool()
+    n = len(rows)
+    if p is None or n > 255 or n < 1:
+        return False
+    if not _dispatch_lock.acquire(blocking=False):
+        return False
+    try:
+        if p.stopped:
+            return False
+        tramp = p.trampoline(kinds)
+        ctx = np.empty(1 + n * len(kinds), np.int64)
+        ctx[0] = fn_addr
+        body = ctx[1:].reshape(n, len(kinds))
+        body[:] = rows
+        if scratch_col >= 0:
+            for i in range(n):
+                body[i, scratch_col] = p.scratch(i, scratch_floats)
+        p.run(tramp, ctx.ctypes.data, n)
+        return True
+    finally:
+        _dispatch_lock.release()

@@ -1,0 +1,171 @@
+"""The native worker pool (runtime.native_pool) and the kernels dispatched through it."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from sparsednn.runtime import native_pool
+
+pool = native_pool.get_pool()
+needs_pool = pytest.mark.skipif(pool is None, reason="native pool disabled or unsupported")
+
+
+def _gettids(n):
+    ctx = np.zeros(1 + n, np.int64)
+    ctx[0] = pool.syscall_addr
+    assert native_pool.run_tasks(pool.gettid_task, ctx.ctypes.data, n)
+    return ctx[1:]
+
+
+@needs_pool
+def test_every_task_runs_once_for_many_counts():
+    for n in list(range(1, 40)) + [100, 255]:
+        tids = _gettids(n)
+        assert (tids > 0).all(), n
+
+
+@needs_pool
+def test_tasks_run_on_several_os_threads():
+    if pool.n_workers < 1:
+        pytest.skip("one core")
+    seen = set()
+    for _ in range(200):
+        seen |= set(_gettids(8).tolist())
+        if len(seen) > 1:
+            break
+    assert len(seen) > 1
+
+
+@needs_pool
+def test_too_many_tasks_is_refused():
+    assert not native_pool.run_tasks(pool.noop_task, 0, 256)
+    assert not native_pool.run_kernel(0, "i", np.zeros((0, 1), np.int64))
+
+
+@needs_pool
+def test_stress_100k_dispatches():
+    t0 = time.perf_counter()
+    for i in range(100_000):
+        assert native_pool.run_tasks(pool.noop_task, 0, 1 + i % 3)
+    assert time.perf_counter() - t0 < 60
+
+
+@needs_pool
+def test_concurrent_dispatchers():
+    errors = []
+
+    def work():
+        try:
+            for _ in range(300):
+                n = 5
+                ctx = np.zeros(1 + n, np.int64)
+                ctx[0] = pool.syscall_addr
+                if native_pool.run_tasks(pool.gettid_task, ctx.ctypes.data, n):
+                    assert (ctx[1:] > 0).all()
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+
+
+def _cpu_seconds():
+    f = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@needs_pool
+def test_idle_pool_uses_no_cpu():
+    for _ in range(100):
+        native_pool.run_tasks(pool.noop_task, 0, 2)
+    time.sleep(0.1)
+    c0 = _cpu_seconds()
+    time.sleep(1.0)
+    assert _cpu_seconds() - c0 < 0.1
+
+
+def _kernels_outputs(num_threads):
+    from sparsednn.codegen.attention import compile_attention
+    from sparsednn.codegen.norm import compile_layer_norm
+    from sparsednn.codegen.spmm import compile_sparse_linear
+
+    rng = np.random.default_rng(1)
+    outs = []
+    w = rng.standard_normal((384, 512)).astype(np.float32)
+    w[rng.random(w.shape) < 0.9] = 0
+    b = rng.standard_normal(512).astype(np.float32)
+    kern = compile_sparse_linear(w, b, "gelu")
+    for m in (1, 4, 8, 17, 64, 200, 512):
+        x = rng.standard_normal((m, 384)).astype(np.float32)
+        outs.append(kern(x, num_threads=num_threads))
+    att = compile_attention(4, 32)
+    q = rng.standard_normal((3, 70, 128)).astype(np.float32)
+    k = rng.standard_normal((3, 70, 128)).astype(np.float32)
+    v = rng.standard_normal((3, 70, 128)).astype(np.float32)
+    mask = np.where(rng.random((3, 1, 1, 70)) < 0.2, -1e4, 0).astype(np.float32)
+    outs.append(att(q, k, v, mask, scale=0.17, num_threads=num_threads))
+    ln = compile_layer_norm(256, residual=True)
+    a = rng.standard_normal((300, 256)).astype(np.float32)
+    r = rng.standard_normal((300, 256)).astype(np.float32)
+    g = rng.standard_normal(256).astype(np.float32)
+    be = rng.standard_normal(256).astype(np.float32)
+    outs.append(ln(a, r, scale=g, bias=be, epsilon=1e-5, num_threads=num_threads))
+    return outs
+
+
+@needs_pool
+def test_kernels_through_the_pool_match_serial(monkeypatch):
+    from sparsednn.codegen import attention, norm, spmm
+
+    serial = _kernels_outputs(1)
+    # every split taken, however small the work
+    monkeypatch.setattr(spmm.SparseLinearKernel, "_NS_PER_EXTRA_THREAD", 1)
+    monkeypatch.setattr(attention, "_FLOPS_PER_EXTRA_THREAD", 1.0)
+    monkeypatch.setattr(norm, "_ELEMENTS_PER_EXTRA_THREAD", 1)
+    calls = []
+    real = native_pool.run_kernel
+    monkeypatch.setattr(
+        native_pool, "run_kernel", lambda *a, **k: calls.append(a[1]) or real(*a, **k)
+    )
+    for threads in (2, 3, 5):
+        for s, p in zip(serial, _kernels_outputs(threads)):
+            np.testing.assert_array_equal(s, p)
+    kinds = set(calls)
+    assert "i" * 9 in kinds and "i" * 12 in kinds and len(kinds) >= 4, kinds
+
+
+def test_disabled_pool_falls_back():
+    code = (
+        "import numpy as np\n"
+        "from sparsednn.runtime import native_pool, threads\n"
+        "assert native_pool.get_pool() is None\n"
+        "assert not threads.parallel_native(0, 'i', np.zeros((2, 1), np.int64))\n"
+        "from sparsednn.codegen.spmm import compile_sparse_linear\n"
+        "w = np.eye(64, dtype=np.float32)\n"
+        "x = np.ones((256, 64), np.float32)\n"
+        "assert (compile_sparse_linear(w)(x, num_threads=2) == x).all()\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, SPARSEDNN_NATIVE_POOL="0")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_interpreter_exits_with_the_pool_running():
+    code = (
+        "from sparsednn.runtime import native_pool\n"
+        "p = native_pool.get_pool()\n"
+        "print('ok' if p is None or native_pool.run_tasks(p.noop_task, 0, 3) else 'busy')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
