@@ -69,6 +69,9 @@ _OPT = 3  # LLVM's pipeline (no unrolling/vectorising): LICM hoists the exp cons
 # A second thread only when the work pays for the hand-off (~40 us, see codegen/README.md):
 # ~4 flops per (pair, query, key, d) at well under 50 GFLOP/s on small problems.
 _FLOPS_PER_EXTRA_THREAD = 4e6
+# With the native pool: 2 threads measured faster from ~3 M flops (12 heads x 64, S = 32:
+# 1.07x; S = 24, 1.8 M flops: 0.97x).
+_FLOPS_PER_EXTRA_THREAD_NATIVE = 2.5e6
 
 _ARGS = [
     ("q", f32_ptr), ("k", f32_ptr), ("v", f32_ptr), ("mask", f32_ptr), ("out", f32_ptr),
@@ -573,9 +576,11 @@ class AttentionKernel:
 
     def useful_threads(self, pairs: int, sq: int, skv: int, num_threads: int) -> int:
         flops = 4.0 * pairs * sq * skv * self.head_size
-        from sparsednn.runtime.threads import handoff_factor
+        from sparsednn.runtime.threads import native_pool_active
 
-        per = max(_FLOPS_PER_EXTRA_THREAD * handoff_factor(), 1e-9)
+        per = _FLOPS_PER_EXTRA_THREAD
+        if native_pool_active():
+            per = min(per, _FLOPS_PER_EXTRA_THREAD_NATIVE)
         return max(1, min(int(num_threads), pairs, 1 + int(flops // per)))
 
     @staticmethod

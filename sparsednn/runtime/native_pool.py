@@ -29,10 +29,13 @@ Workers stop at interpreter exit (atexit: stop flag, futex wake, join).
 
 from __future__ import annotations
 
+import array
 import atexit
 import ctypes
+import itertools
 import os
 import platform
+import struct
 import sys
 import threading
 import time
@@ -40,14 +43,13 @@ import time
 import numpy as np
 
 SPIN_US = 100.0  # a worker spins this long after its last task before sleeping
-# kernels' thresholds for using another thread are scaled by this when the pool runs
-# (threads.handoff_factor); measured on bert-base-90, see README
-HANDOFF_FACTOR = float(os.environ.get("SPARSEDNN_HANDOFF_FACTOR", "0.2"))
 
 _init_lock = threading.Lock()
 _dispatch_lock = threading.Lock()
 _pool: _NativePool | None = None
 _failed = False
+_pack_f32 = struct.Struct("<f").pack
+_unpack_u32 = struct.Struct("<I").unpack
 
 
 def enabled_by_env() -> bool:
@@ -247,7 +249,7 @@ def run_tasks(task_addr: int, ctx_addr: int, n: int) -> bool:
 
 def float_bits(x: float) -> int:
     """A float32 argument as stored in an argument row (its bits in the low 32 bits)."""
-    return int(np.float32(x).view(np.int32)) & 0xFFFFFFFF
+    return _unpack_u32(_pack_f32(x))[0]
 
 
 def run_kernel(fn_addr: int, kinds: str, rows, scratch_col: int = -1,
@@ -266,14 +268,16 @@ def run_kernel(fn_addr: int, kinds: str, rows, scratch_col: int = -1,
         if p.stopped:
             return False
         tramp = p.trampoline(kinds)
-        ctx = np.empty(1 + n * len(kinds), np.int64)
-        ctx[0] = fn_addr
-        body = ctx[1:].reshape(n, len(kinds))
-        body[:] = rows
+        # ctx: [kernel address, row 0, row 1, ...] as i64 (array.array: ~1 us for a few rows)
+        ctx = array.array("q", [fn_addr])
+        ctx.extend(itertools.chain.from_iterable(rows))
+        if len(ctx) != 1 + n * len(kinds):
+            raise ValueError(f"run_kernel: rows must have {len(kinds)} arguments each")
         if scratch_col >= 0:
+            w = len(kinds)
             for i in range(n):
-                body[i, scratch_col] = p.scratch(i, scratch_floats)
-        p.run(tramp, ctx.ctypes.data, n)
+                ctx[1 + i * w + scratch_col] = p.scratch(i, scratch_floats)
+        p.run(tramp, ctx.buffer_info()[0], n)
         return True
     finally:
         _dispatch_lock.release()

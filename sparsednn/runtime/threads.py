@@ -105,12 +105,11 @@ def parallel_native(fn_addr: int, kinds: str, rows, scratch_col: int = -1,
     return native_pool.run_kernel(fn_addr, kinds, rows, scratch_col, scratch_floats)
 
 
-def handoff_factor() -> float:
-    """Scale of the kernels' "work worth another thread" thresholds, which are tuned to
-    parallel_for's ~50 us hand-off: native_pool.HANDOFF_FACTOR when the native pool runs
-    (a dispatch costs ~1 us, a sleeping worker's wake-up a few us more), else 1."""
+
+def native_pool_active() -> bool:
+    """Whether parallel_native dispatches through the native pool (~1 us per hand-off instead
+    of parallel_for's ~50 us): kernels then use their lower "worth another thread"
+    thresholds."""
     from sparsednn.runtime import native_pool
 
-    if native_pool.get_pool() is None:
-        return 1.0
-    return native_pool.HANDOFF_FACTOR
+    return native_pool.get_pool() is not None
