@@ -11,7 +11,9 @@ Pool state: an array of i64, fields on separate cache lines (indices below).
 
     claim   (gen << 32) | next task index: tasks are claimed by compare-and-swap, by the
             workers and the dispatcher alike (so a preempted worker's tasks are taken over)
-    done    tasks finished in the current dispatch
+    done    tasks finished in the current dispatch (its low 32 bits: the dispatcher's futex)
+    dwait   1 while the dispatcher sleeps on `done` (after spinning SPIN cycles for it): a
+            worker finishing a task then wakes it
 
 A claim succeeds only while the claim word still carries the generation the claimer saw, so a
 worker late from one dispatch can never take a task of the next; fn and ctx are read after a
@@ -25,19 +27,9 @@ from llvmlite import ir
 
 from sparsednn.codegen.irutil import i32, i64, void
 
-GEN, DONE, SLEEPERS, STOP, FN, CTX, NWORKERS, SYSCALL, SPIN, CLAIM = (
-    0,
-    8,
-    16,
-    24,
-    32,
-    33,
-    34,
-    35,
-    36,
-    40,
-)
-STATE_WORDS = 48
+GEN, DONE, SLEEPERS, STOP, FN, CTX, NWORKERS, SYSCALL, SPIN, CLAIM, DWAIT = (
+    0, 8, 16, 24, 32, 33, 34, 35, 36, 40, 48)  # fmt: skip
+STATE_WORDS = 56
 MAX_TASKS = 255
 
 SYS_FUTEX, SYS_GETTID = 202, 186
@@ -114,7 +106,13 @@ def _emit_run_claimed(mod: ir.Module) -> ir.Function:
     task = b.inttoptr(b.load(c.field(FN)), ir.PointerType(TASK_TY))
     ctx = b.inttoptr(b.load(c.field(CTX)), i8p)
     b.call(task, [ctx, idx])
-    b.atomic_rmw("add", c.field(DONE), _c(1), "release")
+    b.atomic_rmw("add", c.field(DONE), _c(1), "seq_cst")
+    waiting = b.load_atomic(c.field(DWAIT), "seq_cst", 8)
+    wake = f.append_basic_block("wake_dispatcher")
+    b.cbranch(b.icmp_unsigned("!=", waiting, _c(0)), wake, loop)
+    b.position_at_end(wake)
+    c.syscall(_c(SYS_FUTEX), b.ptrtoint(c.field(DONE), i64), _c(FUTEX_WAKE_PRIVATE), _c(1),
+              _c(0), _c(0))  # fmt: skip
     b.branch(loop)
     b.position_at_end(out)
     b.ret_void()
@@ -214,8 +212,12 @@ def emit_pool(mod: ir.Module) -> None:
     b.branch(own)
     b.position_at_end(own)
     b.call(run_claimed, [state, new])
+    t0 = b.call(c.tsc, [])
     spin = f.append_basic_block("spin")
     spin_body = f.append_basic_block("spin_body")
+    sleep = f.append_basic_block("sleep")
+    do_wait = f.append_basic_block("do_wait")
+    after = f.append_basic_block("after")
     out = f.append_basic_block("out")
     b.branch(spin)
     b.position_at_end(spin)
@@ -223,6 +225,18 @@ def emit_pool(mod: ir.Module) -> None:
     b.cbranch(b.icmp_unsigned("<", d, n), spin_body, out)
     b.position_at_end(spin_body)
     b.call(c.pause, [])
+    elapsed = b.sub(b.call(c.tsc, []), t0)
+    b.cbranch(b.icmp_unsigned("<", elapsed, b.load(c.field(SPIN))), spin, sleep)
+    b.position_at_end(sleep)  # Dekker with the workers: dwait = 1, then re-read done
+    b.store_atomic(_c(1), c.field(DWAIT), "seq_cst", 8)
+    d2 = b.load_atomic(c.field(DONE), "seq_cst", 8)
+    b.cbranch(b.icmp_unsigned("<", d2, n), do_wait, after)
+    b.position_at_end(do_wait)
+    c.syscall(_c(SYS_FUTEX), b.ptrtoint(c.field(DONE), i64), _c(FUTEX_WAIT_PRIVATE),
+              b.and_(d2, _c(0xFFFFFFFF)), _c(0), _c(0))  # fmt: skip
+    b.branch(after)
+    b.position_at_end(after)
+    b.store_atomic(_c(0), c.field(DWAIT), "seq_cst", 8)
     b.branch(spin)
     b.position_at_end(out)
     b.ret_void()

@@ -169,3 +169,18 @@ def test_interpreter_exits_with_the_pool_running():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+@needs_pool
+def test_long_tasks_let_the_dispatcher_sleep():
+    """A task longer than the spin budget: the dispatcher sleeps on a futex (little CPU) and
+    is woken when the workers finish."""
+    import ctypes
+
+    usleep = ctypes.cast(ctypes.CDLL(None).usleep, ctypes.c_void_p).value
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    for _ in range(3):
+        assert native_pool.run_kernel(usleep, "i", [(100,), (200_000,), (200_000,)])
+    wall = time.perf_counter() - t0
+    assert wall >= 0.4
+    assert _cpu_seconds() - c0 < 0.25 * wall
