@@ -446,7 +446,7 @@ def _dims(x: np.ndarray, n: int, heads: int, head_size: int):
     return None
 
 
-class AttentionKernel:
+class AttentionKernel(jit.JITKernel):
     """softmax(q·kᵀ·scale + mask)·v for `num_heads` heads of `head_size`; see the module doc."""
 
     def __init__(self, num_heads: int, head_size: int, target: Target):
@@ -464,17 +464,6 @@ class AttentionKernel:
         self._fns = {has: _CTYPES(self._jm.function_address(n)) for has, n in names.items()}
         self.rows_per_block = block_rows(head_size, target)
         self.compile_seconds = self._jm.compile_seconds
-        from sparsednn.runtime import native_pool
-
-        native_pool.prepare()  # the worker pool and its trampolines, before any run
-
-    @property
-    def llvm_ir(self) -> str:
-        return self._jm.llvm_ir
-
-    @property
-    def asm(self) -> str:
-        return self._jm.asm
 
     def __call__(
         self,

@@ -133,6 +133,20 @@ class JITModule:
         return self._asm_text
 
 
+class JITKernel:
+    """Base of the kernels whose code is one JITModule (self._jm): its text, for dumps."""
+
+    _jm: JITModule
+
+    @property
+    def llvm_ir(self) -> str:
+        return self._jm.llvm_ir
+
+    @property
+    def asm(self) -> str:
+        return self._jm.asm
+
+
 def export_symbol(name: str, address: int) -> None:
     """Make a compiled function callable by name from modules compiled later (the JIT links
     declarations of `name` to `address`). The code at `address` must be kept alive."""

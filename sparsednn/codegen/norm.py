@@ -184,7 +184,7 @@ def _emit(module: ir.Module, name: str, n: int, residual: bool, target: Target) 
     return fn
 
 
-class LayerNormKernel:
+class LayerNormKernel(jit.JITKernel):
     """y = LayerNorm(a (+ b)) over the last axis (N features); see the module doc."""
 
     def __init__(self, n: int, residual: bool, target: Target):
@@ -199,20 +199,9 @@ class LayerNormKernel:
         self._jm = compile_cached(self.name, emit, target, "light", n, residual)
         self._fn = _CTYPES(self._jm.function_address(self.name))
         self.compile_seconds = self._jm.compile_seconds
-        from sparsednn.runtime import native_pool
-
-        native_pool.prepare()  # the worker pool and its trampolines, before any run
         # for sums that broadcast otherwise than over leading dimensions (compiled now: a
         # session never compiles while running)
         self._plain = _cached(n, False, target) if residual else self
-
-    @property
-    def llvm_ir(self) -> str:
-        return self._jm.llvm_ir
-
-    @property
-    def asm(self) -> str:
-        return self._jm.asm
 
     def __call__(
         self,

@@ -1266,9 +1266,6 @@ class SparseLinearKernel:
             self._spmv_code = self._spmv_compiled()
             self.cache_hit = self.cache_hit and (code_known or self._spmv_code[0].from_cache)
         self.compile_seconds = time.perf_counter() - t_start
-        from sparsednn.runtime import native_pool
-
-        native_pool.prepare()  # the worker pool and its trampolines, before any run
 
     @property
     def k_block(self) -> int:

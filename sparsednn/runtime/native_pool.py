@@ -195,8 +195,8 @@ def known_kinds() -> tuple:
 
 
 def prepare() -> None:
-    """Start the pool now (kernel constructors call this, so running a session compiles
-    nothing); errors leave the pool off."""
+    """Start the pool now (sessions call this when they are created, so running one compiles
+    nothing; kernels used on their own start it on first use); errors leave the pool off."""
     try:
         get_pool()
     except Exception:  # pragma: no cover

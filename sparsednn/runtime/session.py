@@ -21,6 +21,7 @@ from sparsednn.ir import Graph, Node, Value
 from sparsednn.ir.verify import describe_memory_limit, format_bytes, memory_limit
 from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
 from sparsednn.passes.pipeline import run_pipeline
+from sparsednn.runtime import native_pool
 from sparsednn.runtime.lowering import LoweringContext, lower
 from sparsednn.runtime.progress import progress_bar
 from sparsednn.runtime.threads import default_num_threads, single_threaded_blas
@@ -200,6 +201,8 @@ class InferenceSession:
 
         self._input_slots = {v.name: slot_of(v) for v in self.graph.inputs}
         ctx = LoweringContext(self.options.num_threads, self.kernels)
+        if ctx.num_threads > 1:  # start the worker pool now: a run never compiles anything
+            native_pool.prepare()
         steps: list[Step] = []
         for node in progress_bar(
             self.graph.nodes, "compiling", self.options.show_progress, unit="node"
