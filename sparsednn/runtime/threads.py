@@ -105,7 +105,6 @@ def parallel_native(fn_addr: int, kinds: str, rows, scratch_col: int = -1,
     return native_pool.run_kernel(fn_addr, kinds, rows, scratch_col, scratch_floats)
 
 
-
 def native_pool_active() -> bool:
     """Whether parallel_native dispatches through the native pool (~1 us per hand-off instead
     of parallel_for's ~50 us): kernels then use their lower "worth another thread"
