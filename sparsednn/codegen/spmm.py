@@ -3,17 +3,18 @@
 Sparse kernel design (see docs in the class and emitter below):
 
 * Wᵀ is stored in CSR over the N output features (row o = output o), split into K-blocks so
-  that the packed activations of one block stay in cache. Each nonzero is one 64-bit entry:
+  that the packed activations of one block stay in cache, its rows in groups of R = 2 whose
+  entries interleave (see _CsrBlocks). Each nonzero is one 64-bit entry:
   the byte offset of its panel row (k * TN * 4) in the low half, the float32 weight in the
-  high half, so the inner loop does one scalar load per nonzero and no index arithmetic.
+  high half, so the inner loop does no index arithmetic.
   The CSR arrays are data passed by pointer, not code: compile time does not depend on the
   number of nonzeros.
 * X is processed in panels of TN = 4 x V tokens (V = floats per vector; TN = 64 on AVX-512).
   A panel of one K-block is packed transposed into scratch, panel[k, 0:TN] = X[t0:t0+TN, k],
   with V x V in-register transposes; rows past M come from a zero page, never from past X.
-* For each output row o: TN/V vector accumulators, acc += broadcast(w) * panel[k, :] for each
-  nonzero (k, w) (two interleaved accumulator sets to hide FMA latency); partial sums of
-  earlier K-blocks live in scratch.
+* For each group of R output rows: R x TN/V vector accumulators, acc_r += broadcast(w) *
+  panel[k, :] for each nonzero (k, w) of member r, the R rows in one loop (R chains per
+  vector hide the FMA latency); partial sums of earlier K-blocks live in scratch.
 * After the last K-block, V output rows form a tile written to Y[t, o:o+V] transposed (V x V
   shuffles), bias + activation applied after the transpose, one vector store per token; when
   Y's row stride would make those stores thrash L1 sets, tiles are staged and copied out. The
@@ -70,7 +71,8 @@ class SpmmTuning:
     """Tile sizes of the sparse kernel.
 
     vectors_per_panel: TN / V, the tokens of one panel in vectors (1..8).
-    acc_sets: independent accumulator sets (nonzeros per inner-loop iteration), 1..4.
+    group_rows: R, rows of Wᵀ run through one inner loop with interleaved entries (R
+    independent accumulator chains per vector hide the FMA latency): 1, 2 or 4.
     k_block_bytes: the most bytes one packed K-block of a full panel may take; K is split in
     near-equal blocks (multiples of V) below that. 48 KB (an L1-sized block: 192 k of 64
     tokens on AVX-512) measured best on BERT shapes: ~100 useful GFLOP/s at 90% sparsity
@@ -79,7 +81,7 @@ class SpmmTuning:
 
     vectors_per_panel: int = 4
     k_block_bytes: int = 48 * 1024
-    acc_sets: int = 2
+    group_rows: int = 2
 
 
 DEFAULT_TUNING = SpmmTuning()
@@ -87,26 +89,66 @@ DEFAULT_TUNING = SpmmTuning()
 
 @dataclass
 class _CsrBlocks:
-    """Wᵀ in CSR per K-block: entries ordered by (block, row, k)."""
+    """Wᵀ's nonzeros per K-block, in groups of R rows whose entries are interleaved.
+
+    The kernel runs the R rows of a group through one loop (R independent accumulator
+    chains, one loop exit per group instead of one or two per row). Within each tile of V
+    rows the rows of a K-block are sorted by their nonzero count before grouping, so that a
+    group's rows are about equally long; the shorter ones are padded with zero entries
+    (offset 0, weight 0.0). Entry j * R + r of a group is the j-th nonzero of its member r.
+
+    index (int32), per K-block b at b * block_stride: group_ptr[G + 1] (entries of group g
+    are group_ptr[g] .. group_ptr[g + 1]), then slots[G * R] (the row of each member within
+    its tile, 0..V-1). Groups cover ceil(N / V) whole tiles; rows past N are empty members.
+    """
 
     k_block: int  # KB, columns per K-block (last block may be shorter)
     n_blocks: int
-    row_ptr: np.ndarray  # int32 [n_blocks, N + 1]: entries of (block b, row o) are
-    #                      row_ptr[b, o] .. row_ptr[b, o + 1]
-    entries: np.ndarray  # int64 [nnz]: (k - block start) * row_bytes | float32 bits << 32
+    index: np.ndarray  # int32 [n_blocks * block_stride]
+    entries: np.ndarray  # int64 [E + 1]: (k - block start) * row_bytes | float32 bits << 32
     row_nnz: np.ndarray  # int64 [N] nonzeros of each output row (all blocks)
-    row_bytes: int = 4  # bytes between consecutive k of a packed panel
+    row_bytes: int  # bytes between consecutive k of a packed panel
+    group_rows: int  # R
+    tile_rows: int  # V
 
-    def columns(self) -> np.ndarray:
-        """k of each entry relative to its block start (for inspection and tests)."""
-        return (self.entries & 0xFFFFFFFF) // self.row_bytes
+    @property
+    def n_groups(self) -> int:
+        return _round_up(max(len(self.row_nnz), 1), self.tile_rows) // self.group_rows
 
-    def values(self) -> np.ndarray:
-        return (self.entries >> 32).astype(np.uint32).view(np.float32)
+    @property
+    def block_stride(self) -> int:
+        return _csr_block_stride(len(self.row_nnz), self.tile_rows, self.group_rows)
+
+    def triplets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(o, k, w) of every nonzero of Wᵀ, sorted by (o, k)."""
+        G, R, V = self.n_groups, self.group_rows, self.tile_rows
+        idx = self.index.reshape(self.n_blocks, self.block_stride)
+        os_, ks, ws = [], [], []
+        for b in range(self.n_blocks):
+            ptr, slots = idx[b, : G + 1].astype(np.int64), idx[b, G + 1 :].reshape(G, R)
+            lengths = np.diff(ptr)
+            pos = np.arange(ptr[0], ptr[-1])
+            group = np.repeat(np.arange(G), lengths)
+            member = (pos - ptr[group]) % R
+            e = self.entries[pos]
+            w = (e >> 32).astype(np.uint32).view(np.float32)
+            real = w != 0  # padding: weight 0.0 (stored nonzeros are never +-0)
+            o = (group // (V // R)) * V + slots[group, member]
+            os_.append(o[real])
+            ks.append(b * self.k_block + (e[real] & 0xFFFFFFFF) // self.row_bytes)
+            ws.append(w[real])
+        o, k, w = (np.concatenate(a) for a in (os_, ks, ws))
+        order = np.lexsort((k, o))
+        return o[order], k[order], w[order]
 
 
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
+
+
+def _csr_block_stride(n: int, tile_rows: int, group_rows: int) -> int:
+    groups = _round_up(max(n, 1), tile_rows) // group_rows
+    return groups + 1 + groups * group_rows
 
 
 def _k_blocking(k: int, v: int, tn: int, tuning: SpmmTuning) -> tuple[int, int]:
@@ -118,26 +160,47 @@ def _k_blocking(k: int, v: int, tn: int, tuning: SpmmTuning) -> tuple[int, int]:
     return kb, n_blocks
 
 
-def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int) -> _CsrBlocks:
-    """Blocked CSR of weight.T; row_bytes: bytes between consecutive k of a packed panel."""
+def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
+               tile_rows: int, group_rows: int) -> _CsrBlocks:  # fmt: skip
+    """Grouped, blocked CSR of weight.T (see _CsrBlocks); row_bytes: bytes between
+    consecutive k of a packed panel."""
     k, n = weight.shape
+    V, R = tile_rows, group_rows
+    n_pad = _round_up(max(n, 1), V)
+    G = n_pad // R
     wt = np.ascontiguousarray(weight.T)  # [N, K]
-    row_ptr = np.empty((n_blocks, n + 1), dtype=np.int64)
-    cols, vals = [], []
+    stride = _csr_block_stride(n, V, R)
+    index = np.empty((n_blocks, stride), dtype=np.int64)
+    parts = []
     row_nnz = np.zeros(n, dtype=np.int64)
     start = 0
     for b in range(n_blocks):
-        # nonzeros of the K-block in row-major order: sorted by (o, k)
         block = wt[:, b * k_block : min(k, (b + 1) * k_block)]
         mask = block != 0
-        counts = np.count_nonzero(mask, axis=1)
-        cols.append(np.nonzero(mask)[1].astype(np.int32))  # k relative to the block start
-        vals.append(block[mask])
-        row_ptr[b, 0] = start
-        np.cumsum(counts, out=row_ptr[b, 1:])
-        row_ptr[b, 1:] += start
-        start = int(row_ptr[b, n])
-        row_nnz += counts
+        counts = np.zeros(n_pad, np.int64)
+        counts[:n] = np.count_nonzero(mask, axis=1)
+        row_nnz += counts[:n]
+        # rows of each tile by count, longest first; consecutive R of them form a group
+        order = np.argsort(-counts.reshape(-1, V), axis=1, kind="stable")  # [tiles, V]
+        rows = (order + (np.arange(n_pad // V) * V)[:, None]).reshape(G, R)
+        lengths = counts[rows[:, 0]] * R  # the first member is the longest
+        ptr = np.zeros(G + 1, np.int64)
+        np.cumsum(lengths, out=ptr[1:])
+        group_of = np.empty(n_pad, np.int64)
+        member_of = np.empty(n_pad, np.int64)
+        group_of[rows] = np.arange(G)[:, None]
+        member_of[rows] = np.arange(R)[None, :]
+        o, kk = np.nonzero(mask)  # sorted by (o, k)
+        row_start = np.cumsum(counts) - counts
+        rank = np.arange(len(o)) - row_start[o]
+        pos = ptr[group_of[o]] + rank * R + member_of[o]
+        bits = block[o, kk].astype(np.float32).view(np.uint32).astype(np.int64)
+        e = np.zeros(int(ptr[-1]), np.int64)  # padding: offset 0, weight 0.0
+        e[pos] = kk.astype(np.int64) * row_bytes | bits << 32
+        parts.append(e)
+        index[b, : G + 1] = ptr + start
+        index[b, G + 1 :] = order.reshape(-1)
+        start += int(ptr[-1])
     if start >= 2**31:
         raise CompileError(f"too many nonzeros for int32 CSR indices: {start}")
     if k_block * row_bytes >= 2**31:
@@ -145,15 +208,16 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int) 
             f"K-block too large for 32-bit panel offsets: {k_block} x {row_bytes} bytes"
         )
     # at least one element, so that pointers are always to real memory
-    offsets = np.concatenate(cols + [np.zeros(1, np.int32)]).astype(np.int64) * row_bytes
-    bits = np.concatenate(vals + [np.zeros(1, np.float32)]).astype(np.float32).view(np.uint32)
+    entries = np.concatenate(parts + [np.zeros(1, np.int64)])
     return _CsrBlocks(
         k_block=k_block,
         n_blocks=n_blocks,
-        row_ptr=np.ascontiguousarray(row_ptr.astype(np.int32)),
-        entries=np.ascontiguousarray(offsets | (bits.astype(np.int64) << 32)),
+        index=np.ascontiguousarray(index.reshape(-1).astype(np.int32)),
+        entries=np.ascontiguousarray(entries),
         row_nnz=row_nnz,
         row_bytes=row_bytes,
+        group_rows=R,
+        tile_rows=V,
     )
 
 
@@ -163,9 +227,9 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int) 
 
 # Arguments of the generated kernel (C ABI):
 #   void kernel(const float *x, int64 m, float *y, int64 row_begin, int64 row_end,
-#               const int32 *row_ptr, const int64 *entries, const float *bias, float *scratch)
+#               const int32 *index, const int64 *entries, const float *bias, float *scratch)
 # computes y[0:m, row_begin:row_end]; scratch is 64-byte aligned, scratch_floats(rows) long.
-_KERNEL_ARGS = ("x", "m", "y", "row_begin", "row_end", "row_ptr", "entries", "bias", "scratch")
+_KERNEL_ARGS = ("x", "m", "y", "row_begin", "row_end", "index", "entries", "bias", "scratch")
 _KERNEL_ARG_TYPES = (
     U.f32_ptr,
     U.i64,
@@ -200,7 +264,7 @@ class _SpmmEmitter:
     STAGE_STRIDE = 272
 
     def __init__(self, module, name, k, n, k_block, n_blocks, target: Target, activation,
-                 has_bias, vectors_per_panel, acc_sets=2, stage_cols=0):  # fmt: skip
+                 has_bias, vectors_per_panel, group_rows=2, stage_cols=0):  # fmt: skip
         self.module = module
         self.name = name
         self.K = k
@@ -215,7 +279,9 @@ class _SpmmEmitter:
         self.has_bias = has_bias
         self.vty = U.vec(self.V)
         self.valign = 4 * self.V
-        self.acc_sets = acc_sets
+        self.R = group_rows
+        self.n_groups = _round_up(max(n, 1), self.V) // group_rows
+        self.block_stride = _csr_block_stride(n, self.V, group_rows)
         self.helpers: list = []  # JIT modules of the helpers the kernel calls
         self.stage_cols = stage_cols
         self.stage_floats = self.TN * self.STAGE_STRIDE if stage_cols else 0
@@ -258,7 +324,7 @@ class _SpmmEmitter:
             a["y"],
             a["row_begin"],
             a["row_end"],
-            a["row_ptr"],
+            a["index"],
             a["entries"],
             a["bias"],
             a["scratch"],
@@ -324,7 +390,9 @@ class _SpmmEmitter:
                     zeros,
                 ],
             )
-            row_ptr = U.gep(b, a["row_ptr"], b.mul(kb, U.int64(self.N + 1)), name="block_row_ptr")
+            # this K-block's group pointers, then its member slots (see _CsrBlocks)
+            index = U.gep(b, a["index"], b.mul(kb, U.int64(self.block_stride)), name="block_index")
+            slots = U.gep(b, index, self.n_groups + 1, name="block_slots")
             with U.for_range(b, a["row_begin"], a["row_end"], V, name="rb") as rb:
                 nrows = b.sub(a["row_end"], rb)
                 nrows = b.select(
@@ -336,10 +404,12 @@ class _SpmmEmitter:
                     tile = U.gep(
                         b, partial, b.mul(b.sub(rb, a["row_begin"]), U.int64(tnp)), name="tile"
                     )
-                with U.for_range(b, 0, nrows, name="r") as r:
-                    o = b.add(rb, r, name="o")
-                    acc = U.gep(b, tile, b.mul(r, U.int64(tnp)), name="acc_ptr")
-                    self._emit_row(b, a, nv, panel, row_ptr, o, acc, first)
+                # every group of the tile (members past N are empty; their sums land in tile
+                # rows that are never stored)
+                g0 = b.sdiv(rb, U.int64(self.R), name="tile_group0")
+                with U.for_range(b, 0, V // self.R, name="g") as g:
+                    gi = b.add(g0, g, name="group")
+                    self._emit_group(b, a, nv, panel, index, slots, gi, tile, first)
                 with b.if_then(last):
                     bias = U.gep(b, a["bias"], rb, name="bias_block")
                     if not self.stage_cols:
@@ -380,58 +450,58 @@ class _SpmmEmitter:
                 self.copy_rows, [staging, U.int64(SC), a["tn"], filled, y_chunk, U.int64(self.N)]
             )
 
-    def _emit_row(self, b, a, nv, panel, row_ptr, o, acc_ptr, first):
-        """acc_ptr[0:T] = (first ? 0 : acc_ptr[0:T]) + sum of w * panel[k, 0:T] over the
-        nonzeros (k, w) of row o in this K-block."""
-        V = self.V
+    def _emit_group(self, b, a, nv, panel, index, slots, gi, tile, first):
+        """For each member r of group gi: tile[slot_r, 0:T] = (first ? 0 : tile[slot_r, 0:T])
+        + sum of w * panel[k, 0:T] over the nonzeros (k, w) of its row in this K-block."""
+        V, R = self.V, self.R
         m = U.Math(b, self.vty, self.target.has_fma, self.target.isa)
         zero = U.const(self.vty, 0.0)
-        begin = b.sext(b.load(U.gep(b, row_ptr, o)), U.i64, name="nz_begin")
-        end = b.sext(b.load(U.gep(b, row_ptr, b.add(o, U.int64(1)))), U.i64, name="nz_end")
-        # S independent accumulator sets, S nonzeros per iteration: S chains per vector hide
-        # the FMA latency (one set would be latency-bound at 4 cycles per nonzero)
-        S = self.acc_sets
-        sets = [[] for _ in range(S)]
-        for i in range(nv):
-            if self.n_blocks == 1:
-                init = zero
-            else:  # (stale but in-bounds scratch is loaded, and dropped, for the first block)
-                old = U.load_vec(b, U.gep(b, acc_ptr, i * V), V, self.valign, name=f"partial{i}")
-                init = b.select(first, zero, old)
-            for s_ in range(S):
-                sets[s_].append(
-                    U.alloca_once_value(b, init if s_ == 0 else zero, name=f"acc{i}.{s_}")
-                )
+        begin = b.sext(b.load(U.gep(b, index, gi)), U.i64, name="nz_begin")
+        end = b.sext(b.load(U.gep(b, index, b.add(gi, U.int64(1)))), U.i64, name="nz_end")
+        acc_ptrs, accs = [], []
+        for r in range(R):
+            slot = b.sext(b.load(U.gep(b, slots, b.add(b.mul(gi, U.int64(R)), U.int64(r)))), U.i64)
+            acc_ptr = U.gep(b, tile, b.mul(slot, U.int64(nv * V)), name=f"acc_ptr{r}")
+            acc_ptrs.append(acc_ptr)
+            row = []
+            for i in range(nv):
+                if self.n_blocks == 1:
+                    init = zero
+                else:  # (stale but in-bounds scratch is loaded, and dropped, for the first block)
+                    old = U.load_vec(
+                        b, U.gep(b, acc_ptr, i * V), V, self.valign, name=f"partial{i}"
+                    )
+                    init = b.select(first, zero, old)
+                row.append(U.alloca_once_value(b, init, name=f"acc{r}.{i}"))
+            accs.append(row)
 
         panel_bytes = b.bitcast(panel, ir.PointerType(ir.IntType(8)), name="panel_bytes")
+        # one 64-bit entry: byte offset of the panel row (low half) | weight bits (high half),
+        # read as two 32-bit loads: the weight is broadcast straight from memory (a load, not
+        # a GPR-to-vector move + shuffle)
+        entry_words = b.bitcast(a["entries"], U.i32_ptr, name="entry_words")
+        entry_floats = b.bitcast(a["entries"], U.f32_ptr, name="entry_floats")
 
-        def accumulate(j, accs):
-            # one 64-bit entry: byte offset of the panel row | weight bits << 32
-            e = b.load(U.gep(b, a["entries"], j), name="entry")
-            offset = b.sext(b.trunc(e, U.i32), U.i64, name="row_offset")
-            w = b.bitcast(b.trunc(b.lshr(e, U.int64(32)), U.i32), U.f32, name="w")
+        def accumulate(j, acc):
+            j2 = b.shl(j, U.int64(1))
+            offset = b.sext(b.load(U.gep(b, entry_words, j2)), U.i64, name="row_offset")
+            w = b.load(U.gep(b, entry_floats, b.or_(j2, U.int64(1))), name="w")
             w = U.splat(b, w, V, name="w.splat")
             row = b.bitcast(
                 b.gep(panel_bytes, [offset], inbounds=True), U.f32_ptr, name="panel_row"
             )
             for i in range(nv):
                 xv = U.load_vec(b, U.gep(b, row, i * V), V, self.valign, name=f"x{i}")
-                b.store(m.fma(w, xv, b.load(accs[i])), accs[i])
+                b.store(m.fma(w, xv, b.load(acc[i])), acc[i])
 
-        count = b.sub(end, begin, name="nz_count")
-        main_end = b.add(begin, b.mul(b.sdiv(count, U.int64(S)), U.int64(S)), name="nz_main_end")
-        with U.for_range(b, begin, main_end, S, name="nz") as j:
-            for s_ in range(S):
-                accumulate(b.add(j, U.int64(s_)) if s_ else j, sets[s_])
-        if S > 1:
-            with U.for_range(b, main_end, end, name="nz_rest") as j:
-                accumulate(j, sets[0])
-        for i in range(nv):
-            vals = [b.load(sets[s_][i]) for s_ in range(S)]
-            while len(vals) > 1:  # pairwise sum of the sets
-                vals = [b.fadd(vals[x], vals[x + 1]) if x + 1 < len(vals) else vals[x]
-                        for x in range(0, len(vals), 2)]  # fmt: skip
-            U.store_vec(b, vals[0], U.gep(b, acc_ptr, i * V), self.valign)
+        # the members' entries interleave: R independent accumulator chains per vector hide
+        # the FMA latency, and the group's rows share one loop (one exit to mispredict)
+        with U.for_range(b, begin, end, R, name="nz") as j:
+            for r in range(R):
+                accumulate(b.add(j, U.int64(r)) if r else j, accs[r])
+        for r in range(R):
+            for i in range(nv):
+                U.store_vec(b, b.load(accs[r][i]), U.gep(b, acc_ptrs[r], i * V), self.valign)
 
     # -- output ------------------------------------------------------------------------------
 
@@ -1120,7 +1190,7 @@ def _compiled_code(key, name):
     with _code_cache_lock:
         hit = _code_cache.get(key)
         if hit is None:
-            k, n, kb, n_blocks, nv, sets, stage_cols, activation, has_bias, target = key
+            k, n, kb, n_blocks, nv, group_rows, stage_cols, activation, has_bias, target = key
             # helpers first: the kernel's code calls them by name
             helpers = [_helper("pack", target, activation, has_bias)[0],
                        _helper("store_block", target, activation, has_bias)[0]]  # fmt: skip
@@ -1130,7 +1200,7 @@ def _compiled_code(key, name):
             def emit():
                 module = jit.new_module(name, target)
                 _SpmmEmitter(module, name, k, n, kb, n_blocks, target, activation, has_bias, nv,
-                             sets, stage_cols).emit()  # fmt: skip
+                             group_rows, stage_cols).emit()  # fmt: skip
                 return module
 
             ckey = _code_key("spmm", name, key[:-1], _target_key(target))
@@ -1198,37 +1268,43 @@ class SparseLinearKernel:
         self.tile_tokens = nv * V
         kb, n_blocks = _k_blocking(k, V, self.tile_tokens, tuning)
         row_bytes = 4 * self.tile_tokens
+        # a group's accumulators nv * R (+ broadcasts) must fit the registers: 32 zmm, 16 ymm
+        regs = 32 if target.isa == "avx512" else 16
+        group_rows = 1
+        for r in (4, 2):
+            if r <= tuning.group_rows and r * nv <= regs - 4 and V % r == 0:
+                group_rows = r
+                break
+        stride = _csr_block_stride(n, V, group_rows)
         self._use_cache = kcache.enabled() if use_cache is None else bool(use_cache)
         self._data_key = None
         if self._use_cache:
             self._data_key = kcache.digest("spmm-data", kcache.code_version(), kb, n_blocks,
-                                           row_bytes, _weight_digest(weight))  # fmt: skip
+                                           row_bytes, V, group_rows, _weight_digest(weight))  # fmt: skip
         data = None
         if self._data_key is not None:
-            data = kcache.load_arrays(self._data_key, {"row_ptr": np.int32, "entries": np.int64,
+            data = kcache.load_arrays(self._data_key, {"index": np.int32, "entries": np.int64,
                                                        "row_nnz": np.int64})  # fmt: skip
             if data is not None and not (
-                data["row_ptr"].shape == (n_blocks, n + 1) and data["row_nnz"].shape == (n,)
-                and len(data["entries"]) == int(data["row_nnz"].sum()) + 1
+                data["index"].shape == (n_blocks * stride,) and data["row_nnz"].shape == (n,)
+                and len(data["entries"]) >= int(data["row_nnz"].sum()) + 1
             ):  # fmt: skip
                 data = None
         data_hit = data is not None
         if data_hit:
-            self._csr = _CsrBlocks(kb, n_blocks, np.ascontiguousarray(data["row_ptr"]),
+            self._csr = _CsrBlocks(kb, n_blocks, np.ascontiguousarray(data["index"]),
                                    np.ascontiguousarray(data["entries"]), data["row_nnz"],
-                                   row_bytes)  # fmt: skip
+                                   row_bytes, group_rows, V)  # fmt: skip
             self._spmv_arrays = {
                 name[5:]: a for name, a in data.items() if name.startswith("spmv_")
             }
         else:
             # panels of every width keep the full panel's row stride, so that the byte offsets
             # in the entries serve them all
-            self._csr = _build_csr(weight, kb, n_blocks, row_bytes)
+            self._csr = _build_csr(weight, kb, n_blocks, row_bytes, V, group_rows)
             self._spmv_arrays = {}
             if self._data_key is not None:
-                kcache.store_arrays(self._data_key, {"row_ptr": self._csr.row_ptr,
-                                                     "entries": self._csr.entries,
-                                                     "row_nnz": self._csr.row_nnz})  # fmt: skip
+                kcache.store_arrays(self._data_key, self._csr_arrays())
         self.nnz = int(self._csr.row_nnz.sum())
         self.sparsity = 1.0 - self.nnz / (k * n) if k * n else 1.0
         self.name = _kernel_name(
@@ -1240,18 +1316,16 @@ class SparseLinearKernel:
             self._bias[:n] = bias
         self._has_bias = bias is not None
 
-        # accumulators nv * sets (+1 broadcast) must fit the registers: 32 zmm, 16 ymm/xmm
-        regs = 32 if target.isa == "avx512" else 16
-        sets = max(1, min(tuning.acc_sets, 4, (regs - 4) // nv))
         # stage output tiles when Y's row stride would thrash L1 sets (see _emit_staged_store)
         self._stage_cols = _STAGE_COLS if (n >= 2 * _STAGE_COLS and _row_sets(n) <= 2) else 0
-        key = (k, n, kb, n_blocks, nv, sets, self._stage_cols, activation, bias is not None, target)
+        key = (k, n, kb, n_blocks, nv, group_rows, self._stage_cols, activation, bias is not None,
+               target)  # fmt: skip
         with _code_cache_lock:
             code_known = key in _code_cache
         self._jit, self._fn, self._helpers = _compiled_code(key, self.name)
         self.cache_hit = bool(data_hit and (code_known or self._jit.from_cache))
         self._ptrs = (
-            self._csr.row_ptr.ctypes.data,
+            self._csr.index.ctypes.data,
             self._csr.entries.ctypes.data,
             self._bias.ctypes.data,
         )
@@ -1299,17 +1373,9 @@ class SparseLinearKernel:
 
     # -- the SpMV variant (few tokens) --------------------------------------------------------
 
-    def _triplets(self):
-        """(o, k, w) of every nonzero of Wᵀ, sorted by (o, k), from the blocked CSR."""
-        csr, n = self._csr, self.out_features
-        counts = np.diff(csr.row_ptr, axis=1)  # [blocks, N]
-        o = np.repeat(np.tile(np.arange(n, dtype=np.int64), csr.n_blocks), counts.reshape(-1))
-        blk = np.repeat(np.arange(csr.n_blocks, dtype=np.int64), counts.sum(axis=1))
-        entries = csr.entries[: len(o)]
-        k = blk * csr.k_block + (entries & 0xFFFFFFFF) // csr.row_bytes
-        w = (entries >> 32).astype(np.uint32).view(np.float32)
-        order = np.argsort(o, kind="stable")
-        return o[order], k[order], w[order]
+    def _csr_arrays(self) -> dict:
+        csr = self._csr
+        return {"index": csr.index, "entries": csr.entries, "row_nnz": csr.row_nnz}
 
     def _spmv_compiled(self):
         name = _kernel_name("spmv", f"{SPMV_LANES}x{SPMV_CHUNK}", self.target.isa,
@@ -1333,12 +1399,11 @@ class SparseLinearKernel:
                                      np.ascontiguousarray(arrays["perm"], np.int32))  # fmt: skip
             else:
                 layout = _build_spmv(
-                    *self._triplets(), self.out_features, self.in_features, _SPMV_UNROLL
+                    *self._csr.triplets(), self.out_features, self.in_features, _SPMV_UNROLL
                 )
                 if self._data_key is not None:  # add the layout to the layer's cache entry
                     kcache.store_arrays(self._data_key, {
-                        "row_ptr": self._csr.row_ptr, "entries": self._csr.entries,
-                        "row_nnz": self._csr.row_nnz, "spmv_slice_ptr": layout.slice_ptr,
+                        **self._csr_arrays(), "spmv_slice_ptr": layout.slice_ptr,
                         "spmv_idx": layout.idx, "spmv_val": layout.val, "spmv_off": layout.off,
                         "spmv_perm": layout.perm,
                     })  # fmt: skip

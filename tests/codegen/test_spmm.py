@@ -447,20 +447,31 @@ def test_no_access_past_the_buffers(isa, m):
         del y
 
 
-def test_csr_entries_round_trip():
-    """The packed 64-bit entries decode to the weight's nonzeros, block by block."""
+@pytest.mark.parametrize("group_rows", [1, 2, 4])
+def test_csr_entries_round_trip(group_rows):
+    """The grouped, blocked entries decode to the weight's nonzeros, and each group's rows
+    are padded only up to its longest member."""
     rng = np.random.default_rng(8)
-    w = random_weight(rng, 50, 9, 0.7)
+    w = random_weight(rng, 50, 19, 0.7)
     w[3, 2] = -0.0  # a negative zero is a zero
-    csr = spmm._build_csr(w, 16, 4, 256)
-    dense = np.zeros((9, 50), np.float32)
-    cols, vals = csr.columns(), csr.values()
-    for b in range(4):
-        for o in range(9):
-            for j in range(csr.row_ptr[b, o], csr.row_ptr[b, o + 1]):
-                dense[o, b * 16 + cols[j]] = vals[j]
+    w[:, 5] = 0.0  # an empty row of Wᵀ
+    csr = spmm._build_csr(w, 16, 4, 256, tile_rows=8, group_rows=group_rows)
+    o, k, v = csr.triplets()
+    dense = np.zeros((19, 50), np.float32)
+    dense[o, k] = v
     np.testing.assert_array_equal(dense, w.T)
+    assert len(o) == np.count_nonzero(w)
     assert csr.row_nnz.tolist() == np.count_nonzero(w, axis=0).tolist()
+    idx = csr.index.reshape(csr.n_blocks, csr.block_stride)
+    G = csr.n_groups
+    for b in range(4):
+        counts = np.zeros(24, np.int64)
+        counts[:19] = np.count_nonzero(w[b * 16 : (b + 1) * 16] != 0, axis=0)
+        slots = idx[b, G + 1 :].reshape(G, group_rows)
+        rows = slots + (np.arange(G) // (8 // group_rows) * 8)[:, None]
+        assert sorted(rows.ravel().tolist()) == list(range(24))  # every row in one group
+        lengths = np.diff(idx[b, : G + 1])
+        assert (lengths == counts[rows].max(axis=1) * group_rows).all()
 
 
 # ---- the SpMV variant (few tokens, AVX-512) --------------------------------------------------
