@@ -74,13 +74,14 @@ class SpmmTuning:
     group_rows: R, rows of Wᵀ run through one inner loop with interleaved entries (R
     independent accumulator chains per vector hide the FMA latency): 1, 2 or 4.
     k_block_bytes: the most bytes one packed K-block of a full panel may take; K is split in
-    near-equal blocks (multiples of V) below that. 48 KB (an L1-sized block: 192 k of 64
-    tokens on AVX-512) measured best on BERT shapes: ~100 useful GFLOP/s at 90% sparsity
+    near-equal blocks (multiples of V) below that. 40 KB (160 k of 64 tokens on AVX-512,
+    leaving some of the 48 KB L1 to the entries and partial sums) measured best on BERT
+    shapes: ~100-117 useful GFLOP/s at 90% sparsity (2-3% over 48 KB, ~5% over 32 KB)
     against ~78 with whole-K panels in L2 (256 KB), despite the partial sums it costs.
     """
 
     vectors_per_panel: int = 4
-    k_block_bytes: int = 48 * 1024
+    k_block_bytes: int = 40 * 1024
     group_rows: int = 2
 
 
