@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,9 @@ import onnx
 from onnx import numpy_helper
 
 from sparsednn.errors import InvalidGraphError, ModelLoadError, UnsupportedOpError
+from sparsednn.frontend.onnx_wire import WireFormatError, strip_raw_data
 from sparsednn.ir import Graph, Value, verify
+from sparsednn.ir.storage import MappedFile, own_constants
 from sparsednn.ir.verify import describe_memory_limit, format_bytes, memory_limit
 from sparsednn.ops import lookup, supported_ops
 from sparsednn.ops.registry import OPS
@@ -63,6 +67,54 @@ def load_model(model, base_dir: str | os.PathLike | None = None) -> tuple[onnx.M
     return proto, base
 
 
+def _read_model(model) -> tuple[onnx.ModelProto, Path, dict[int, memoryview]]:
+    """Like load_model, but a model file's large initializers are mapped, not read: the proto
+    comes back without their raw_data, and data[i] views graph.initializer[i]'s bytes in the
+    mapped model file (or its external data file)."""
+    if not isinstance(model, (str, os.PathLike)) or sys.byteorder != "little":
+        proto, base = load_model(model)
+        return proto, base, {}
+    path = Path(model)
+    if not path.is_file():
+        raise ModelLoadError(f"model file {str(path)!r} does not exist or is not a file")
+    try:
+        mapped = MappedFile.open(path)
+    except (OSError, ValueError):  # an empty file, or one that cannot be mapped: read it
+        proto, base = load_model(model)
+        return proto, base, {}
+    proto = _parse_stripped(mapped, str(path))
+    mapped.release()  # the pages the scan touched (whole large folios, on some file systems)
+    if proto is None:  # protobuf's own judgement, and its own error
+        proto = _parse(path.read_bytes(), str(path))
+        data = {}
+    else:
+        proto, spans = proto
+        view = memoryview(mapped)
+        data = {i: view[o : o + n] for i, (o, n) in spans.items()}
+    base = path.resolve().parent
+    _load_external_data(proto, base, data)
+    return proto, base, data
+
+
+def _parse_stripped(mapped: MappedFile, where: str):
+    """(the model without its large raw_data, {initializer index: (offset, length) of its
+    raw_data in `mapped`}), or None if only a plain parse of the whole file can tell what is
+    wrong with it."""
+    try:
+        stripped, spans = strip_raw_data(mapped)
+    except WireFormatError:
+        return None
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(stripped)
+    except Exception:  # noqa: BLE001 (any failure: the plain parse reports it)
+        return None
+    if not proto.HasField("graph") or len(proto.graph.initializer) != len(spans):
+        return None
+    _check_text(proto, where)
+    return proto, {i: span for i, span in enumerate(spans) if span is not None}
+
+
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
     proto = onnx.ModelProto()
     try:
@@ -92,51 +144,34 @@ def _check_text(proto: onnx.ModelProto, where: str) -> None:
                 stack.extend((m, f"{path}.{fd.name}") for m in items)
 
 
-def _load_external_data(proto: onnx.ModelProto, base: Path) -> None:
-    """Read tensors stored in files beside the model, refusing paths that leave its folder."""
+def _load_external_data(proto: onnx.ModelProto, base: Path, mapped: dict | None = None) -> None:
+    """Read tensors stored in files beside the model, refusing paths that leave its folder.
+
+    With `mapped` (a dict), initializers are not read but mapped: mapped[i] becomes a view of
+    the bytes of graph.initializer[i] in its mapped file, and the tensor is left as it is."""
     base = base.resolve()
-    for tensor in _all_tensors(proto.graph):
+    files: dict[Path, MappedFile | None] = {}  # one mapping per file, shared by its tensors
+    initializers = len(proto.graph.initializer)  # _all_tensors yields them first
+    for position, tensor in enumerate(_all_tensors(proto.graph)):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
         what = f"tensor {tensor.name!r}: external data"
-        if not location or "\0" in location:
-            raise ModelLoadError(f"{what} has no usable location ({location!r})")
-        try:
-            target = (base / location).resolve()
-        except (OSError, RuntimeError, ValueError) as e:  # symlink loops, too long names
-            raise ModelLoadError(f"{what} location {location!r} cannot be resolved: {e}") from e
-        if os.path.isabs(location) or not target.is_relative_to(base):
-            raise ModelLoadError(
-                f"{what} location {location!r} lies outside the model's folder "
-                f"{str(base)!r}; refused"
-            )
-        if not target.exists():
-            raise ModelLoadError(f"{what} file {str(target)!r} is missing")
-        if not target.is_file():
-            raise ModelLoadError(f"{what} location {str(target)!r} is not a regular file")
-        try:
-            offset = int(info.get("offset", 0) or 0)
-            length = info.get("length")
-            length = None if length in (None, "") else int(length)
-        except ValueError:
-            raise ModelLoadError(
-                f"{what}: offset {info.get('offset')!r} and length {info.get('length')!r} "
-                "must be integers"
-            ) from None
-        size = target.stat().st_size
-        length = size - offset if length is None else length
-        if offset < 0 or length < 0 or offset + length > size:
-            raise ModelLoadError(
-                f"{what} file {str(target)!r} has {size} bytes, "
-                f"but the model asks for {length} bytes at offset {offset}"
-            )
-        if length > memory_limit():
-            raise ModelLoadError(
-                f"{what}: {format_bytes(length)} in {str(target)!r} is more than "
-                f"{describe_memory_limit()}; refused before reading"
-            )
+        target, offset, length = _external_span(tensor, base, what)
+        index = position if mapped is not None and position < initializers else None
+        if index is not None and length:
+            if target not in files:
+                try:
+                    files[target] = MappedFile.open(target)
+                except (OSError, ValueError):  # not mappable: read it
+                    files[target] = None
+            if files[target] is not None:
+                view = memoryview(files[target])[offset : offset + length]
+                if len(view) != length:  # the file shrank since it was measured
+                    raise ModelLoadError(f"{what} file {str(target)!r} ended early")
+                mapped[index] = view
+                continue
+        if index is not None:  # read below: not its raw_data's span in the model file
+            mapped.pop(index, None)
         try:
             with open(target, "rb") as f:
                 f.seek(offset)
@@ -148,6 +183,49 @@ def _load_external_data(proto: onnx.ModelProto, base: Path) -> None:
         tensor.raw_data = data
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
+
+
+def _external_span(tensor: onnx.TensorProto, base: Path, what: str) -> tuple[Path, int, int]:
+    """(file, offset, length) of a tensor's external data, checked: inside the model's folder,
+    a regular file, within its size and the memory limit."""
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    if not location or "\0" in location:
+        raise ModelLoadError(f"{what} has no usable location ({location!r})")
+    try:
+        target = (base / location).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loops, too long names
+        raise ModelLoadError(f"{what} location {location!r} cannot be resolved: {e}") from e
+    if os.path.isabs(location) or not target.is_relative_to(base):
+        raise ModelLoadError(
+            f"{what} location {location!r} lies outside the model's folder {str(base)!r}; refused"
+        )
+    if not target.exists():
+        raise ModelLoadError(f"{what} file {str(target)!r} is missing")
+    if not target.is_file():
+        raise ModelLoadError(f"{what} location {str(target)!r} is not a regular file")
+    try:
+        offset = int(info.get("offset", 0) or 0)
+        length = info.get("length")
+        length = None if length in (None, "") else int(length)
+    except ValueError:
+        raise ModelLoadError(
+            f"{what}: offset {info.get('offset')!r} and length {info.get('length')!r} "
+            "must be integers"
+        ) from None
+    size = target.stat().st_size
+    length = size - offset if length is None else length
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ModelLoadError(
+            f"{what} file {str(target)!r} has {size} bytes, "
+            f"but the model asks for {length} bytes at offset {offset}"
+        )
+    if length > memory_limit():
+        raise ModelLoadError(
+            f"{what}: {format_bytes(length)} in {str(target)!r} is more than "
+            f"{describe_memory_limit()}; refused before reading"
+        )
+    return target, offset, length
 
 
 def _all_tensors(graph: onnx.GraphProto):
@@ -172,7 +250,9 @@ _TYPED_FIELD = {
 }
 
 
-def to_array(tensor: onnx.TensorProto, where: str) -> np.ndarray:
+def to_array(tensor: onnx.TensorProto, where: str, raw: memoryview | None = None) -> np.ndarray:
+    """The tensor's values, checked against its dims; with `raw`, a read-only view of `raw`,
+    the bytes of its raw_data kept outside the proto (see _read_model)."""
     dims = list(tensor.dims)
     if any(d < 0 for d in dims):
         raise InvalidGraphError(f"{where}: tensor {tensor.name!r} has negative dims {dims}")
@@ -190,12 +270,13 @@ def to_array(tensor: onnx.TensorProto, where: str) -> np.ndarray:
     count = 1
     for d in dims:
         count *= d
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL and raw is None:
         raise ModelLoadError(
             f"{where}: tensor {tensor.name!r} has external data that was not loaded"
         )
-    if tensor.HasField("raw_data"):
-        held, need = len(tensor.raw_data), count * dtype.itemsize
+    if raw is not None or tensor.HasField("raw_data"):
+        held = len(raw) if raw is not None else len(tensor.raw_data)
+        need = count * dtype.itemsize
         unit = "bytes"
     else:
         held = len(getattr(tensor, _TYPED_FIELD.get(tensor.data_type, "int32_data")))
@@ -211,7 +292,10 @@ def to_array(tensor: onnx.TensorProto, where: str) -> np.ndarray:
             f"{format_bytes(count * dtype.itemsize)}, more than {describe_memory_limit()}"
         )
     try:
-        array = numpy_helper.to_array(tensor)
+        if raw is not None and not tensor.HasField("segment"):  # (onnx refuses segments)
+            array = np.frombuffer(raw, dtype=dtype).reshape(dims)
+        else:
+            array = numpy_helper.to_array(tensor)
     except Exception as e:
         raise InvalidGraphError(
             f"{where}: tensor {tensor.name!r} (dims {dims}) cannot be read: {e}"
@@ -264,10 +348,13 @@ def _value_type(vi: onnx.ValueInfoProto) -> tuple[np.dtype | None, tuple | None]
     return dtype, tuple(dims)
 
 
-def _skeleton(proto: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
-    """The model without the data of its large initializers, for onnx's shape inference:
-    it needs their types and dims, not their values, and a full copy of a BERT-base would
-    cost another 440 MB at the peak."""
+def _skeleton(
+    proto: onnx.ModelProto, max_bytes: int = 4096, kept_apart: Iterable[int] = ()
+) -> onnx.ModelProto:
+    """The model without the data of its large initializers (and of those whose data is
+    kept apart, by index), for onnx's shape inference: it needs their types and dims, not
+    their values, and a full copy of a BERT-base would cost another 440 MB at the peak."""
+    kept_apart = set(kept_apart)
     skeleton = onnx.ModelProto(ir_version=proto.ir_version)
     skeleton.opset_import.extend(proto.opset_import)
     g, sg = proto.graph, skeleton.graph
@@ -276,8 +363,8 @@ def _skeleton(proto: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
     sg.input.extend(g.input)
     sg.output.extend(g.output)
     sg.value_info.extend(g.value_info)
-    for init in g.initializer:
-        if init.ByteSize() <= max_bytes:
+    for i, init in enumerate(g.initializer):
+        if init.ByteSize() <= max_bytes and i not in kept_apart:
             sg.initializer.append(init)
         else:
             sg.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
@@ -305,7 +392,7 @@ def _check_attribute_types(node: onnx.NodeProto, opset: int, where: str) -> None
     """Each attribute has the type the op's ONNX schema gives it, and is given once."""
     try:
         schema = onnx.defs.get_schema(node.op_type, opset, "")
-    except Exception:  # not an ONNX op: the op registry reports it
+    except Exception:  # noqa: BLE001 (not an ONNX op: the op registry reports it)
         return
     A = onnx.AttributeProto.AttributeType
     seen = set()
@@ -352,9 +439,14 @@ def opset_version(proto: onnx.ModelProto) -> int:
     return 1
 
 
-def import_onnx(model, name: str | None = None) -> Graph:
-    """Turn an ONNX model (path, bytes or ModelProto) into a verified Graph."""
-    proto, _ = load_model(model)
+def import_onnx(model, name: str | None = None, mapped: bool = False) -> Graph:
+    """Turn an ONNX model (path, bytes or ModelProto) into a verified Graph.
+
+    A model file is mapped, not read, and its weights are copied one at a time, so that the
+    file's bytes and the weights are never in memory together. With `mapped`, they are not
+    copied at all: large constants are read-only views of the mapped file, for a caller that
+    reads each once and gives it back (sparsednn.ir.storage; the session does)."""
+    proto, _, data = _read_model(model)
     where = name or proto.graph.name or "model"
     opset = opset_version(proto)
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -364,17 +456,19 @@ def import_onnx(model, name: str | None = None) -> Graph:
             "convert with onnx.version_converter.convert_version)"
         )
     initializers = {}
-    for init in proto.graph.initializer:  # checked before onnx's inference reads them
+    for i, init in enumerate(proto.graph.initializer):  # checked before onnx's inference
         if init.name in initializers:
             raise InvalidGraphError(f"{where}: initializer {init.name!r} is defined twice")
-        initializers[init.name] = to_array(init, where)
+        initializers[init.name] = to_array(init, where, data.get(i))
     for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
         _value_type(vi)  # negative declared dims
     try:
         inferred = onnx.shape_inference.infer_shapes(
-            _skeleton(proto), strict_mode=False, data_prop=_data_propagation_is_safe(proto)
+            _skeleton(proto, kept_apart=data),
+            strict_mode=False,
+            data_prop=_data_propagation_is_safe(proto),
         )
-    except Exception:
+    except Exception:  # noqa: BLE001
         inferred = proto  # shapes are a help, not a requirement: our own pass infers them too
     g = inferred.graph
     graph = Graph(where)
@@ -382,8 +476,8 @@ def import_onnx(model, name: str | None = None) -> Graph:
     values: dict[str, Value] = {}
     types = {vi.name: _value_type(vi) for vi in [*g.value_info, *g.input, *g.output]}
 
-    for name, array in initializers.items():
-        values[name] = Value.constant(name, array)
+    for init_name, array in initializers.items():
+        values[init_name] = Value.constant(init_name, array)
     for vi in g.input:
         if vi.name in values:  # old exporters also list initializers as inputs
             continue
@@ -458,4 +552,6 @@ def import_onnx(model, name: str | None = None) -> Graph:
         graph.outputs.append(v)
     graph.opset = opset
     verify(graph)
+    if not mapped:
+        own_constants(graph)
     return graph

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 from sparsednn.errors import SparseDNNError
 from sparsednn.ir import Graph, verify
+from sparsednn.ir.storage import release_graph
 from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD, choose_kernels
 from sparsednn.passes.eliminate_dead_code import eliminate_dead_code
 from sparsednn.passes.fold_constants import fold_constants
@@ -48,6 +49,7 @@ def run_pipeline(
     for name, run in passes(sparse_threshold):
         graph = run(graph)
         verify(graph)
+        release_graph(graph)  # pages of the model file the pass read (ir/storage.py)
         if name == stop_after:
             break
     return graph

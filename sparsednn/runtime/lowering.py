@@ -15,6 +15,7 @@ import numpy as np
 
 from sparsednn.errors import SparseDNNError
 from sparsednn.ir import Node
+from sparsednn.ir.storage import release
 from sparsednn.ops import lookup
 from sparsednn.ops.fused_ops import Linear
 from sparsednn.runtime.threads import parallel_for
@@ -89,8 +90,11 @@ def lower_linear(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
     ctx.kernels[node.name] = kernel
     a["kernel"] = kernel.name
     k, n = a["weight"].shape
-    if sparse:  # the kernel holds the nonzeros: free the dense copy
-        a["weight"] = CompressedWeight(a["weight"])
+    if sparse:  # the kernel holds the nonzeros: free the dense copy (or its file's pages)
+        dense = a["weight"]
+        a["weight"] = CompressedWeight(dense)
+        release(dense)
+        del dense
     threads = ctx.num_threads
     where = f"node {node.name!r} (Linear {k}x{n})"
 

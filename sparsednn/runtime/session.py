@@ -7,17 +7,21 @@ every input before any native code sees it, then walks the plan.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from sparsednn.errors import InvalidInputError, SparseDNNError
 from sparsednn.frontend.onnx_import import import_onnx
 from sparsednn.ir import Graph, Node, Value
+from sparsednn.ir.storage import mapped_files, own_constants
 from sparsednn.ir.verify import describe_memory_limit, format_bytes, memory_limit
 from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
 from sparsednn.passes.pipeline import run_pipeline
@@ -105,8 +109,13 @@ class InferenceSession:
         start = time.perf_counter()
         model_name = _model_name(path_or_bytes)
         try:
-            graph = import_onnx(path_or_bytes, name=model_name)
+            graph = import_onnx(path_or_bytes, name=model_name, mapped=True)
+            files = weakref.WeakSet(mapped_files(graph))
             self.graph: Graph = run_pipeline(graph, sparse_threshold=self.options.sparse_threshold)
+            del graph
+            # Weights bound for sparse kernels are compressed straight from the model file;
+            # every other constant the plan keeps gets memory of its own (ir/storage.py).
+            own_constants(self.graph, keep=_compressed_from_file)
         except (SparseDNNError, MemoryError, KeyboardInterrupt):
             raise
         except Exception as e:  # a bug met by a malformed model: still a sparsednn error
@@ -116,6 +125,8 @@ class InferenceSession:
             ) from e
         self.kernels: dict[str, Any] = {}
         self._build_plan()
+        if files:  # views of the model file in the garbage the passes left (node-value cycles)
+            gc.collect()  # unmap it now: the session must not depend on the file
         self.compile_seconds = time.perf_counter() - start
         self._profile: dict[str, NodeProfile] = {}
         self._profile_lock = threading.Lock()
@@ -358,6 +369,11 @@ def _size_terms(graph: Graph) -> list[tuple[int, tuple[str, ...], Value]]:
         if dims not in largest or nbytes > largest[dims][0]:
             largest[dims] = (nbytes, dims, v)
     return list(largest.values())
+
+
+def _compressed_from_file(node: Node, key: str) -> bool:
+    """Whether lowering reads this attribute once, into a kernel of its own (lowering.py)."""
+    return node.op == "Linear" and key == "weight" and node.attrs.get("kernel") == "sparse"
 
 
 def _model_name(model) -> str | None:
