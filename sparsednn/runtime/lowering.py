@@ -34,8 +34,8 @@ class LoweringContext:
 
 class CompressedWeight:
     """Stands in a Linear node for a weight that runs on a sparse kernel: its nonzeros and a
-    bitmap of where they are (1 bit per weight: smaller than a column index per nonzero down
-    to 94% zeros), so that the dense copy is freed. Dumps and summaries read its shape and
+    bitmap of where they are (1 bit per weight: smaller than an int32 column index per nonzero
+    up to 97% zeros), so that the dense copy is freed. Dumps and summaries read its shape and
     nnz; the rare paths that need it dense (NaN inputs) get it back with np.asarray."""
 
     dtype = np.dtype(np.float32)
