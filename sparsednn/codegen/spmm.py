@@ -427,9 +427,20 @@ class _SpmmEmitter:
                 # every group of the tile (members past N are empty; their sums land in tile
                 # rows that are never stored)
                 g0 = b.sdiv(rb, U.int64(self.R), name="tile_group0")
-                with U.for_range(b, 0, V // self.R, name="g") as g:
-                    gi = b.add(g0, g, name="group")
-                    self._emit_group(b, a, nv, panel, index, slots, gi, tile, first)
+
+                def groups(first_block: bool):
+                    with U.for_range(b, 0, V // self.R, name="g") as g:
+                        gi = b.add(g0, g, name="group")
+                        self._emit_group(b, a, nv, panel, index, slots, gi, tile, first_block)
+
+                if self.n_blocks == 1:
+                    groups(True)
+                else:  # the first block starts from zero, later ones from the partial sums
+                    with b.if_else(first) as (then, otherwise):
+                        with then:
+                            groups(True)
+                        with otherwise:
+                            groups(False)
                 with b.if_then(last):
                     bias = U.gep(b, a["bias"], rb, name="bias_block")
                     if not self.stage_cols:
@@ -472,7 +483,8 @@ class _SpmmEmitter:
 
     def _emit_group(self, b, a, nv, panel, index, slots, gi, tile, first):
         """For each member r of group gi: tile[slot_r, 0:T] = (first ? 0 : tile[slot_r, 0:T])
-        + sum of w * panel[k, 0:T] over the nonzeros (k, w) of its row in this K-block."""
+        + sum of w * panel[k, 0:T] over the nonzeros (k, w) of its row in this K-block
+        (first: a Python bool, code for the first K-block)."""
         V, R = self.V, self.R
         m = U.Math(b, self.vty, self.target.has_fma, self.target.isa)
         zero = U.const(self.vty, 0.0)
@@ -485,13 +497,12 @@ class _SpmmEmitter:
             acc_ptrs.append(acc_ptr)
             row = []
             for i in range(nv):
-                if self.n_blocks == 1:
+                if first:
                     init = zero
-                else:  # (stale but in-bounds scratch is loaded, and dropped, for the first block)
-                    old = U.load_vec(
+                else:
+                    init = U.load_vec(
                         b, U.gep(b, acc_ptr, i * V), V, self.valign, name=f"partial{i}"
                     )
-                    init = b.select(first, zero, old)
                 row.append(U.alloca_once_value(b, init, name=f"acc{r}.{i}"))
             accs.append(row)
 
