@@ -1405,6 +1405,13 @@ class SparseLinearKernel:
 
     # -- the SpMV variant (few tokens) --------------------------------------------------------
 
+    def dense_weight(self) -> np.ndarray:
+        """The weight [K, N] rebuilt from the kernel's arrays (the kernel keeps no dense copy)."""
+        dense = np.zeros((self.in_features, self.out_features), np.float32)
+        o, k, w = self._csr.triplets()
+        dense[k, o] = w
+        return dense
+
     def _csr_arrays(self) -> dict:
         csr = self._csr
         return {"index": csr.index, "entries": csr.entries, "row_nnz": csr.row_nnz}

@@ -33,31 +33,27 @@ class LoweringContext:
 
 
 class CompressedWeight:
-    """Stands in a Linear node for a weight that runs on a sparse kernel: its nonzeros and a
-    bitmap of where they are (1 bit per weight: smaller than an int32 column index per nonzero
-    up to 97% zeros), so that the dense copy is freed. Dumps and summaries read its shape and
-    nnz; the rare paths that need it dense (NaN inputs) get it back with np.asarray."""
+    """Stands in a Linear node for a weight that runs on a sparse kernel, so that the dense
+    copy is freed and the nonzeros are held once, by the kernel (its grouped CSR). Dumps and
+    summaries read its shape and nnz; the rare paths that need it dense (NaN inputs) get it
+    back with np.asarray, rebuilt from the kernel's arrays."""
 
     dtype = np.dtype(np.float32)
 
-    def __init__(self, dense: np.ndarray):
-        self.shape = tuple(dense.shape)
-        nonzero = dense != 0
-        self.data = dense[nonzero].astype(np.float32)  # row-major order
-        self.bitmap = np.packbits(nonzero, axis=None)
+    def __init__(self, kernel):
+        self.shape = (kernel.in_features, kernel.out_features)
+        self._kernel = kernel
 
     @property
     def nnz(self) -> int:
-        return int(self.data.size)
+        return self._kernel.nnz
 
     @property
     def size(self) -> int:
         return self.shape[0] * self.shape[1]
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        nonzero = np.unpackbits(self.bitmap, count=self.size).view(bool).reshape(self.shape)
-        dense = np.zeros(self.shape, np.float32)
-        dense[nonzero] = self.data
+        dense = self._kernel.dense_weight()
         return dense if dtype is None else dense.astype(dtype)
 
     def __str__(self) -> str:
@@ -94,7 +90,7 @@ def lower_linear(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
     k, n = a["weight"].shape
     if sparse:  # the kernel holds the nonzeros: free the dense copy (or its file's pages)
         dense = a["weight"]
-        a["weight"] = CompressedWeight(dense)
+        a["weight"] = CompressedWeight(kernel)
         release(dense)
         del dense
     threads = ctx.num_threads
