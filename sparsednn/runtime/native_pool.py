@@ -47,6 +47,12 @@ import numpy as np
 # on a quiet machine but 37.5 ms beside a CPU-bound process (parallel_for: 33 ms); 20 us
 # gave 19.4 ms quiet and 25.5-27.4 ms beside it.
 SPIN_US = float(os.environ.get("SPARSEDNN_POOL_SPIN_US", "20"))
+# ... and this long while a session runs (see running()): the gaps between a run's kernels
+# (Python between nodes, numpy ops) are tens of microseconds, and a worker that has fallen
+# asleep costs ~30 us to wake (measured: 768x768 at M=128, 2 threads, 72 -> 101 us with a 50 us
+# gap). bert-base-90 batch 1, 2 threads, alternating in one process: 24.6 ms at 20 us,
+# 21.1 ms at 100, 300 or 1000 us.
+RUN_SPIN_US = float(os.environ.get("SPARSEDNN_POOL_RUN_SPIN_US", "300"))
 
 _init_lock = threading.Lock()
 _dispatch_lock = threading.Lock()
@@ -91,7 +97,8 @@ class _NativePool:
         self.n_workers = n_workers
         self.state[P.NWORKERS] = n_workers
         self.state[P.SYSCALL] = self.syscall_addr
-        self.state[P.SPIN] = int(SPIN_US * 1e-6 * self._tsc_hz())
+        self._hz = self._tsc_hz()
+        self.set_spin_us(SPIN_US)
         self._run = ctypes.CFUNCTYPE(
             None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64
         )(addr("pool_run"))
@@ -151,6 +158,10 @@ class _NativePool:
         hz = (c1 - c0) / max(t1 - t0, 1e-6)
         return hz if 1e8 < hz < 1e11 else 3e9
 
+    def set_spin_us(self, us: float) -> None:
+        """How long workers (and the dispatcher) spin before sleeping; read on every spin."""
+        self.state[self.P.SPIN] = int(max(0.0, us) * 1e-6 * self._hz)
+
     def trampoline(self, kinds: str) -> int:
         a = self._tramps.get(kinds)
         if a is None:
@@ -192,6 +203,37 @@ def known_kinds() -> tuple:
     from sparsednn.codegen import attention, norm
 
     return ("i" * 9, "i" * 12, attention._KINDS, norm._KINDS)
+
+
+class _Running:
+    """`with running():` keeps the workers spinning for RUN_SPIN_US (not SPIN_US) between
+    tasks while any session runs; the last run to end sets the short budget back, so idle
+    workers sleep again within SPIN_US of it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active = 0
+
+    def __enter__(self) -> None:
+        p = _pool
+        if p is None:
+            return
+        with self._lock:
+            self._active += 1
+            if self._active == 1:
+                p.set_spin_us(RUN_SPIN_US)
+
+    def __exit__(self, *exc) -> None:
+        p = _pool
+        if p is None:
+            return
+        with self._lock:
+            self._active = max(0, self._active - 1)
+            if self._active == 0:
+                p.set_spin_us(SPIN_US)
+
+
+running = _Running()
 
 
 def prepare() -> None:

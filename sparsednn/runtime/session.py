@@ -151,7 +151,7 @@ class InferenceSession:
         env: list[Any] = list(self._template)
         for slot, array in self._check_inputs(input_feed):
             env[slot] = array
-        with single_threaded_blas:
+        with single_threaded_blas, native_pool.running:
             self._execute(env)
         return [np.asarray(env[s]) for s in wanted]
 
