@@ -4,7 +4,7 @@ Sparse kernel design (see docs in the class and emitter below):
 
 * Wᵀ is stored in CSR over the N output features (row o = output o), split into K-blocks so
   that the packed activations of one block stay in cache, its rows in groups of R = 2 whose
-  entries interleave, 4 entries a 24-byte quad: their k as uint16, then their float32
+  entries interleave, 4 entries a 20-byte quad: their k as uint8, then their float32
   weights (see _CsrBlocks).
   The CSR arrays are data passed by pointer, not code: compile time does not depend on the
   number of nonzeros.
@@ -98,8 +98,8 @@ class _CsrBlocks:
     (k 0, weight 0.0), and every group to a whole number of quads. Entry j * R + r of a group
     is the j-th nonzero of its member r.
 
-    entries: quads of 4 entries (_QUAD, 24 bytes): their 4 k (relative to the block start,
-    uint16), then their 4 weights (float32). One 64-bit load gives the inner loop 4 panel
+    entries: quads of 4 entries (_QUAD, 20 bytes): their 4 k (relative to the block start,
+    uint8), then their 4 weights (float32). One 32-bit load gives the inner loop 4 panel
     rows, and each weight is one broadcast load: 5.25 loads per nonzero with the 4 panel
     vectors, against 6 with one (offset, weight) pair per nonzero (~15% faster inner loop).
 
@@ -111,7 +111,7 @@ class _CsrBlocks:
     k_block: int  # KB, columns per K-block (last block may be shorter)
     n_blocks: int
     index: np.ndarray  # int32 [n_blocks * block_stride]
-    entries: np.ndarray  # uint8 [(quads + 1) * 24]: the quads (see _QUAD), one zero quad last
+    entries: np.ndarray  # uint8 [(quads + 1) * 20]: the quads (see _QUAD), one zero quad last
     row_nnz: np.ndarray  # int64 [N] nonzeros of each output row (all blocks)
     row_bytes: int  # bytes between consecutive k of a packed panel
     group_rows: int  # R
@@ -150,9 +150,10 @@ class _CsrBlocks:
 
 
 # 4 entries of a group: their k within the K-block, then their weights (float32 bits)
-_QUAD = np.dtype([("k", "<u2", (4,)), ("w", "<u4", (4,))])
-assert _QUAD.itemsize == 24
-_MAX_K_BLOCK = 1 << 16  # k within a block is a uint16
+# (5 bytes per nonzero: a model's weights stream from DRAM at batch 1 once they exceed the L3)
+_QUAD = np.dtype([("k", "u1", (4,)), ("w", "<u4", (4,))])
+assert _QUAD.itemsize == 20
+_MAX_K_BLOCK = 1 << 8  # k within a block is a uint8
 
 
 def _round_up(x: int, m: int) -> int:
@@ -212,7 +213,7 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
         row_start = np.cumsum(counts) - counts
         rank = np.arange(len(o)) - row_start[o]
         pos = ptr[group_of[o]] + rank * R + member_of[o]
-        ks = np.zeros(int(ptr[-1]), np.uint16)  # padding: k 0, weight 0.0
+        ks = np.zeros(int(ptr[-1]), np.uint8)  # padding: k 0, weight 0.0
         ws = np.zeros(int(ptr[-1]), np.uint32)
         ks[pos] = kk
         ws[pos] = block[o, kk].astype(np.float32).view(np.uint32)
@@ -226,7 +227,7 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
     if start >= 2**31:
         raise CompileError(f"too many nonzeros for int32 CSR indices: {start} quads")
     if k_block > _MAX_K_BLOCK:
-        raise CompileError(f"K-block too large for 16-bit k: {k_block} columns")
+        raise CompileError(f"K-block too large for 8-bit k: {k_block} columns")
     # at least one quad, so that pointers are always to real memory
     entries = np.concatenate(parts + [np.zeros(1, _QUAD)]).view(np.uint8)
     return _CsrBlocks(
@@ -511,15 +512,15 @@ class _SpmmEmitter:
         quads = b.bitcast(a["entries"], i8p, name="quads")
         row_bytes = U.int64(self.TN * 4)  # every panel width keeps the full panel's row stride
 
-        # a quad (see _QUAD): one 64-bit load of its 4 k, a broadcast load per weight; entry
+        # a quad (see _QUAD): one 32-bit load of its 4 k, a broadcast load per weight; entry
         # e belongs to member e % R, so R independent accumulator chains per vector hide the
         # FMA latency, and the group's rows share one loop (one exit to mispredict)
         with U.for_range(b, begin, end, name="quad") as q:
             qp = b.gep(quads, [b.mul(q, U.int64(_QUAD.itemsize))], inbounds=True)
-            ks = b.load(b.bitcast(qp, ir.PointerType(U.i64)), name="ks")
-            weights = b.bitcast(b.gep(qp, [U.int64(8)], inbounds=True), U.f32_ptr)
+            ks = b.zext(b.load(b.bitcast(qp, U.i32_ptr), name="ks"), U.i64)
+            weights = b.bitcast(b.gep(qp, [U.int64(4)], inbounds=True), U.f32_ptr)
             for e in range(4):
-                k = b.and_(b.lshr(ks, U.int64(16 * e)), U.int64(0xFFFF), name=f"k{e}")
+                k = b.and_(b.lshr(ks, U.int64(8 * e)), U.int64(0xFF), name=f"k{e}")
                 row = b.bitcast(
                     b.gep(panel_bytes, [b.mul(k, row_bytes)], inbounds=True),
                     U.f32_ptr,
