@@ -11,8 +11,9 @@ random places; "magnitude", real-looking weights (per-output and per-input scale
 ~4x, heavy tails) pruned by magnitude to the given sparsity. BLAS is pinned to the same number
 of threads as the sparse kernel (threadpoolctl); scipy.sparse is single-threaded.
 
-Per case: median time of each (sparse and dense timed in alternating rounds, so that both see
-the same machine load), useful GFLOP/s of the sparse kernel (2 * nnz * M / time), that as a
+Per case: median time of each (sparse and dense timed in alternating short bursts, so that
+both see the same machine load; the first 0.5 ms of each burst is not counted, so neither sees
+the other's threads still busy, nor its own still asleep), useful GFLOP/s of the sparse kernel (2 * nnz * M / time), that as a
 fraction of the dense FMA peak measured at the start of the run with the same threads (a large
 BLAS GEMM), and the speedups over dense and over scipy. With --bias/--activation, dense is numpy's matmul
 followed by the same native epilogue as the dense kernel (scipy: the product only). Times are medians of repeated runs (the machine may be
@@ -20,6 +21,10 @@ shared: repeat, and compare medians).
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, if set, make a current OpenBLAS pick slow kernels: unset
 them for this command only (the header shows which BLAS kernel is running).
+
+OpenBLAS's worker threads spin for ~2^28 cycles (tens of ms) after each multi-threaded call,
+taking the cores from whatever runs next (the sparse kernel's 2-thread times doubled): this
+script sets OPENBLAS_THREAD_TIMEOUT=4 (spin briefly, then sleep) unless it is set already.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # before numpy loads OpenBLAS
 
 import numpy as np
 
@@ -84,9 +90,11 @@ def median_time(fn, min_time: float, min_reps: int, max_reps: int) -> float:
     return median_times([fn], min_time, min_reps, max_reps)[0]
 
 
-def median_times(fns, min_time: float, min_reps: int, max_reps: int) -> list[float]:
-    """Median time of each function, timed in alternating rounds (one call of each per round)
-    so that all see the same load of a shared machine."""
+def median_times(fns, min_time: float, min_reps: int, max_reps: int, burst: int = 3,
+                 settle: float = 5e-4) -> list[float]:  # fmt: skip
+    """Median time of each function, timed in alternating bursts so that all see the same load
+    of a shared machine: per round, each function runs for `settle` seconds untimed (its
+    threads wake up, the previous one's go to sleep), then `burst` timed calls."""
     for fn in fns:
         fn()  # warm up (page faults, caches, lazy init)
     times = [[] for _ in fns]
@@ -95,9 +103,15 @@ def median_times(fns, min_time: float, min_reps: int, max_reps: int) -> list[flo
         len(times[0]) < min_reps or time.perf_counter() - start < min_time * len(fns)
     ):
         for fn, ts in zip(fns, times):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
+            t_end = time.perf_counter() + settle
+            while True:
+                fn()
+                if time.perf_counter() >= t_end:
+                    break
+            for _ in range(burst):
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
     return [float(np.median(ts)) for ts in times]
 
 
