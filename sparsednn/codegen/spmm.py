@@ -248,9 +248,13 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
 
 # Arguments of the generated kernel (C ABI):
 #   void kernel(const float *x, int64 m, float *y, int64 row_begin, int64 row_end,
-#               const int32 *index, const int64 *entries, const float *bias, float *scratch)
-# computes y[0:m, row_begin:row_end]; scratch is 64-byte aligned, scratch_floats(rows) long.
-_KERNEL_ARGS = ("x", "m", "y", "row_begin", "row_end", "index", "entries", "bias", "scratch")
+#               const int32 *index, const int64 *entries, const float *bias, float *scratch,
+#               float *probe)
+# computes y[0:m, row_begin:row_end]; scratch is 64-byte aligned, scratch_floats(rows) long;
+# *probe = 0, or NaN if the part of X this call packed holds a NaN or an infinity.
+_KERNEL_ARGS = (
+    "x", "m", "y", "row_begin", "row_end", "index", "entries", "bias", "scratch", "probe",
+)  # fmt: skip
 _KERNEL_ARG_TYPES = (
     U.f32_ptr,
     U.i64,
@@ -261,11 +265,12 @@ _KERNEL_ARG_TYPES = (
     ir.PointerType(U.i64),
     U.f32_ptr,
     U.f32_ptr,
+    U.f32_ptr,
 )
 _CTYPES_SIG = ctypes.CFUNCTYPE(
     None,
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
 )  # fmt: skip
 
 
@@ -349,7 +354,9 @@ class _SpmmEmitter:
             a["entries"],
             a["bias"],
             a["scratch"],
+            a["probe"],
         ]
+        b.store(ir.Constant(U.f32, 0.0), a["probe"])
         tn = U.int64(self.TN)
         n_full = b.sdiv(a["m"], tn, name="full_panels")
         with U.for_range(b, 0, n_full, name="panel") as p:
@@ -409,6 +416,7 @@ class _SpmmEmitter:
                     U.int64(tnp),
                     U.int64(self.TN),
                     zeros,
+                    a["probe"],
                 ],
             )
             # this K-block's group pointers, then its member slots (see _CsrBlocks)
@@ -656,36 +664,51 @@ def _emit_copy_rows(module, name, target: Target) -> ir.Function:
 
 
 def _emit_transpose_rows(module, name, target: Target) -> ir.Function:
-    """transpose_rows(srcs, offset, dst, dst_stride): dst[j*dst_stride + i] = srcs[i][offset + j]
-    for i, j < V (dst 4V-byte aligned): the V x V transpose of packing."""
+    """transpose_rows(srcs, offset, dst, dst_stride) -> probe: dst[j*dst_stride + i] =
+    srcs[i][offset + j] for i, j < V (dst 4V-byte aligned): the V x V transpose of packing.
+    probe: the sum of the rows times 0, NaN in some lane if any value was NaN or infinite."""
     V = target.vector_width
-    fn, b, a = _new_function(
-        module, name, ("srcs", "offset", "dst", "dst_stride"),
-        (ir.PointerType(U.f32_ptr), U.i64, U.f32_ptr, U.i64),
-    )  # fmt: skip
+    vty = U.vec(V)
+    fnty = ir.FunctionType(vty, (ir.PointerType(U.f32_ptr), U.i64, U.f32_ptr, U.i64))
+    fn = ir.Function(module, fnty, name=name)
+    fn.linkage = "internal"
+    for arg, n in zip(fn.args, ("srcs", "offset", "dst", "dst_stride")):
+        arg.name = n
+    a = {arg.name: arg for arg in fn.args}
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
     rows = []
+    probe = U.const(vty, 0.0)
     for i in range(V):
         row = b.load(b.gep(a["srcs"], [U.int64(i)], inbounds=True), name=f"src{i}")
         rows.append(U.load_vec(b, U.gep(b, row, a["offset"]), V, 4, name=f"row{i}"))
+        probe = b.fadd(probe, b.fmul(rows[-1], U.const(vty, 0.0)))
     for j, col in enumerate(U.transpose(b, rows, name="t")):
         U.store_vec(b, col, U.gep(b, a["dst"], b.mul(U.int64(j), a["dst_stride"])), 4 * V)
-    b.ret_void()
+    b.ret(probe)
     return fn
 
 
 def _emit_pack(module, name, target: Target) -> ir.Function:
-    """pack(x, x_stride, tn, kc, panel, width, stride, zeros): panel[k * stride + t] =
+    """pack(x, x_stride, tn, kc, panel, width, stride, zeros, probe): panel[k * stride + t] =
     x[t * x_stride + k] for t < tn, k < kc, and 0 for tn <= t < width (width and stride
     multiples of V; panel 4V-byte aligned): V x V transposes. The rows of tokens past tn are
-    read from `zeros` (kc floats), never from past the end of x."""
+    read from `zeros` (kc floats), never from past the end of x. *probe += the sum of the
+    packed values times 0: it turns NaN if X holds a NaN or an infinity, which the caller
+    must then handle as a dense product does (the kernel skips zero weights)."""
     V = target.vector_width
+    vty = U.vec(V)
     transpose_rows = _emit_transpose_rows(module, "transpose_rows", target)
     fn, b, a = _new_function(
-        module, name, ("x", "x_stride", "tn", "kc", "panel", "width", "stride", "zeros"),
-        (U.f32_ptr, U.i64, U.i64, U.i64, U.f32_ptr, U.i64, U.i64, U.f32_ptr), internal=False,
+        module, name,
+        ("x", "x_stride", "tn", "kc", "panel", "width", "stride", "zeros", "probe"),
+        _HELPER_TYPES["pack"], internal=False,
     )  # fmt: skip
     with b.goto_entry_block():
         srcs = b.alloca(U.f32_ptr, size=U.int64(V), name="src_rows")
+        probe_vec = b.alloca(vty, name="probe_vec")
+        probe_scalar = b.alloca(U.f32, name="probe_scalar")
+    b.store(U.const(vty, 0.0), probe_vec)
+    b.store(ir.Constant(U.f32, 0.0), probe_scalar)
     kv_end = b.mul(b.sdiv(a["kc"], U.int64(V)), U.int64(V), name="kc_vec")
     with U.for_range(b, 0, a["width"], V, name="tb") as tb:
         # source rows of the V tokens of this column block (the zero page past tn)
@@ -699,13 +722,22 @@ def _emit_pack(module, name, target: Target) -> ir.Function:
         col0 = U.gep(b, a["panel"], tb, name="panel_cols")
         with U.for_range(b, 0, kv_end, V, name="kv") as kv:
             dst = U.gep(b, col0, b.mul(kv, a["stride"]))
-            b.call(transpose_rows, [srcs, kv, dst, a["stride"]])
+            p = b.call(transpose_rows, [srcs, kv, dst, a["stride"]])
+            b.store(b.fadd(b.load(probe_vec), p), probe_vec)
         # the last kc % V columns, scalar
         with U.for_range(b, kv_end, a["kc"], name="kr") as k:
             dst = U.gep(b, col0, b.mul(k, a["stride"]))
             with U.for_range(b, 0, V, name="ir") as i:
                 row = b.load(b.gep(srcs, [i]))
-                b.store(b.load(U.gep(b, row, k)), U.gep(b, dst, i))
+                v = b.load(U.gep(b, row, k))
+                b.store(v, U.gep(b, dst, i))
+                zero = ir.Constant(U.f32, 0.0)
+                b.store(b.fadd(b.load(probe_scalar), b.fmul(v, zero)), probe_scalar)
+    total = b.load(probe_scalar)
+    pv = b.load(probe_vec)
+    for lane in range(V):
+        total = b.fadd(total, b.extract_element(pv, ir.Constant(U.i32, lane)))
+    b.store(b.fadd(b.load(a["probe"]), total), a["probe"])
     b.ret_void()
     return fn
 
@@ -715,7 +747,7 @@ _helper_lock = threading.Lock()
 
 # C signatures of the helpers (the kernels declare them by these types and link them by name)
 _HELPER_TYPES = {
-    "pack": (U.f32_ptr, U.i64, U.i64, U.i64, U.f32_ptr, U.i64, U.i64, U.f32_ptr),
+    "pack": (U.f32_ptr, U.i64, U.i64, U.i64, U.f32_ptr, U.i64, U.i64, U.f32_ptr, U.f32_ptr),
     "store_block": (U.f32_ptr, U.i64, U.i64, U.i64, U.f32_ptr, U.f32_ptr, U.i64),
     "copy_rows": (U.f32_ptr, U.i64, U.i64, U.i64, U.f32_ptr, U.i64),
 }
@@ -1505,11 +1537,22 @@ class SparseLinearKernel:
     def __call__(
         self, x: np.ndarray, out: np.ndarray | None = None, num_threads: int = 1
     ) -> np.ndarray:
+        return self._run(x, out, num_threads)[0]
+
+    def call_and_probe(
+        self, x: np.ndarray, out: np.ndarray | None = None, num_threads: int = 1
+    ) -> tuple[np.ndarray, bool | None]:
+        """(the product, whether X held a NaN or an infinity): the panel kernel finds out while
+        packing X, for free; None when the call did not look (the SpMV variant, M <= 8)."""
+        y, probe = self._run(x, out, num_threads)
+        return y, (None if probe is None else bool(np.isnan(probe).any()))
+
+    def _run(self, x, out, num_threads) -> tuple[np.ndarray, np.ndarray | None]:
         k, n = self.in_features, self.out_features
         x, out = _fast_args(self.name, k, n, x, out, num_threads)
         m = x.shape[0]
         if m == 0 or n == 0:
-            return np.empty((m, n), _F32) if out is None else out
+            return (np.empty((m, n), _F32) if out is None else out), None
         x_addr = _addr(x)
         if out is None:
             out, y_addr = _new_out(m, n)
@@ -1519,11 +1562,13 @@ class SparseLinearKernel:
                 raise InvalidInputError(f"{self.name}: out must not overlap the input")
         if m <= self.spmv_max_m:
             self._run_spmv(x_addr, m, y_addr, num_threads)
-            return out
+            return out, None
         threads = self._useful_threads(m, num_threads) if num_threads > 1 else 1
+        probe = np.empty(threads, _F32)  # one per task
+        p_addr = _addr(probe)
         if threads == 1:
-            self._fn(x_addr, m, y_addr, 0, n, *self._ptrs, _scratch(self._scratch_full))
-            return out
+            self._fn(x_addr, m, y_addr, 0, n, *self._ptrs, _scratch(self._scratch_full), p_addr)
+            return out, probe
         tn, V = self.tile_tokens, self.target.vector_width
         if m >= tn * threads:
             # enough panels: split the tokens (each thread packs only its own panels), at
@@ -1532,34 +1577,39 @@ class SparseLinearKernel:
             sf = self._scratch_full
             fn, ptrs = self._fn, self._ptrs
             spans = [(t0, t1) for t0, t1 in itertools.pairwise(bounds) if t1 > t0]
-            rows = [(x_addr + 4 * k * t0, t1 - t0, y_addr + 4 * n * t0, 0, n, *ptrs, 0)
-                    for t0, t1 in spans]  # fmt: skip
-            if parallel_native(_fn_address(fn), "i" * 9, rows, 8, sf):
-                return out
+            rows = [(x_addr + 4 * k * t0, t1 - t0, y_addr + 4 * n * t0, 0, n, *ptrs, 0,
+                     p_addr + 4 * i) for i, (t0, t1) in enumerate(spans)]  # fmt: skip
+            if parallel_native(_fn_address(fn), "i" * 10, rows, 8, sf):
+                return out, probe[: len(spans)]
             tasks = [
                 (
-                    lambda t0=t0, t1=t1: fn(
-                        x_addr + 4 * k * t0, t1 - t0, y_addr + 4 * n * t0, 0, n, *ptrs, _scratch(sf)
+                    lambda t0=t0, t1=t1, i=i: fn(
+                        x_addr + 4 * k * t0, t1 - t0, y_addr + 4 * n * t0, 0, n, *ptrs,
+                        _scratch(sf), p_addr + 4 * i,
                     )
-                )  # fmt: skip
-                for t0, t1 in spans
-            ]
+                )
+                for i, (t0, t1) in enumerate(spans)
+            ]  # fmt: skip
+            used = len(spans)
         else:
             ranges = self.row_ranges(threads)
-            rows = [(x_addr, m, y_addr, s, e, *self._ptrs, 0) for s, e in ranges]
+            rows = [(x_addr, m, y_addr, s, e, *self._ptrs, 0, p_addr + 4 * i)
+                    for i, (s, e) in enumerate(ranges)]  # fmt: skip
             floats = max(self._scratch_floats(e - s) for s, e in ranges)
-            if parallel_native(_fn_address(self._fn), "i" * 9, rows, 8, floats):
-                return out
+            if parallel_native(_fn_address(self._fn), "i" * 10, rows, 8, floats):
+                return out, probe[: len(ranges)]
             tasks = [
                 (
-                    lambda s=s, e=e: self._fn(
-                        x_addr, m, y_addr, s, e, *self._ptrs, _scratch(self._scratch_floats(e - s))
+                    lambda s=s, e=e, i=i: self._fn(
+                        x_addr, m, y_addr, s, e, *self._ptrs,
+                        _scratch(self._scratch_floats(e - s)), p_addr + 4 * i,
                     )
-                )  # fmt: skip
-                for s, e in ranges
-            ]
+                )
+                for i, (s, e) in enumerate(ranges)
+            ]  # fmt: skip
+            used = len(ranges)
         parallel_for(tasks)
-        return out
+        return out, probe[:used]
 
     def _run_spmv(self, x_addr: int, m: int, y_addr: int, num_threads: int) -> None:
         fn, ptrs, n_slices, scratch, layout = (self._spmv or self._spmv_state())[:5]

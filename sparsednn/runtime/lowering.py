@@ -102,8 +102,10 @@ def lower_linear(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
                 f"{where}: expects float32 input [..., {k}], got {x.dtype}{list(x.shape)}"
             )
         rows = np.ascontiguousarray(x).reshape(-1, k)
-        y = kernel(rows, num_threads=threads)
-        if sparse and rows.size:
+        if not sparse:
+            return kernel(rows, num_threads=threads).reshape(*x.shape[:-1], n)
+        y, non_finite = kernel.call_and_probe(rows, num_threads=threads)
+        if non_finite is not False and rows.size:  # True, or not known (few rows)
             _redo_non_finite_rows(rows, y, ones, a)
         return y.reshape(*x.shape[:-1], n)
 
@@ -114,7 +116,8 @@ def lower_linear(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
 def _redo_non_finite_rows(rows: np.ndarray, y: np.ndarray, ones: np.ndarray, attrs) -> None:
     """NaN and Inf as a dense product gives them: the sparse kernel skips zero weights, so a
     NaN or Inf input never meets them, where the reference's NaN * 0 and Inf * 0 are NaN.
-    Rows holding one (their sum is not finite; one BLAS pass) are recomputed densely."""
+    Rows holding one (their sum is not finite; one BLAS pass) are recomputed densely. Called
+    only when the kernel's probe saw one (or could not look)."""
     bad = np.flatnonzero(~np.isfinite(rows @ ones))
     if bad.size:
         y[bad] = Linear(

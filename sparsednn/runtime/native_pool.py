@@ -202,7 +202,7 @@ def known_kinds() -> tuple:
     compiled with the pool): sparse panel kernel, SpMV variant, attention, layer norm."""
     from sparsednn.codegen import attention, norm
 
-    return ("i" * 9, "i" * 12, attention._KINDS, norm._KINDS)
+    return ("i" * 10, "i" * 12, attention._KINDS, norm._KINDS)
 
 
 class _Running:

@@ -691,3 +691,24 @@ def test_concurrent_writers_leave_whole_files(fresh_cache):
     assert not list(fresh_cache.rglob("*.tmp"))
     spmm.clear_code_cache()
     assert compile_sparse_linear(w, None, "gelu").cache_hit
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("k,m", [(768, 128), (37, 70), (50, 200), (16, 9)])
+def test_probe_sees_every_non_finite_input(threads, k, m):
+    """call_and_probe tells whether X held a NaN or an infinity, wherever it sits: any token
+    (tail panels too), any column (the scalar tail of a K-block too), any thread's share."""
+    rng = np.random.default_rng(k * m)
+    w = random_weight(rng, k, 40, 0.9)
+    kern = compile_sparse_linear(w)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    y, non_finite = kern.call_and_probe(x, num_threads=threads)
+    assert non_finite is False
+    np.testing.assert_allclose(y, x @ w, rtol=1e-4, atol=1e-4)
+    for t, c in [(0, 0), (m - 1, k - 1), (m // 2, k // 3), (m - 1, 0), (0, k - 1)]:
+        for bad in (np.nan, np.inf, -np.inf):
+            xb = x.copy()
+            xb[t, c] = bad
+            assert kern.call_and_probe(xb, num_threads=threads)[1] is True, (t, c, bad)
+    if kern.spmv_max_m >= 4:
+        assert kern.call_and_probe(x[:4])[1] is None  # the SpMV variant does not look
