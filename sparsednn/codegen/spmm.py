@@ -73,15 +73,27 @@ class SpmmTuning:
     group_rows: R, rows of Wᵀ run through one inner loop with interleaved entries (R
     independent accumulator chains per vector hide the FMA latency): 1, 2 or 4.
     k_block_bytes: the most bytes one packed K-block of a full panel may take; K is split in
-    near-equal blocks (multiples of V) below that. 40 KB (160 k of 64 tokens on AVX-512,
-    leaving some of the 48 KB L1 to the entries and partial sums) measured best on BERT
-    shapes: ~100-117 useful GFLOP/s at 90% sparsity (2-3% over 48 KB, ~5% over 32 KB)
-    against ~78 with whole-K panels in L2 (256 KB), despite the partial sums it costs.
+    near-equal blocks (multiples of V, at most 256 columns) below that. None: chosen by the
+    weight's density (block_bytes_for). 40 KB (160 k of 64 tokens on AVX-512, leaving some of
+    the 48 KB L1 to the entries and partial sums) measured best on BERT shapes at 90%
+    sparsity: ~100-125 useful GFLOP/s (2-3% over 48 KB, ~5% over 32 KB) against ~78 with
+    whole-K panels in L2 (256 KB), despite the partial sums it costs.
     """
 
     vectors_per_panel: int = 4
-    k_block_bytes: int = 40 * 1024
+    k_block_bytes: int | None = None
     group_rows: int = 2
+
+    # Sparser weights have fewer nonzeros per row and block, so the fixed costs of a row pair
+    # and K-block (partial sums, loop exit) weigh more: at <= 8% density 256-column blocks
+    # (64 KB, spilling from L1) measured 3-8% faster at 95% sparsity and 10-12% at 98%
+    # (M = 512, one thread, BERT-base shapes), and 4% slower at 90%.
+    SPARSE_DENSITY = 0.08
+
+    def block_bytes_for(self, density: float) -> int:
+        if self.k_block_bytes is not None:
+            return self.k_block_bytes
+        return (64 if density <= self.SPARSE_DENSITY else 40) * 1024
 
 
 DEFAULT_TUNING = SpmmTuning()
@@ -169,8 +181,8 @@ def _csr_block_stride(n: int, tile_rows: int, group_rows: int) -> int:
     return groups + 1 + groups * group_rows
 
 
-def _k_blocking(k: int, v: int, tn: int, tuning: SpmmTuning) -> tuple[int, int]:
-    max_kb = min(max(v, tuning.k_block_bytes // (4 * tn) // v * v), _MAX_K_BLOCK)
+def _k_blocking(k: int, v: int, tn: int, block_bytes: int) -> tuple[int, int]:
+    max_kb = min(max(v, block_bytes // (4 * tn) // v * v), _MAX_K_BLOCK)
     n_blocks = max(1, -(-k // max_kb))
     kb = _round_up(-(-k // n_blocks), v)
     kb = min(kb, _round_up(k, v)) if k > 0 else v
@@ -1330,7 +1342,8 @@ class SparseLinearKernel:
         V = target.vector_width
         nv = max(1, min(8, tuning.vectors_per_panel))
         self.tile_tokens = nv * V
-        kb, n_blocks = _k_blocking(k, V, self.tile_tokens, tuning)
+        density = np.count_nonzero(weight) / max(weight.size, 1)
+        kb, n_blocks = _k_blocking(k, V, self.tile_tokens, tuning.block_bytes_for(density))
         row_bytes = 4 * self.tile_tokens
         # a group's accumulators nv * R (+ broadcasts) must fit the registers: 32 zmm, 16 ymm
         regs = 32 if target.isa == "avx512" else 16
