@@ -8,7 +8,8 @@ Shapes are KxN (in features x out features) of Y[M, N] = X[M, K] @ W[K, N]; BERT
 768x768 (attention), 768x3072 (FFN up) and 3072x768 (FFN down), BERT-large 1024x1024,
 1024x4096 and 4096x1024. Weights (--weights): "random", exactly the given fraction of zeros at
 random places; "magnitude", real-looking weights (per-output and per-input scales varying
-~4x, heavy tails) pruned by magnitude to the given sparsity. BLAS is pinned to the same number
+~4x, heavy tails) pruned by magnitude to the given sparsity; "block1x4", those pruned in
+blocks of 4 outputs sharing an input (N must be a multiple of 4). BLAS is pinned to the same number
 of threads as the sparse kernel (threadpoolctl); scipy.sparse is single-threaded.
 
 Per case: median time of each (sparse and dense timed in alternating short bursts, so that
@@ -154,6 +155,23 @@ def magnitude_pruned(rng, k, n, sparsity):
     return w
 
 
+def block_pruned(rng, k, n, sparsity, cols=4):
+    """Magnitude-pruned in 1 x 4 blocks (prune's block=(1, 4)): each aligned group of 4
+    outputs keeps the same inputs, which the kernel's shared-rows variant exploits."""
+    w = magnitude_pruned(rng, k, n, 0.0)
+    scores = np.sqrt((w.reshape(k, n // cols, cols) ** 2).sum(axis=2))
+    n_zero = round(sparsity * scores.size)
+    if n_zero:
+        flat = scores.reshape(-1)
+        cut = np.zeros(flat.size, bool)
+        cut[np.argpartition(flat, n_zero - 1)[:n_zero]] = True
+        w *= ~np.repeat(cut.reshape(k, n // cols), cols, axis=1)
+    return w
+
+
+WEIGHTS = {"random": random_sparse, "magnitude": magnitude_pruned, "block1x4": block_pruned}
+
+
 def blas_description() -> str:
     if threadpool_info is None:
         return "threadpoolctl not installed: BLAS threads pinned by environment only"
@@ -182,8 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--weights",
         default="random",
-        choices=["random", "magnitude"],
-        help="random masks, or magnitude-pruned real-looking weights",
+        choices=sorted(WEIGHTS),
+        help="random masks, magnitude-pruned real-looking weights, or those pruned in 1x4 blocks",
     )
     ap.add_argument("--bias", action="store_true", help="with a bias (fused in the sparse kernel)")
     ap.add_argument("--isa", default=None, help="force avx512|avx2|generic (default: the host's)")
@@ -232,7 +250,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     for k, n in shapes:
         for sparsity in sparsities:
-            make = magnitude_pruned if args.weights == "magnitude" else random_sparse
+            make = WEIGHTS[args.weights]
             w = make(rng, k, n, sparsity)
             bias = rng.standard_normal(n).astype(np.float32) if args.bias else None
             kern = compile_sparse_linear(w, bias, args.activation, target=target)
@@ -269,6 +287,8 @@ def main(argv=None) -> int:
                             print(f"# WARNING: sparse and dense differ by {err:.3g}")
                     gflops = 2.0 * kern.nnz * m / t_sparse / 1e9 if m else 0.0
                     variant = "spmv" if m <= kern.spmv_max_m else "panel"
+                    if variant == "panel" and kern.shared_rows > 1:
+                        variant = f"panel, rows shared by {kern.shared_rows}"
                     row = {"k": k, "n": n, "sparsity": sparsity, "m": m, "threads": nt, "kernel": kern.name,
                                "variant": variant, "weights": args.weights,
                                "peak_gflops": peaks[nt], "fraction_of_peak": gflops / peaks[nt],

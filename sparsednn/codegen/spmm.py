@@ -83,6 +83,7 @@ class SpmmTuning:
     vectors_per_panel: int = 4
     k_block_bytes: int | None = None
     group_rows: int = 2
+    use_shared: bool = True  # the shared-rows variant for weights pruned in 1 x R blocks
 
     # Sparser weights have fewer nonzeros per row and block, so the fixed costs of a row pair
     # and K-block (partial sums, loop exit) weigh more: at <= 8% density 256-column blocks
@@ -128,6 +129,11 @@ class _CsrBlocks:
     row_bytes: int  # bytes between consecutive k of a packed panel
     group_rows: int  # R
     tile_rows: int  # V
+    shared: bool = False  # the R rows of every group have the same nonzero columns (below)
+
+    @property
+    def quad(self) -> np.dtype:
+        return _shared_quad(self.group_rows) if self.shared else _QUAD
 
     @property
     def n_groups(self) -> int:
@@ -144,6 +150,12 @@ class _CsrBlocks:
         os_, ks, ws = [], [], []
         for b in range(self.n_blocks):
             ptr, slots = idx[b, : G + 1].astype(np.int64), idx[b, G + 1 :].reshape(G, R)
+            if self.shared:
+                o, kk, w = self._shared_block_triplets(ptr, slots)
+                os_.append(o)
+                ks.append(b * self.k_block + kk)
+                ws.append(w)
+                continue
             quads = self.entries.view(_QUAD)[ptr[0] : ptr[-1]]
             lengths = np.diff(ptr) * 4
             pos = np.arange(4 * ptr[0], 4 * ptr[-1])
@@ -160,12 +172,38 @@ class _CsrBlocks:
         order = np.lexsort((k, o))
         return o[order], k[order], w[order]
 
+    def _shared_block_triplets(self, ptr, slots):
+        G, R, V = self.n_groups, self.group_rows, self.tile_rows
+        quads = self.entries.view(self.quad)[ptr[0] : ptr[-1]]
+        group = np.repeat(np.arange(G), np.diff(ptr))  # of each quad
+        kk = np.repeat(quads["k"].astype(np.int64)[:, :, None], R, axis=2)  # [q, step, r]
+        w = quads["w"].view(np.float32)
+        o = np.broadcast_to(((group // (V // R)) * V)[:, None, None] + slots[group][:, None, :],
+                            w.shape)  # fmt: skip
+        real = w != 0  # padding: weight 0.0 (stored nonzeros are never +-0)
+        return o[real], kk[real], w[real]
+
 
 # 4 entries of a group: their k within the K-block, then their weights (float32 bits)
 # (5 bytes per nonzero: a model's weights stream from DRAM at batch 1 once they exceed the L3)
 _QUAD = np.dtype([("k", "u1", (4,)), ("w", "<u4", (4,))])
 assert _QUAD.itemsize == 20
 _MAX_K_BLOCK = 1 << 8  # k within a block is a uint8
+
+
+def _shared_quad(group_rows: int) -> np.dtype:
+    """4 steps of a shared group: their k, then each step's R weights (member order)."""
+    return np.dtype([("k", "u1", (4,)), ("w", "<u4", (4, group_rows))])
+
+
+def _shares_rows(weight: np.ndarray, rows: int) -> bool:
+    """Whether every aligned group of `rows` outputs (columns of W, rows of Wᵀ) has one
+    nonzero pattern: weights pruned in 1 x rows blocks (prune's block=(1, rows))."""
+    k, n = weight.shape
+    if rows < 2 or n % rows or k * n == 0:
+        return False
+    mask = (weight != 0).reshape(k, n // rows, rows)
+    return bool((mask == mask[:, :, :1]).all()) and bool(mask.any())
 
 
 def _round_up(x: int, m: int) -> int:
@@ -188,6 +226,45 @@ def _k_blocking(k: int, v: int, tn: int, block_bytes: int) -> tuple[int, int]:
     kb = min(kb, _round_up(k, v)) if k > 0 else v
     n_blocks = max(1, -(-k // kb)) if k > 0 else 1
     return kb, n_blocks
+
+
+def _build_shared_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
+                      tile_rows: int, group_rows: int) -> _CsrBlocks:  # fmt: skip
+    """The blocked CSR of weight.T for weights whose aligned groups of R rows share their
+    nonzero columns (_shares_rows): per group and K-block, one list of steps (k and the R
+    weights), 4 steps a quad (_shared_quad), padded with k 0 and weights 0.0."""
+    k, n = weight.shape
+    V, R = tile_rows, group_rows
+    n_pad = _round_up(max(n, 1), V)
+    G = n_pad // R
+    qty = _shared_quad(R)
+    wt = np.zeros((n_pad, k), np.float32)
+    wt[:n] = weight.T
+    stride = _csr_block_stride(n, V, R)
+    index = np.empty((n_blocks, stride), dtype=np.int64)
+    slots = np.tile(np.arange(V).reshape(V // R, R), (n_pad // V, 1)).reshape(-1)
+    parts, start = [], 0
+    row_nnz = np.count_nonzero(wt[:n], axis=1).astype(np.int64)
+    for b in range(n_blocks):
+        block = wt[:, b * k_block : min(k, (b + 1) * k_block)].reshape(G, R, -1)
+        g, kk = np.nonzero(block[:, 0] != 0)  # the shared pattern, sorted by (group, k)
+        counts = np.bincount(g, minlength=G)
+        ptr = np.zeros(G + 1, np.int64)
+        np.cumsum((counts + 3) // 4, out=ptr[1:])
+        rank = np.arange(len(g)) - (np.cumsum(counts) - counts)[g]
+        quads = np.zeros(int(ptr[-1]), qty)
+        q, step = ptr[g] + rank // 4, rank % 4
+        quads["k"][q, step] = kk
+        quads["w"][q, step] = block[g, :, kk].view(np.uint32)  # [nnz, R]
+        parts.append(quads)
+        index[b, : G + 1] = ptr + start
+        index[b, G + 1 :] = slots
+        start += len(quads)
+    if start >= 2**31:
+        raise CompileError(f"too many nonzeros for int32 CSR indices: {start} quads")
+    entries = np.concatenate(parts + [np.zeros(1, qty)]).view(np.uint8)
+    return _CsrBlocks(k_block, n_blocks, np.ascontiguousarray(index.reshape(-1).astype(np.int32)),
+                      np.ascontiguousarray(entries), row_nnz, row_bytes, R, V, shared=True)  # fmt: skip
 
 
 def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
@@ -302,7 +379,8 @@ class _SpmmEmitter:
     STAGE_STRIDE = 272
 
     def __init__(self, module, name, k, n, k_block, n_blocks, target: Target, activation,
-                 has_bias, vectors_per_panel, group_rows=2, stage_cols=0):  # fmt: skip
+                 has_bias, vectors_per_panel, group_rows=2, stage_cols=0,
+                 shared=False):  # fmt: skip
         self.module = module
         self.name = name
         self.K = k
@@ -318,6 +396,7 @@ class _SpmmEmitter:
         self.vty = U.vec(self.V)
         self.valign = 4 * self.V
         self.R = group_rows
+        self.shared = shared
         self.n_groups = _round_up(max(n, 1), self.V) // group_rows
         self.block_stride = _csr_block_stride(n, self.V, group_rows)
         self.helpers: list = []  # JIT modules of the helpers the kernel calls
@@ -532,25 +611,40 @@ class _SpmmEmitter:
         quads = b.bitcast(a["entries"], i8p, name="quads")
         row_bytes = U.int64(self.TN * 4)  # every panel width keeps the full panel's row stride
 
-        # a quad (see _QUAD): one 32-bit load of its 4 k, a broadcast load per weight; entry
-        # e belongs to member e % R, so R independent accumulator chains per vector hide the
-        # FMA latency, and the group's rows share one loop (one exit to mispredict)
+        def panel_row(ks, step):
+            k = b.and_(b.lshr(ks, U.int64(8 * step)), U.int64(0xFF), name=f"k{step}")
+            return b.bitcast(
+                b.gep(panel_bytes, [b.mul(k, row_bytes)], inbounds=True), U.f32_ptr, name="row"
+            )
+
+        quad_bytes = U.int64((_shared_quad(R) if self.shared else _QUAD).itemsize)
         with U.for_range(b, begin, end, name="quad") as q:
-            qp = b.gep(quads, [b.mul(q, U.int64(_QUAD.itemsize))], inbounds=True)
+            qp = b.gep(quads, [b.mul(q, quad_bytes)], inbounds=True)
             ks = b.zext(b.load(b.bitcast(qp, U.i32_ptr), name="ks"), U.i64)
             weights = b.bitcast(b.gep(qp, [U.int64(4)], inbounds=True), U.f32_ptr)
-            for e in range(4):
-                k = b.and_(b.lshr(ks, U.int64(8 * e)), U.int64(0xFF), name=f"k{e}")
-                row = b.bitcast(
-                    b.gep(panel_bytes, [b.mul(k, row_bytes)], inbounds=True),
-                    U.f32_ptr,
-                    name="panel_row",
-                )
-                w = U.splat(b, b.load(U.gep(b, weights, e), name="w"), V, name="w.splat")
-                acc = accs[e % R]
-                for i in range(nv):
-                    xv = U.load_vec(b, U.gep(b, row, i * V), V, self.valign, name=f"x{i}")
-                    b.store(m.fma(w, xv, b.load(acc[i])), acc[i])
+            if self.shared:
+                # 4 steps (see _shared_quad): each loads its panel row once, for all R rows
+                for step in range(4):
+                    row = panel_row(ks, step)
+                    xs = [U.load_vec(b, U.gep(b, row, i * V), V, self.valign, name=f"x{i}")
+                          for i in range(nv)]  # fmt: skip
+                    for r in range(R):
+                        w = b.load(U.gep(b, weights, step * R + r), name="w")
+                        w = U.splat(b, w, V, name="w.splat")
+                        for i in range(nv):
+                            b.store(m.fma(w, xs[i], b.load(accs[r][i])), accs[r][i])
+            else:
+                # a quad (see _QUAD): one 32-bit load of its 4 k, a broadcast load per weight;
+                # entry e belongs to member e % R, so R independent accumulator chains per
+                # vector hide the FMA latency, and the group's rows share one loop (one exit
+                # to mispredict)
+                for e in range(4):
+                    row = panel_row(ks, e)
+                    w = U.splat(b, b.load(U.gep(b, weights, e), name="w"), V, name="w.splat")
+                    acc = accs[e % R]
+                    for i in range(nv):
+                        xv = U.load_vec(b, U.gep(b, row, i * V), V, self.valign, name=f"x{i}")
+                        b.store(m.fma(w, xv, b.load(acc[i])), acc[i])
         for r in range(R):
             for i in range(nv):
                 U.store_vec(b, b.load(accs[r][i]), U.gep(b, acc_ptrs[r], i * V), self.valign)
@@ -1266,7 +1360,9 @@ def _compiled_code(key, name):
     with _code_cache_lock:
         hit = _code_cache.get(key)
         if hit is None:
-            k, n, kb, n_blocks, nv, group_rows, stage_cols, activation, has_bias, target = key
+            k, n, kb, n_blocks, nv, group_rows, shared, stage_cols, activation, has_bias, target = (
+                key
+            )
             # helpers first: the kernel's code calls them by name
             helpers = [_helper("pack", target, activation, has_bias)[0],
                        _helper("store_block", target, activation, has_bias)[0]]  # fmt: skip
@@ -1276,7 +1372,7 @@ def _compiled_code(key, name):
             def emit():
                 module = jit.new_module(name, target)
                 _SpmmEmitter(module, name, k, n, kb, n_blocks, target, activation, has_bias, nv,
-                             group_rows, stage_cols).emit()  # fmt: skip
+                             group_rows, stage_cols, shared).emit()  # fmt: skip
                 return module
 
             ckey = _code_key("spmm", name, key[:-1], _target_key(target))
@@ -1352,34 +1448,52 @@ class SparseLinearKernel:
             if r <= tuning.group_rows and r * nv <= regs - 4 and V % r == 0:
                 group_rows = r
                 break
+        # weights pruned in blocks of R outputs sharing their inputs: groups of R rows that
+        # load each panel row once for all of them (R * nv accumulators, nv panel vectors and
+        # R weights in registers)
+        shared = False
+        for r in (4, 2):
+            if (
+                tuning.use_shared
+                and r * nv + nv + r <= regs
+                and V % r == 0
+                and _shares_rows(weight, r)
+            ):
+                group_rows, shared = r, True
+                break
+        self.shared_rows = group_rows if shared else 1
         stride = _csr_block_stride(n, V, group_rows)
         self._use_cache = kcache.enabled() if use_cache is None else bool(use_cache)
         self._data_key = None
         if self._use_cache:
             self._data_key = kcache.digest("spmm-data", kcache.code_version(), kb, n_blocks,
-                                           row_bytes, V, group_rows, _weight_digest(weight))  # fmt: skip
+                                           row_bytes, V, group_rows, shared,
+                                           _weight_digest(weight))  # fmt: skip
         data = None
+        qty = _shared_quad(group_rows) if shared else _QUAD
         if self._data_key is not None:
             data = kcache.load_arrays(self._data_key, {"index": np.int32, "entries": np.uint8,
                                                        "row_nnz": np.int64})  # fmt: skip
             if data is not None and not (
                 data["index"].shape == (n_blocks * stride,) and data["row_nnz"].shape == (n,)
-                and len(data["entries"]) % _QUAD.itemsize == 0
-                and len(data["entries"]) // _QUAD.itemsize * 4 >= int(data["row_nnz"].sum()) + 4
+                and len(data["entries"]) % qty.itemsize == 0
+                and len(data["entries"]) // qty.itemsize * 4 * (group_rows if shared else 1)
+                >= int(data["row_nnz"].sum())
             ):  # fmt: skip
                 data = None
         data_hit = data is not None
         if data_hit:
             self._csr = _CsrBlocks(kb, n_blocks, np.ascontiguousarray(data["index"]),
                                    np.ascontiguousarray(data["entries"]), data["row_nnz"],
-                                   row_bytes, group_rows, V)  # fmt: skip
+                                   row_bytes, group_rows, V, shared)  # fmt: skip
             self._spmv_arrays = {
                 name[5:]: a for name, a in data.items() if name.startswith("spmv_")
             }
         else:
             # panels of every width keep the full panel's row stride, so that the byte offsets
             # in the entries serve them all
-            self._csr = _build_csr(weight, kb, n_blocks, row_bytes, V, group_rows)
+            build = _build_shared_csr if shared else _build_csr
+            self._csr = build(weight, kb, n_blocks, row_bytes, V, group_rows)
             self._spmv_arrays = {}
             if self._data_key is not None:
                 kcache.store_arrays(self._data_key, self._csr_arrays())
@@ -1396,8 +1510,8 @@ class SparseLinearKernel:
 
         # stage output tiles when Y's row stride would thrash L1 sets (see _emit_staged_store)
         self._stage_cols = _STAGE_COLS if (n >= 2 * _STAGE_COLS and _row_sets(n) <= 2) else 0
-        key = (k, n, kb, n_blocks, nv, group_rows, self._stage_cols, activation, bias is not None,
-               target)  # fmt: skip
+        key = (k, n, kb, n_blocks, nv, group_rows, shared, self._stage_cols, activation,
+               bias is not None, target)  # fmt: skip
         with _code_cache_lock:
             code_known = key in _code_cache
         self._jit, self._fn, self._helpers = _compiled_code(key, self.name)

@@ -447,6 +447,50 @@ def test_no_access_past_the_buffers(isa, m):
         del y
 
 
+def block_weight(rng, k, n, sparsity, cols):
+    """Pruned in 1 x cols blocks: each aligned group of `cols` outputs shares its inputs."""
+    keep = rng.random((k, -(-n // cols))) >= sparsity
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    return w * np.repeat(keep, cols, axis=1)[:, :n]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    k=st.integers(1, 300),
+    groups=st.integers(1, 80),
+    cols=st.sampled_from([2, 4]),
+    ragged=st.booleans(),
+    m=st.one_of(st.sampled_from([1, 4, 9, 16, 63, 64, 65, 129]), st.integers(1, 300)),
+    sparsity=st.one_of(st.sampled_from([0.0, 0.5, 0.9, 0.98]), st.floats(0.0, 0.99)),
+    has_bias=st.booleans(),
+    activation=st.sampled_from(["none", "relu", "gelu"]),
+    num_threads=st.sampled_from([1, 2]),
+    isa=st.sampled_from(ISAS),
+    tuning=st.sampled_from(TUNINGS),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_shared_rows_variant_matches_reference(k, groups, cols, ragged, m, sparsity, has_bias,
+                                               activation, num_threads, isa, tuning, seed):  # fmt: skip
+    """Weights pruned in 1 x 2 or 1 x 4 blocks run the shared-rows variant (one panel load for
+    the rows of a group) when N is a multiple of the block, the row pairs otherwise."""
+    rng = np.random.default_rng(seed)
+    n = groups * cols + (1 if ragged else 0)
+    w = block_weight(rng, k, n, sparsity, cols)
+    bias = rng.standard_normal(n).astype(np.float32) if has_bias else None
+    kern = compile_sparse_linear(w, bias, activation, target=host_target(isa), tuning=tuning)
+    if ragged or not w.any():
+        assert kern.shared_rows == 1
+    else:  # (1 x 2 blocks may happen to share patterns by 4, e.g. dense weights)
+        assert kern.shared_rows in (2, 4) and spmm._shares_rows(w, kern.shared_rows)
+    o, kk, v = kern._csr.triplets()
+    dense = np.zeros((n, k), np.float32)
+    dense[o, kk] = v
+    np.testing.assert_array_equal(dense, w.T)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    y = kern(x, num_threads=num_threads)
+    assert_close(y, x, w, bias, activation)
+
+
 @pytest.mark.parametrize("group_rows", [1, 2, 4])
 def test_csr_entries_round_trip(group_rows):
     """The grouped, blocked entries decode to the weight's nonzeros, and each group's rows
