@@ -28,16 +28,19 @@ from sparsednn.models import cache_dir
 from sparsednn.models.hf import ModelSpec, export, make_inputs
 
 
-def pruned_model(sparsity: float) -> Path:
-    """BERT-base exported by torch and pruned to `sparsity`, cached beside its export."""
+def pruned_model(sparsity: float, block: tuple[int, int] = (1, 1)) -> Path:
+    """BERT-base exported by torch and pruned to `sparsity` (in blocks of `block` of each
+    [K, N] weight), cached beside its export."""
     import onnx
 
     from sparsednn.prune import prune_model
 
     exported = export(ModelSpec("bert", "base", "legacy"))
-    path = cache_dir() / "bench" / f"{exported.path.parent.name}-pruned{round(sparsity * 100)}.onnx"
+    suffix = "" if block == (1, 1) else f"-block{block[0]}x{block[1]}"
+    name = f"{exported.path.parent.name}-pruned{round(sparsity * 100)}{suffix}.onnx"
+    path = cache_dir() / "bench" / name
     if not path.exists():
-        model, _ = prune_model(onnx.load(str(exported.path)), sparsity)
+        model, _ = prune_model(onnx.load(str(exported.path)), sparsity, block=block)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         onnx.save(model, str(tmp))
@@ -101,6 +104,9 @@ def main() -> int:
     parser.add_argument("--time", type=float, default=5.0, help="seconds per engine per case")
     parser.add_argument("--peers", default="onnxruntime,openvino,openvino-default")
     parser.add_argument("--memory", action="store_true", help="peak RSS per session")
+    parser.add_argument("--block", default="1x1",
+                        help="prune in blocks of KxN of each [K, N] weight, e.g. 1x4 (4 outputs "
+                             "sharing an input: the kernel's shared-rows variant)")  # fmt: skip
     parser.add_argument("--json", default="bench/results/e2e.json")
     parser.add_argument("--png", default="bench/results/e2e.png")
     args = parser.parse_args()
@@ -111,9 +117,10 @@ def main() -> int:
     seqs = [int(s) for s in (args.seq or ("128,384" if args.full else "128")).split(",")]
     batches = [int(b) for b in (args.batch or "1,16").split(",")]
     spec = ModelSpec("bert", "base", "legacy")
+    block = tuple(int(v) for v in args.block.lower().split("x"))
     rows = []
     for sparsity in sparsities:
-        path = pruned_model(sparsity)
+        path = pruned_model(sparsity, block)
         run, label, compile_s = sparsednn_runner(path, args.threads)
         engines, labels = {"sparsednn": run}, {"sparsednn": label}
         for peer in args.peers.split(","):
@@ -123,7 +130,8 @@ def main() -> int:
                 continue
         _, _, cached_s = sparsednn_runner(path, args.threads)  # second creation: warm caches
         print(
-            f"== BERT-base {sparsity:.0%} sparse: sparsednn session {compile_s:.2f}s cold, "
+            f"== BERT-base {sparsity:.0%} sparse{'' if block == (1, 1) else f' in {args.block} blocks'}: "
+            f"sparsednn session {compile_s:.2f}s cold, "
             f"{cached_s:.2f}s second time; {', '.join(labels.values())}",
             flush=True,
         )
@@ -147,6 +155,7 @@ def main() -> int:
                 for name, t in timings.items():
                     row = {
                         "sparsity": sparsity,
+                        "block": args.block,
                         "seq": seq,
                         "batch": batch,
                         "engine": name,
