@@ -184,3 +184,36 @@ def test_long_tasks_let_the_dispatcher_sleep():
     wall = time.perf_counter() - t0
     assert wall >= 0.4
     assert _cpu_seconds() - c0 < 0.25 * wall
+
+
+@needs_pool
+def test_workers_spin_longer_only_while_sessions_run():
+    """native_pool.running raises the spin budget for as long as any run is inside it, and
+    the last one out restores it (idle workers sleep again)."""
+    hz = pool._hz
+    short, long_ = (int(us * 1e-6 * hz) for us in (native_pool.SPIN_US, native_pool.RUN_SPIN_US))
+    spin = pool.P.SPIN
+    assert pool.state[spin] == short
+    with native_pool.running:
+        assert pool.state[spin] == long_
+        with native_pool.running:  # a second session's run, or a nested one
+            assert pool.state[spin] == long_
+        assert pool.state[spin] == long_
+    assert pool.state[spin] == short
+
+    inside, release = threading.Barrier(3), threading.Event()
+
+    def run():
+        with native_pool.running:
+            inside.wait()
+            release.wait()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    inside.wait()
+    assert pool.state[spin] == long_
+    release.set()
+    for t in threads:
+        t.join()
+    assert pool.state[spin] == short
