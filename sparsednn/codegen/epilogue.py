@@ -133,6 +133,11 @@ class Epilogue:
         self._jit, self._fn = hit
 
     @property
+    def address(self) -> int:
+        """The native function void epilogue(float *y, int64 rows, const float *bias)."""
+        return ctypes.cast(self._fn, ctypes.c_void_p).value
+
+    @property
     def llvm_ir(self) -> str:
         return self._jit.llvm_ir
 

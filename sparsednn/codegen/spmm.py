@@ -1780,6 +1780,33 @@ def compile_sparse_linear(weight: np.ndarray, bias: np.ndarray | None = None, ac
     )
 
 
+_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS = 101, 111
+_SGEMM_KINDS = "iiiiiifiiiifii"  # cblas_sgemm's arguments, for native_pool.run_kernel
+_sgemm_address: list = []
+
+
+def _cblas_sgemm_address() -> int | None:
+    """Address of numpy's OpenBLAS cblas_sgemm (found through threadpoolctl, with its symbol
+    prefix and suffix: scipy_cblas_sgemm64_ in numpy's wheels), or None (another BLAS, no
+    threadpoolctl): the dense kernel's slices then run through parallel_for."""
+    if not _sgemm_address:
+        addr = None
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            for lc in ThreadpoolController().select(internal_api="openblas").lib_controllers:
+                name = f"{getattr(lc, '_symbol_prefix', '')}cblas_sgemm"
+                name += getattr(lc, "_symbol_suffix", "")
+                fn = getattr(ctypes.CDLL(lc.filepath), name, None)
+                if fn is not None:
+                    addr = ctypes.cast(fn, ctypes.c_void_p).value
+                    break
+        except Exception:  # no threadpoolctl, or a library it cannot read: no native path
+            addr = None
+        _sgemm_address.append(addr)
+    return _sgemm_address[0]
+
+
 class DenseLinearKernel:
     """Y = act(X @ W + b) with BLAS (numpy) for the product and a native bias/activation
     epilogue; for layers too dense for the sparse kernel. Same interface as SparseLinearKernel."""
@@ -1822,6 +1849,41 @@ class DenseLinearKernel:
         view, leading dimension N: no copy)."""
         np.matmul(x, self.weight[:, c0:c1], out=out[:, c0:c1])
 
+    def _run_native(self, x, out, m: int, parts: int) -> bool:
+        """The slices as cblas_sgemm calls on the native pool (its workers are the threads that
+        run the sparse kernels and spin between them: no Python hand-off, no third thread
+        competing for the cores), then the epilogue over row slices. False: not available."""
+        sgemm = _cblas_sgemm_address() if native_pool_active() else None
+        if sgemm is None:
+            return False
+        from sparsednn.runtime.native_pool import float_bits
+
+        k, n = self.in_features, self.out_features
+        x_addr, w_addr, y_addr = x.ctypes.data, self.weight.ctypes.data, out.ctypes.data
+        one, zero = float_bits(1.0), float_bits(0.0)
+        head = (_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_NO_TRANS)
+        if m > self.COLUMN_SPLIT_MAX_M and m >= 16 * parts:
+            rb = [m * i // parts for i in range(parts + 1)]
+            rows = [(*head, e - s, n, k, one, x_addr + 4 * s * k, k, w_addr, n, zero,
+                     y_addr + 4 * s * n, n) for s, e in itertools.pairwise(rb) if e > s]  # fmt: skip
+        else:
+            parts = min(parts, max(1, n // 16))
+            cb = [min(n, round(n * i / parts / 16) * 16) for i in range(parts)] + [n]
+            rows = [(*head, m, e - s, k, one, x_addr, k, w_addr + 4 * s, n, zero,
+                     y_addr + 4 * s, n) for s, e in itertools.pairwise(cb) if e > s]  # fmt: skip
+        with single_threaded_blas:  # (one BLAS thread per slice, as with parallel_for)
+            if not parallel_native(sgemm, _SGEMM_KINDS, rows):
+                return False
+        ep = self._epilogue
+        if ep is not None:
+            bias_addr = self.bias.ctypes.data if ep.has_bias else 0
+            rb = [m * i // parts for i in range(parts + 1)]
+            rows = [(y_addr + 4 * s * n, e - s, bias_addr) for s, e in itertools.pairwise(rb)
+                    if e > s]  # fmt: skip
+            if not parallel_native(ep.address, "iii", rows):
+                ep(out, self.bias)
+        return True
+
     def _epilogue_rows(self, out, s, e):
         self._epilogue(out[s:e], self.bias)
 
@@ -1855,6 +1917,8 @@ class DenseLinearKernel:
         parts = self._useful_threads(m, int(num_threads))
         if parts <= 1:
             self._run(x, out)
+            return out
+        if self._run_native(x, out, m, parts):
             return out
         # each slice a single-threaded BLAS call on its own thread (BLAS releases the GIL);
         # numpy's BLAS is held to one thread meanwhile (no oversubscription)
