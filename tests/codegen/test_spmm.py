@@ -632,6 +632,26 @@ def test_dense_column_and_row_split(m):
         assert_close(kern(x, num_threads=threads), x, w, bias, "gelu")
 
 
+@pytest.mark.parametrize("m", [3, 130, 513, 1100])
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_dense_slices_on_the_native_pool(m, activation):
+    """Big enough for two threads: the slices run as cblas_sgemm calls on the native pool
+    (columns up to M = 512, rows above), then the epilogue; as close to float64 as one thread."""
+    from sparsednn.runtime.threads import single_threaded_blas
+
+    rng = np.random.default_rng(m)
+    w = rng.standard_normal((300, 520)).astype(np.float32)
+    bias = rng.standard_normal(520).astype(np.float32)
+    kern = compile_dense_linear(w, bias, activation)
+    x = rng.standard_normal((m, 300)).astype(np.float32)
+    assert kern._useful_threads(m, 2) == 2
+    with single_threaded_blas:
+        y2 = kern(x, num_threads=2)
+    assert_close(y2, x, w, bias, activation)
+    assert_close(kern(x, num_threads=2), x, w, bias, activation)  # outside a session too
+    assert_close(kern(x, num_threads=1), x, w, bias, activation)
+
+
 # ---- the on-disk kernel cache ----------------------------------------------------------------
 
 
