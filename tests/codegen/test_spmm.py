@@ -99,6 +99,17 @@ TUNINGS = [
 ]
 
 
+# what every generated-kernel property test draws besides the weight and the tokens
+EPILOGUE_THREADS_TUNING = dict(
+    has_bias=st.booleans(),
+    activation=st.sampled_from(["none", "relu", "gelu"]),
+    num_threads=st.sampled_from([1, 2]),
+    isa=st.sampled_from(ISAS),
+    tuning=st.sampled_from(TUNINGS),
+    seed=st.integers(0, 2**32 - 1),
+)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     k=st.integers(1, 300),
@@ -108,12 +119,7 @@ TUNINGS = [
     ),
     sparsity=st.one_of(st.sampled_from([0.0, 0.5, 0.9, 0.98, 1.0]), st.floats(0.0, 1.0)),
     empty=st.sampled_from([0.0, 0.0, 0.3]),
-    has_bias=st.booleans(),
-    activation=st.sampled_from(["none", "relu", "gelu"]),
-    num_threads=st.sampled_from([1, 2]),
-    isa=st.sampled_from(ISAS),
-    tuning=st.sampled_from(TUNINGS),
-    seed=st.integers(0, 2**32 - 1),
+    **EPILOGUE_THREADS_TUNING,
 )
 def test_sparse_matches_reference(k, n, m, sparsity, empty, has_bias, activation, num_threads, isa,
                                   tuning, seed):  # fmt: skip
@@ -462,12 +468,7 @@ def block_weight(rng, k, n, sparsity, cols):
     ragged=st.booleans(),
     m=st.one_of(st.sampled_from([1, 4, 9, 16, 63, 64, 65, 129]), st.integers(1, 300)),
     sparsity=st.one_of(st.sampled_from([0.0, 0.5, 0.9, 0.98]), st.floats(0.0, 0.99)),
-    has_bias=st.booleans(),
-    activation=st.sampled_from(["none", "relu", "gelu"]),
-    num_threads=st.sampled_from([1, 2]),
-    isa=st.sampled_from(ISAS),
-    tuning=st.sampled_from(TUNINGS),
-    seed=st.integers(0, 2**32 - 1),
+    **EPILOGUE_THREADS_TUNING,
 )
 def test_shared_rows_variant_matches_reference(k, groups, cols, ragged, m, sparsity, has_bias,
                                                activation, num_threads, isa, tuning, seed):  # fmt: skip
