@@ -36,7 +36,6 @@ import ctypes
 import functools
 import itertools
 import math
-import threading
 
 import numpy as np
 from llvmlite import ir
@@ -61,6 +60,7 @@ from sparsednn.codegen.irutil import (
 )
 from sparsednn.codegen.target import Target, host_target
 from sparsednn.errors import SparseDNNError
+from sparsednn.runtime.threads import thread_scratch
 
 # Vector registers of accumulators per phase (the rest hold loads and broadcasts).
 _ACC_BUDGET = {"avx512": 24, "avx2": 8, "generic": 8}  # of 32 / 16 / 16 registers
@@ -381,20 +381,6 @@ def _emit_module(heads: int, head_size: int, target: Target) -> ir.Module:
 # --------------------------------------------------------------------------------------------
 # Scratch: one growable 64-byte aligned buffer per thread
 # --------------------------------------------------------------------------------------------
-_tls = threading.local()
-
-
-def thread_scratch(n_floats: int) -> tuple[int, np.ndarray]:
-    """(address, buffer) of at least n_floats 64-byte aligned floats owned by this thread."""
-    s = getattr(_tls, "attention_scratch", None)
-    if s is None or s[1] < n_floats:
-        size = max(n_floats, 1 << 14)
-        buf = np.empty(size + 16, dtype=np.float32)
-        s = ((buf.ctypes.data + 63) & ~63, size, buf)
-        _tls.attention_scratch = s
-    return s[0], s[2]
-
-
 def _kt_stride(skv: int, width: int) -> int:
     """Row stride of the packed Kᵀ: Skv rounded up to a vector, plus a vector when the stride
     would be a multiple of 512 bytes (rows of kt falling into a few L1 sets)."""
@@ -545,11 +531,11 @@ class AttentionKernel(jit.JITKernel):
         common = (sq, skv, *strides, *mstrides, ldt, float(scale), float(masked_row_value))
         threads = self.useful_threads(pairs, sq, skv, num_threads)
         if threads == 1:
-            fn(*args, thread_scratch(floats)[0], *common, 0, pairs)
+            fn(*args, thread_scratch(floats), *common, 0, pairs)
             return out
 
         def run(lo: int, hi: int) -> None:
-            fn(*args, thread_scratch(floats)[0], *common, lo, hi)
+            fn(*args, thread_scratch(floats), *common, lo, hi)
 
         from sparsednn.runtime.native_pool import float_bits
         from sparsednn.runtime.threads import parallel_for, parallel_native

@@ -46,6 +46,7 @@ from sparsednn.runtime.threads import (
     native_pool_active,
     parallel_native,
     single_threaded_blas,
+    thread_scratch,
 )
 
 __all__ = [
@@ -1229,23 +1230,10 @@ def _check_call(name, k, n, x, out):
 # Scratch memory: one growable 64-byte aligned buffer per thread
 # --------------------------------------------------------------------------------------------
 
-_tls = threading.local()
-
 
 def _fn_address(fn) -> int:
     """The code address of a ctypes function object (for the native pool's trampolines)."""
     return ctypes.cast(fn, ctypes.c_void_p).value
-
-
-def _scratch(n_floats: int) -> int:
-    """Address of a 64-byte aligned float buffer of n_floats owned by the calling thread."""
-    s = getattr(_tls, "scratch", None)
-    if s is None or s[1] < n_floats:
-        size = max(n_floats, 1 << 14)
-        buf = np.empty(size + 16, dtype=np.float32)
-        s = ((buf.ctypes.data + 63) & ~63, size, buf)
-        _tls.scratch = s
-    return s[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1694,7 +1682,9 @@ class SparseLinearKernel:
         probe = np.empty(threads, _F32)  # one per task
         p_addr = _addr(probe)
         if threads == 1:
-            self._fn(x_addr, m, y_addr, 0, n, *self._ptrs, _scratch(self._scratch_full), p_addr)
+            self._fn(
+                x_addr, m, y_addr, 0, n, *self._ptrs, thread_scratch(self._scratch_full), p_addr
+            )
             return out, probe
         tn, V = self.tile_tokens, self.target.vector_width
         if m >= tn * threads:
@@ -1712,7 +1702,7 @@ class SparseLinearKernel:
                 (
                     lambda t0=t0, t1=t1, i=i: fn(
                         x_addr + 4 * k * t0, t1 - t0, y_addr + 4 * n * t0, 0, n, *ptrs,
-                        _scratch(sf), p_addr + 4 * i,
+                        thread_scratch(sf), p_addr + 4 * i,
                     )
                 )
                 for i, (t0, t1) in enumerate(spans)
@@ -1729,7 +1719,7 @@ class SparseLinearKernel:
                 (
                     lambda s=s, e=e, i=i: self._fn(
                         x_addr, m, y_addr, s, e, *self._ptrs,
-                        _scratch(self._scratch_floats(e - s)), p_addr + 4 * i,
+                        thread_scratch(self._scratch_floats(e - s)), p_addr + 4 * i,
                     )
                 )
                 for i, (s, e) in enumerate(ranges)
@@ -1745,7 +1735,7 @@ class SparseLinearKernel:
             est = layout.steps * m * self._NS_PER_SPMV_STEP
             threads = min(self._useful_threads(m, num_threads, est), n_slices)
         if threads <= 1:
-            fn(x_addr, m, y_addr, 0, n_slices, *ptrs, _scratch(scratch))
+            fn(x_addr, m, y_addr, 0, n_slices, *ptrs, thread_scratch(scratch))
             return
         # slices split by steps
         cost = layout.slice_ptr[1:].astype(np.float64) + 2.0 * np.arange(1, n_slices + 1)
@@ -1756,7 +1746,7 @@ class SparseLinearKernel:
         if parallel_native(_fn_address(fn), "i" * 12, rows, 11, scratch):
             return
         parallel_for([
-            (lambda s=s, e=e: fn(x_addr, m, y_addr, s, e, *ptrs, _scratch(scratch)))
+            (lambda s=s, e=e: fn(x_addr, m, y_addr, s, e, *ptrs, thread_scratch(scratch)))
             for s, e in spans
         ])  # fmt: skip
 
@@ -1781,6 +1771,7 @@ def compile_sparse_linear(weight: np.ndarray, bias: np.ndarray | None = None, ac
 
 
 _CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS = 101, 111
+_F32_ONE_BITS = int(np.float32(1.0).view(np.uint32))
 _SGEMM_KINDS = "iiiiiifiiiifii"  # cblas_sgemm's arguments, for native_pool.run_kernel
 _sgemm_address: list = []
 
@@ -1856,11 +1847,9 @@ class DenseLinearKernel:
         sgemm = _cblas_sgemm_address() if native_pool_active() else None
         if sgemm is None:
             return False
-        from sparsednn.runtime.native_pool import float_bits
-
         k, n = self.in_features, self.out_features
         x_addr, w_addr, y_addr = x.ctypes.data, self.weight.ctypes.data, out.ctypes.data
-        one, zero = float_bits(1.0), float_bits(0.0)
+        one, zero = _F32_ONE_BITS, 0  # alpha, beta as float32 bits (see native_pool.float_bits)
         head = (_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_NO_TRANS)
         if m > self.COLUMN_SPLIT_MAX_M and m >= 16 * parts:
             rb = [m * i // parts for i in range(parts + 1)]

@@ -42,6 +42,8 @@ import time
 
 import numpy as np
 
+from sparsednn.runtime.threads import aligned_floats
+
 # a worker spins this long after its last task before sleeping on a futex (so does the
 # dispatcher waiting for its workers). bert-base-90, batch 1, 2 threads: 100 us gave 18.7 ms
 # on a quiet machine but 37.5 ms beside a CPU-bound process (parallel_for: 33 ms); 20 us
@@ -179,10 +181,7 @@ class _NativePool:
             self._scratch.append(None)
         s = self._scratch[slot]
         if s is None or s[1] < n_floats:
-            size = max(int(n_floats), 1 << 14)
-            buf = np.empty(size + 16, np.float32)
-            s = ((buf.ctypes.data + 63) & ~63, size, buf)
-            self._scratch[slot] = s
+            s = self._scratch[slot] = aligned_floats(n_floats)
         return s[0]
 
     def run(self, task_addr: int, ctx_addr: int, n: int) -> None:
@@ -277,16 +276,25 @@ def shutdown() -> None:
             _failed = True
 
 
+def _acquire(n: int) -> _NativePool | None:
+    """The pool with the dispatch lock held, for a dispatch of n tasks (the caller releases
+    the lock); None, holding nothing, when the pool is disabled, stopped or busy, or n is out
+    of range."""
+    p = _pool or get_pool()
+    if p is None or not 1 <= n <= 255 or not _dispatch_lock.acquire(blocking=False):
+        return None
+    if p.stopped:
+        _dispatch_lock.release()
+        return None
+    return p
+
+
 def run_tasks(task_addr: int, ctx_addr: int, n: int) -> bool:
     """Run native task(ctx, i) for i in [0, n) on the pool; False if disabled or busy."""
-    p = _pool or get_pool()
-    if p is None or n > 255 or n < 1:
-        return False
-    if not _dispatch_lock.acquire(blocking=False):
+    p = _acquire(n)
+    if p is None:
         return False
     try:
-        if p.stopped:
-            return False
         p.run(task_addr, ctx_addr, n)
         return True
     finally:
@@ -304,15 +312,11 @@ def run_kernel(fn_addr: int, kinds: str, rows, scratch_col: int = -1,
     pool is disabled or busy. kinds: one letter per argument, 'i' (pointer or integer) or 'f'
     (float32: float_bits in the row). scratch_col >= 0: that column is set to the task's
     scratch buffer of at least scratch_floats floats."""
-    p = _pool or get_pool()
     n = len(rows)
-    if p is None or n > 255 or n < 1:
-        return False
-    if not _dispatch_lock.acquire(blocking=False):
+    p = _acquire(n)
+    if p is None:
         return False
     try:
-        if p.stopped:
-            return False
         tramp = p.trampoline(kinds)
         # ctx: [kernel address, row 0, row 1, ...] as i64 (array.array: ~1 us for a few rows)
         ctx = array.array("q", [fn_addr])

@@ -11,9 +11,29 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
+import numpy as np
+
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_tls = threading.local()
+
+
+def aligned_floats(n_floats: int) -> tuple[int, int, np.ndarray]:
+    """(address, size, owner) of a new 64-byte aligned float32 buffer of size >= n_floats
+    (at least 16 K floats, so that small requests do not reallocate)."""
+    size = max(int(n_floats), 1 << 14)
+    buf = np.empty(size + 16, np.float32)
+    return (buf.ctypes.data + 63) & ~63, size, buf
+
+
+def thread_scratch(n_floats: int) -> int:
+    """Address of a 64-byte aligned scratch buffer of >= n_floats floats owned by the calling
+    thread (kernels' per-thread scratch: grown on demand, kept for the thread's life)."""
+    s = getattr(_tls, "scratch", None)
+    if s is None or s[1] < n_floats:
+        s = _tls.scratch = aligned_floats(n_floats)
+    return s[0]
 
 
 def default_num_threads() -> int:
