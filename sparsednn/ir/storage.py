@@ -34,14 +34,30 @@ class MappedFile(mmap.mmap):
     """A read-only mapping of a whole file, which knows its own address."""
 
     address: int = 0
+    path: str = ""
+    identity: tuple = ()  # the file's device, inode, size and mtime when it was mapped
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> MappedFile:
         """Map `path` (OSError if it cannot be, ValueError if it is empty)."""
         with open(path, "rb") as f:
             mapped = cls(f.fileno(), 0, access=mmap.ACCESS_READ)
-        mapped.address = np.frombuffer(mapped, np.uint8, count=1).ctypes.data
+            mapped.address = np.frombuffer(mapped, np.uint8, count=1).ctypes.data
+            mapped.path, mapped.identity = os.fspath(path), _identity(os.fstat(f.fileno()))
         return mapped
+
+    def read_into(self, array: np.ndarray, view: np.ndarray) -> bool:
+        """Fill `array` with the bytes of `view`, a contiguous view of this mapping, by reading
+        the file: the bytes pass through the page cache, never this process's resident set.
+        False if the file cannot be read so (the caller copies from the mapping instead)."""
+        try:
+            with open(self.path, "rb") as f:
+                if _identity(os.fstat(f.fileno())) != self.identity:
+                    return False  # the path names another file now
+                f.seek(byte_bounds(view)[0] - self.address)
+                return f.readinto(memoryview(array).cast("B")) == array.nbytes
+        except (OSError, ValueError, TypeError):
+            return False
 
     def release(self, start: int = 0, stop: int | None = None) -> None:
         """Drop this process's resident pages of bytes [start, stop): the next read of them
@@ -52,6 +68,10 @@ class MappedFile(mmap.mmap):
         start = max(start, 0) // mmap.PAGESIZE * mmap.PAGESIZE
         if stop > start:
             self.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def mapping_of(array: Any) -> MappedFile | None:
@@ -73,13 +93,17 @@ def release(array: Any) -> None:
 
 
 def own(array: np.ndarray, chunk_bytes: int = 4 << 20) -> np.ndarray:
-    """`array` itself, or a read-only copy of it if it is a view of a mapped file. The copy
-    is made a few MB at a time, each chunk's pages given back once copied, so that the file's
-    pages and the copy of an embedding table are not in memory together."""
-    if mapping_of(array) is None:
+    """`array` itself, or a read-only copy of it if it is a view of a mapped file. A large
+    contiguous view is read from the file straight into the copy; any other view is copied a
+    few MB at a time, each chunk's pages given back once copied. Either way the file's pages
+    and the copy of an embedding table are not in memory together."""
+    mapped = mapping_of(array)
+    if mapped is None:
         return array
     copy = np.empty_like(array, order="K")
-    if array.ndim == 0 or array.size == 0:
+    if array.nbytes >= chunk_bytes and array.flags.c_contiguous and mapped.read_into(copy, array):
+        pass
+    elif array.ndim == 0 or array.size == 0:
         copy[...] = array
     else:
         rows = max(1, chunk_bytes // max(array[0].nbytes, 1))

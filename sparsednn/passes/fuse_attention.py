@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsednn.ir import Graph, Node, Value
+from sparsednn.ir.storage import release
 from sparsednn.ops.fused_ops import DOMAIN
 from sparsednn.passes.infer_shapes import infer_shapes
 from sparsednn.passes.matching import Uses, const_scalar
@@ -608,6 +609,9 @@ def merge_qkv_projections(graph: Graph) -> Graph:
         sparsity = [1.0 - np.count_nonzero(w) / max(w.size, 1) for w in weights]
         if max(sparsity) - min(sparsity) > MAX_SPARSITY_SPREAD:
             continue
+        merged_weight = np.ascontiguousarray(np.concatenate(weights, axis=1))
+        for w in weights:  # weights still in the model file: give back the pages just read
+            release(w)
         n = weights[0].shape[1]
         biases = [n_.attrs.get("bias") for n_ in linears]
         bias = None
@@ -621,7 +625,7 @@ def merge_qkv_projections(graph: Graph) -> Graph:
             [x],
             [qkv],
             {
-                "weight": np.ascontiguousarray(np.concatenate(weights, axis=1)),
+                "weight": merged_weight,
                 "bias": bias,
                 "activation": "none",
             },

@@ -113,9 +113,6 @@ class InferenceSession:
             files = weakref.WeakSet(mapped_files(graph))
             self.graph: Graph = run_pipeline(graph, sparse_threshold=self.options.sparse_threshold)
             del graph
-            # Weights bound for sparse kernels are compressed straight from the model file;
-            # every other constant the plan keeps gets memory of its own (ir/storage.py).
-            own_constants(self.graph, keep=_compressed_from_file)
         except (SparseDNNError, MemoryError, KeyboardInterrupt):
             raise
         except Exception as e:  # a bug met by a malformed model: still a sparsednn error
@@ -214,13 +211,25 @@ class InferenceSession:
         ctx = LoweringContext(self.options.num_threads, self.kernels)
         if ctx.num_threads > 1:  # start the worker pool now: a run never compiles anything
             native_pool.prepare()
+        # Weights bound for sparse kernels are compressed first, straight from the model file
+        # (the dense arrays the passes made, such as fused QKV weights, freed one by one);
+        # only then does every other constant the plan keeps get memory of its own
+        # (ir/storage.py), so that the two never add up in the session's peak memory.
+        nodes = self.graph.nodes
+        sparse = [n for n in nodes if _compressed_from_file(n, "weight")]
+        ordered = sparse + [n for n in nodes if not _compressed_from_file(n, "weight")]
+        lowered: dict[int, Callable[..., Any]] = {}
+        bar = progress_bar(ordered, "compiling", self.options.show_progress, unit="node")
+        for i, node in enumerate(bar):
+            if i == len(sparse):
+                own_constants(self.graph)
+            lowered[id(node)] = lower(node, ctx)
+        own_constants(self.graph)  # (a no-op unless every node was a sparse Linear)
         steps: list[Step] = []
-        for node in progress_bar(
-            self.graph.nodes, "compiling", self.options.show_progress, unit="node"
-        ):
+        for node in nodes:
             ins = [None if v is None else slot_of(v) for v in node.inputs]
             outs = [slot_of(v) for v in node.outputs]
-            steps.append(Step(node, lower(node, ctx), ins, outs))
+            steps.append(Step(node, lowered[id(node)], ins, outs))
         self._output_slots_by_name = {v.name: slot_of(v) for v in self.graph.outputs}
         # Free each intermediate after its last reader, so peak memory follows the live set.
         keep = set(self._output_slots_by_name.values())

@@ -179,6 +179,24 @@ def test_own_and_release_of_mapped_views(tmp_path):
     release(plain)  # a no-op
 
 
+def test_own_reads_large_views_from_the_file_and_copies_if_it_was_replaced(tmp_path):
+    model = linear_model()
+    path = save(tmp_path, model)
+    _, _, data = _read_model(path)
+    view = np.frombuffer(data[0], np.float32).reshape(K, N)
+    want = numpy_helper.to_array(model.graph.initializer[0])
+    out = np.empty_like(view)
+    assert mapping_of(view).read_into(out, view)  # read from the file, not the mapping
+    np.testing.assert_array_equal(out, want)
+    read = own(view, chunk_bytes=16)
+    assert mapping_of(read) is None and not read.flags.writeable
+    np.testing.assert_array_equal(read, want)
+    path.unlink()
+    save(tmp_path, linear_model(np.full((K, N), 7.0, np.float32)))  # another file, same path
+    assert not mapping_of(view).read_into(out, view)
+    np.testing.assert_array_equal(own(view, chunk_bytes=16), want)  # from the mapping
+
+
 def test_external_data_is_mapped_and_equal(tmp_path):
     model = linear_model()
     w, b = (numpy_helper.to_array(t) for t in model.graph.initializer)
