@@ -37,7 +37,7 @@ from llvmlite import ir
 
 from sparsednn.codegen import irutil as U
 from sparsednn.codegen import cache as kcache
-from sparsednn.codegen import jit
+from sparsednn.codegen import gemm, jit
 from sparsednn.codegen.epilogue import Epilogue
 from sparsednn.codegen.target import Target, host_target
 from sparsednn.errors import CompileError, InvalidInputError
@@ -1414,6 +1414,9 @@ class SparseLinearKernel:
     cache_hit: the kernel's arrays and code came from the on-disk kernel cache (or the code
     from this process's), so creating it ran neither LLVM nor the CSR build."""
 
+    holds_weight = True  # its grouped CSR: the node's dense weight may be dropped
+    weight_format = "compressed"
+
     def __init__(self, weight, bias, activation, target: Target, tuning: SpmmTuning,
                  use_cache: bool | None = None):  # fmt: skip
         t_start = time.perf_counter()
@@ -1799,8 +1802,9 @@ def _cblas_sgemm_address() -> int | None:
 
 
 class DenseLinearKernel:
-    """Y = act(X @ W + b) with BLAS (numpy) for the product and a native bias/activation
-    epilogue; for layers too dense for the sparse kernel. Same interface as SparseLinearKernel."""
+    """Y = act(X @ W + b) for layers too dense for the sparse kernel: generated code over the
+    weight packed once, bias and activation fused (codegen/gemm.py), on AVX-512 and AVX2; else
+    BLAS (numpy) and a native bias/activation epilogue. Same interface as SparseLinearKernel."""
 
     def __init__(self, weight, bias, activation, target: Target):
         t_start = time.perf_counter()
@@ -1813,21 +1817,39 @@ class DenseLinearKernel:
         self.bias = bias
         self.nnz = int(np.count_nonzero(self.weight))
         self.sparsity = 1.0 - self.nnz / (k * n) if k * n else 1.0
-        self.name = _kernel_name("gemm", "blas", target.isa, bias is not None, activation)
-        self.name = self.name.replace(f"_{target.isa}", "")  # BLAS picks its own ISA
         self._epilogue = None
-        if bias is not None or activation != "none":
-            self._epilogue = Epilogue(n, bias is not None, activation, target)
-        # nothing to build but the epilogue's code: a "hit" when that needed no LLVM
-        self.cache_hit = self._epilogue is None or self._epilogue.cache_hit
+        self._gemm = None
+        self.holds_weight = False  # (True: the node's weight may be dropped, see lowering.py)
+        self.weight_format = "packed"
+        if gemm.supported(target):  # generated code, the weight packed once (codegen/gemm.py)
+            self._gemm = gemm.PackedGemm(self.weight, bias, activation, target)
+            self.weight = None  # the packed copy is the only one kept
+            self.holds_weight = True
+            self.name = _kernel_name("gemm", "packed", target.isa, bias is not None, activation)
+            self.cache_hit = self._gemm.module.from_cache
+        else:  # BLAS, and a compiled epilogue
+            self.name = _kernel_name("gemm", "blas", target.isa, bias is not None, activation)
+            self.name = self.name.replace(f"_{target.isa}", "")  # BLAS picks its own ISA
+            if bias is not None or activation != "none":
+                self._epilogue = Epilogue(n, bias is not None, activation, target)
+            # nothing to build but the epilogue's code: a "hit" when that needed no LLVM
+            self.cache_hit = self._epilogue is None or self._epilogue.cache_hit
         self.compile_seconds = time.perf_counter() - t_start
+
+    def dense_weight(self) -> np.ndarray:
+        """W [K, N] (unpacked anew from the packed panels when the code is generated)."""
+        return self.weight if self._gemm is None else self._gemm.dense_weight()
 
     @property
     def llvm_ir(self) -> str:
+        if self._gemm is not None:
+            return self._gemm.module.llvm_ir
         return self._epilogue.llvm_ir if self._epilogue else "; no epilogue: BLAS only\n"
 
     @property
     def asm(self) -> str:
+        if self._gemm is not None:
+            return self._gemm.module.asm
         return self._epilogue.asm if self._epilogue else "# no epilogue: BLAS only\n"
 
     def _run(self, x, out):
@@ -1904,6 +1926,9 @@ class DenseLinearKernel:
         if m == 0 or n == 0:
             return out
         parts = self._useful_threads(m, int(num_threads))
+        if self._gemm is not None:
+            self._gemm(x, out, parts)
+            return out
         if parts <= 1:
             self._run(x, out)
             return out

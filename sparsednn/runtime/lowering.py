@@ -33,8 +33,9 @@ class LoweringContext:
 
 
 class CompressedWeight:
-    """Stands in a Linear node for a weight that runs on a sparse kernel, so that the dense
-    copy is freed and the nonzeros are held once, by the kernel (its grouped CSR). Dumps and
+    """Stands in a Linear node for a weight its kernel holds in a form of its own (a sparse
+    kernel's grouped CSR, the generated GEMM's packed panels), so that the dense copy is freed
+    and the weight is held once. Dumps and
     summaries read its shape and nnz; the rare paths that need it dense (NaN inputs) get it
     back with np.asarray, rebuilt from the kernel's arrays."""
 
@@ -58,7 +59,7 @@ class CompressedWeight:
 
     def __str__(self) -> str:
         zeros = 100.0 * (1.0 - self.nnz / max(self.size, 1))
-        return f"float32{list(self.shape)} {zeros:.1f}% zeros, compressed"
+        return f"float32{list(self.shape)} {zeros:.1f}% zeros, {self._kernel.weight_format}"
 
 
 def lowering(op: str):
@@ -88,8 +89,8 @@ def lower_linear(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
     ctx.kernels[node.name] = kernel
     a["kernel"] = kernel.name
     k, n = a["weight"].shape
-    if sparse:  # the kernel holds the nonzeros: free the dense copy (or its file's pages)
-        dense = a["weight"]
+    if kernel.holds_weight:  # its nonzeros, or the packed weight: free the dense copy (or
+        dense = a["weight"]  # its file's pages)
         a["weight"] = CompressedWeight(kernel)
         release(dense)
         del dense

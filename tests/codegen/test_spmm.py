@@ -248,7 +248,9 @@ def test_gelu_epilogue_accuracy(isa):
     rel = np.abs(y - ref)[big] / np.abs(ref)[big]
     assert rel.max() < 1e-6, rel.max()
     assert np.abs(y - ref)[~big].max() < 1e-30
-    assert kern.name == "f32_gemm_blas_gelu"
+    assert kern.name == (
+        "f32_gemm_blas_gelu" if isa == "generic" else f"f32_gemm_packed_{isa}_gelu"
+    )
 
 
 def test_special_values_propagate():
@@ -635,15 +637,17 @@ def test_dense_column_and_row_split(m):
 
 @pytest.mark.parametrize("m", [3, 130, 513, 1100])
 @pytest.mark.parametrize("activation", ["none", "gelu"])
-def test_dense_slices_on_the_native_pool(m, activation):
-    """Big enough for two threads: the slices run as cblas_sgemm calls on the native pool
-    (columns up to M = 512, rows above), then the epilogue; as close to float64 as one thread."""
+@pytest.mark.parametrize("isa", ["generic", None])
+def test_dense_slices_on_the_native_pool(m, activation, isa):
+    """Big enough for two threads: the slices run on the native pool, as cblas_sgemm calls
+    (generic ISA: columns up to M = 512, rows above) then the epilogue, or as the generated
+    GEMM over its share of the packed panels; as close to float64 as one thread."""
     from sparsednn.runtime.threads import single_threaded_blas
 
     rng = np.random.default_rng(m)
     w = rng.standard_normal((300, 520)).astype(np.float32)
     bias = rng.standard_normal(520).astype(np.float32)
-    kern = compile_dense_linear(w, bias, activation)
+    kern = compile_dense_linear(w, bias, activation, target=host_target(isa) if isa else None)
     x = rng.standard_normal((m, 300)).astype(np.float32)
     assert kern._useful_threads(m, 2) == 2
     with single_threaded_blas:
