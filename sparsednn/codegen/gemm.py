@@ -229,7 +229,8 @@ class GemmEmitter:
 
         with U.for_range(b, 0, m, MC, name="mb") as mb:
             mlen = imin(b.sub(m, mb), U.int64(MC))
-            with U.for_range(b, 0, K, KC, name="kb") as kb:
+            # (K = 0: one empty block, whose tiles still store act(bias))
+            with U.for_range(b, 0, max(K, 1), KC, name="kb") as kb:
                 klen = imin(b.sub(U.int64(K), kb), U.int64(KC))
                 first = b.icmp_signed("==", kb, U.int64(0))
                 last = b.icmp_signed(">=", b.add(kb, U.int64(KC)), U.int64(K))
