@@ -41,6 +41,7 @@ from sparsednn.codegen import gemm, jit
 from sparsednn.codegen.epilogue import Epilogue
 from sparsednn.codegen.target import Target, host_target
 from sparsednn.errors import CompileError, InvalidInputError
+from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
 from sparsednn.runtime.threads import (
     parallel_for,
     native_pool_active,
@@ -1973,9 +1974,8 @@ def compile_dense_linear(weight: np.ndarray, bias: np.ndarray | None = None, act
     return DenseLinearKernel(weight, bias, activation, target or host_target())
 
 
-# Below this fraction of zeros the sparse kernel is not expected to beat BLAS (measured on
-# BERT shapes, one thread: see bench/kernels.py); compile_linear picks the kernel by it.
-SPARSE_MIN_SPARSITY = 0.7
+# compile_linear picks the kernel by the same measured break-even as the session's pass
+SPARSE_MIN_SPARSITY = DEFAULT_SPARSE_THRESHOLD
 
 
 def compile_linear(weight: np.ndarray, bias: np.ndarray | None = None, activation: str = "none",
