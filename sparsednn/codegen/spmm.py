@@ -1507,6 +1507,7 @@ class SparseLinearKernel:
         with _code_cache_lock:
             code_known = key in _code_cache
         self._jit, self._fn, self._helpers = _compiled_code(key, self.name)
+        self._fn_addr = _fn_address(self._fn)
         self.cache_hit = bool(data_hit and (code_known or self._jit.from_cache))
         self._ptrs = (
             self._csr.index.ctypes.data,
@@ -1515,6 +1516,7 @@ class SparseLinearKernel:
         )
         self._scratch_full = self._scratch_floats(n)
         self._splits: dict[int, list[tuple[int, int]]] = {}
+        self._token_plans: dict[tuple, tuple[int, tuple]] = {}
         # the SpMV variant (M <= spmv_max_m): its code now (no LLVM while running), its steps
         # on first use (from the cache entry if there)
         self.spmv_max_m = SPMV_MAX_M if target.isa == "avx512" else 0
@@ -1645,6 +1647,21 @@ class SparseLinearKernel:
             per = min(per, self._NS_PER_EXTRA_THREAD_NATIVE)
         return max(1, min(num_threads, int(est_ns // per)))
 
+    def _token_plan(self, m: int, num_threads: int) -> tuple[int, tuple]:
+        """(threads, token spans) of a call with m rows: with enough panels the threads split
+        the tokens (each packs only its own panels) at multiples of V; no spans: they split
+        the output rows instead. _run keeps them per (m, num_threads, native pool on): the
+        calls of a batch shape repeat them."""
+        threads = self._useful_threads(m, num_threads) if num_threads > 1 else 1
+        spans: tuple = ()
+        tn, V = self.tile_tokens, self.target.vector_width
+        if threads > 1 and m >= tn * threads:
+            bounds = [min(m, round(m * i / threads / V) * V) for i in range(threads)] + [m]
+            spans = tuple((t0, t1) for t0, t1 in itertools.pairwise(bounds) if t1 > t0)
+        if len(self._token_plans) > 256:  # (many distinct batch shapes: start over)
+            self._token_plans.clear()
+        return threads, spans
+
     def row_ranges(self, num_threads: int) -> list[tuple[int, int]]:
         """Output rows of each thread, balanced by nonzeros."""
         r = self._splits.get(num_threads)
@@ -1682,7 +1699,11 @@ class SparseLinearKernel:
         if m <= self.spmv_max_m:
             self._run_spmv(x_addr, m, y_addr, num_threads)
             return out, None
-        threads = self._useful_threads(m, num_threads) if num_threads > 1 else 1
+        plan_key = (m, num_threads, num_threads > 1 and native_pool_active())
+        plan = self._token_plans.get(plan_key)
+        if plan is None:
+            plan = self._token_plans[plan_key] = self._token_plan(m, num_threads)
+        threads, spans = plan
         probe = np.empty(threads, _F32)  # one per task
         p_addr = _addr(probe)
         if threads == 1:
@@ -1690,17 +1711,12 @@ class SparseLinearKernel:
                 x_addr, m, y_addr, 0, n, *self._ptrs, thread_scratch(self._scratch_full), p_addr
             )
             return out, probe
-        tn, V = self.tile_tokens, self.target.vector_width
-        if m >= tn * threads:
-            # enough panels: split the tokens (each thread packs only its own panels), at
-            # multiples of V
-            bounds = [min(m, round(m * i / threads / V) * V) for i in range(threads)] + [m]
+        if spans:  # the tokens split (see _token_plan)
             sf = self._scratch_full
             fn, ptrs = self._fn, self._ptrs
-            spans = [(t0, t1) for t0, t1 in itertools.pairwise(bounds) if t1 > t0]
             rows = [(x_addr + 4 * k * t0, t1 - t0, y_addr + 4 * n * t0, 0, n, *ptrs, 0,
                      p_addr + 4 * i) for i, (t0, t1) in enumerate(spans)]  # fmt: skip
-            if parallel_native(_fn_address(fn), "i" * 10, rows, 8, sf):
+            if parallel_native(self._fn_addr, "i" * 10, rows, 8, sf):
                 return out, probe[: len(spans)]
             tasks = [
                 (
@@ -1717,7 +1733,7 @@ class SparseLinearKernel:
             rows = [(x_addr, m, y_addr, s, e, *self._ptrs, 0, p_addr + 4 * i)
                     for i, (s, e) in enumerate(ranges)]  # fmt: skip
             floats = max(self._scratch_floats(e - s) for s, e in ranges)
-            if parallel_native(_fn_address(self._fn), "i" * 10, rows, 8, floats):
+            if parallel_native(self._fn_addr, "i" * 10, rows, 8, floats):
                 return out, probe[: len(ranges)]
             tasks = [
                 (
