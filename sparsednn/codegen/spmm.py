@@ -1681,7 +1681,8 @@ class SparseLinearKernel:
         """(the product, whether X held a NaN or an infinity): the panel kernel finds out while
         packing X, for free; None when the call did not look (the SpMV variant, M <= 8)."""
         y, probe = self._run(x, out, num_threads)
-        return y, (None if probe is None else bool(np.isnan(probe).any()))
+        # (a task's probe is NaN when its part of X was not finite; a list beats numpy here)
+        return y, (None if probe is None else any(p != p for p in probe.tolist()))
 
     def _run(self, x, out, num_threads) -> tuple[np.ndarray, np.ndarray | None]:
         k, n = self.in_features, self.out_features

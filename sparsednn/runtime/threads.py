@@ -120,15 +120,25 @@ def parallel_native(fn_addr: int, kinds: str, rows, scratch_col: int = -1,
     scratch_floats floats. Returns False, having run nothing, when the native pool is disabled
     (SPARSEDNN_NATIVE_POOL=0, not x86-64 Linux, failed to start) or in use by another thread:
     the caller then runs its tasks with parallel_for."""
-    from sparsednn.runtime import native_pool
-
-    return native_pool.run_kernel(fn_addr, kinds, rows, scratch_col, scratch_floats)
+    return _native_pool().run_kernel(fn_addr, kinds, rows, scratch_col, scratch_floats)
 
 
 def native_pool_active() -> bool:
     """Whether parallel_native dispatches through the native pool (~1 us per hand-off instead
     of parallel_for's ~50 us): kernels then use their lower "worth another thread"
     thresholds."""
-    from sparsednn.runtime import native_pool
+    return _native_pool().get_pool() is not None
 
-    return native_pool.get_pool() is not None
+
+def _native_pool():
+    """runtime.native_pool, imported on first use (it imports this module), then kept: these
+    helpers run on every kernel call."""
+    global _NATIVE_POOL
+    if _NATIVE_POOL is None:
+        from sparsednn.runtime import native_pool
+
+        _NATIVE_POOL = native_pool
+    return _NATIVE_POOL
+
+
+_NATIVE_POOL = None
