@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 from llvmlite import ir
@@ -64,6 +65,21 @@ GEMM_ARGS = "iiiiiii"  # x, packed w, y, bias, m, first panel, end panel (native
 GEMM_SIGNATURE = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 3)
 
 
+@dataclass
+class _Block:
+    """What the tiles of one (row block, K block, panel) share: X at the block's first k, the
+    panel's rows of that K block, Y and the bias at the panel's first column, the K block's
+    length and whether it is the first / the last."""
+
+    x_k: ir.Value
+    panel: ir.Value
+    y_p: ir.Value
+    bias_p: ir.Value
+    klen: ir.Value
+    first: ir.Value
+    last: ir.Value
+
+
 class GemmEmitter:
     """Emits `void name(const float *x, const float *wp, float *y, const float *bias,
     int64 m, int64 p0, int64 p1)`: rows 0..m of Y, panels p0..p1 (see the module docstring)."""
@@ -87,7 +103,7 @@ class GemmEmitter:
         key = (rows, cols)
         if key in self._tiles:
             return self._tiles[key]
-        V, NV, K, N = self.V, self.NV, self.k, self.n
+        V, K, N = self.V, self.k, self.n
         fnty = ir.FunctionType(U.void, (U.f32_ptr, U.f32_ptr, U.f32_ptr, U.f32_ptr, U.i64,
                                         U.i1, U.i1))  # fmt: skip
         fn = ir.Function(self.module, fnty, name=f"tile_{rows}x{cols}")
@@ -212,7 +228,7 @@ class GemmEmitter:
 
     # -- the entry point ----------------------------------------------------------------------
     def emit(self) -> ir.Function:
-        K, N, NR, MR, P = self.k, self.n, self.NR, self.MR, self.P
+        K, NR, MR, P = self.k, self.NR, self.MR, self.P
         fnty = ir.FunctionType(U.void, (U.f32_ptr, U.f32_ptr, U.f32_ptr, U.f32_ptr, U.i64,
                                         U.i64, U.i64))  # fmt: skip
         fn = ir.Function(self.module, fnty, name=self.name)
@@ -222,7 +238,6 @@ class GemmEmitter:
             a.name = nm
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         self.b = b
-        i64 = U.i64
 
         def imin(a, c):
             return b.select(b.icmp_signed("<", a, c), a, c)
@@ -235,55 +250,54 @@ class GemmEmitter:
                 first = b.icmp_signed("==", kb, U.int64(0))
                 last = b.icmp_signed(">=", b.add(kb, U.int64(KC)), U.int64(K))
                 with U.for_range(b, p0, p1, name="p") as p:
-                    panel = U.gep(b, wp, b.add(b.mul(p, U.int64(K * NR)), b.mul(kb, U.int64(NR))))
-                    bias_p = U.gep(b, bias, b.mul(p, U.int64(NR)))
-                    is_last_panel = b.icmp_signed("==", p, U.int64(P - 1))
+                    block = _Block(
+                        x_k=U.gep(b, x, kb),
+                        panel=U.gep(
+                            b, wp, b.add(b.mul(p, U.int64(K * NR)), b.mul(kb, U.int64(NR)))
+                        ),
+                        y_p=U.gep(b, y, b.mul(p, U.int64(NR))),
+                        bias_p=U.gep(b, bias, b.mul(p, U.int64(NR))),
+                        klen=klen,
+                        first=first,
+                        last=last,
+                    )
                     m_full = b.add(mb, b.and_(mlen, U.int64(-MR)))
-                    m_end = b.add(mb, mlen)
-                    self._panel_tiles(fn, x, panel, y, bias_p, p, mb, m_full, m_end, klen, first,
-                                      last, is_last_panel, kb)  # fmt: skip
+                    if self.last_cols == NR:
+                        self._panel_tiles(fn, block, NR, mb, m_full, b.add(mb, mlen))
+                    else:  # the last panel's columns are a part of NR: tiles of their own
+                        full_bb = fn.append_basic_block("panel.full")
+                        part_bb = fn.append_basic_block("panel.part")
+                        join_bb = fn.append_basic_block("panel.join")
+                        b.cbranch(b.icmp_signed("==", p, U.int64(P - 1)), part_bb, full_bb)
+                        for bb, cols in ((full_bb, NR), (part_bb, self.last_cols)):
+                            b.position_at_end(bb)
+                            self._panel_tiles(fn, block, cols, mb, m_full, b.add(mb, mlen))
+                            b.branch(join_bb)
+                        b.position_at_end(join_bb)
         b.ret_void()
         return fn
 
-    def _panel_tiles(self, fn, x, panel, y, bias_p, p, mb, m_full, m_end, klen, first, last,
-                     is_last_panel, kb):  # fmt: skip
-        b, K, N, NR, MR = self.b, self.k, self.n, self.NR, self.MR
+    def _panel_tiles(self, fn, block: _Block, cols: int, mb, m_full, m_end) -> None:
+        """Rows mb .. m_end of one panel block: whole MR-row tiles, then one of the rest."""
+        b, MR = self.b, self.MR
+        with U.for_range(b, mb, m_full, MR, name="mt") as mt:
+            self._call_tile(MR, cols, block, mt)
+        sw_end = fn.append_basic_block("rem.end")
+        sw = b.switch(b.sub(m_end, m_full), sw_end)
+        for rows in range(1, MR):
+            case = fn.append_basic_block(f"rem{rows}")
+            sw.add_case(ir.Constant(U.i64, rows), case)
+            b.position_at_end(case)
+            self._call_tile(rows, cols, block, m_full)
+            b.branch(sw_end)
+        b.position_at_end(sw_end)
 
-        def run_tiles(cols):
-            with U.for_range(b, mb, m_full, MR, name="mt") as mt:
-                self._call_tile(MR, cols, x, panel, y, bias_p, p, mt, klen, first, last, kb)
-            rem = b.sub(m_end, m_full)
-            sw_end = fn.append_basic_block("rem.end")
-            sw = b.switch(rem, sw_end)
-            for rows in range(1, MR):
-                case = fn.append_basic_block(f"rem{rows}")
-                sw.add_case(ir.Constant(U.i64, rows), case)
-                b.position_at_end(case)
-                self._call_tile(rows, cols, x, panel, y, bias_p, p, m_full, klen, first, last, kb)
-                b.branch(sw_end)
-            b.position_at_end(sw_end)
-
-        if self.last_cols == NR:
-            run_tiles(NR)
-            return
-        full_bb = fn.append_basic_block("panel.full")
-        part_bb = fn.append_basic_block("panel.part")
-        join_bb = fn.append_basic_block("panel.join")
-        b.cbranch(is_last_panel, part_bb, full_bb)
-        b.position_at_end(full_bb)
-        run_tiles(NR)
-        b.branch(join_bb)
-        b.position_at_end(part_bb)
-        run_tiles(self.last_cols)
-        b.branch(join_bb)
-        b.position_at_end(join_bb)
-
-    def _call_tile(self, rows, cols, x, panel, y, bias_p, p, mt, klen, first, last, kb):
-        b, K, N, NR = self.b, self.k, self.n, self.NR
-        tile = self._tile(rows, cols)
-        x_t = U.gep(b, x, b.add(b.mul(mt, U.int64(K)), kb))
-        y_t = U.gep(b, y, b.add(b.mul(mt, U.int64(N)), b.mul(p, U.int64(NR))))
-        b.call(tile, [x_t, panel, y_t, bias_p, klen, first, last])
+    def _call_tile(self, rows: int, cols: int, block: _Block, mt) -> None:
+        b = self.b
+        x_t = U.gep(b, block.x_k, b.mul(mt, U.int64(self.k)))
+        y_t = U.gep(b, block.y_p, b.mul(mt, U.int64(self.n)))
+        args = [x_t, block.panel, y_t, block.bias_p, block.klen, block.first, block.last]
+        b.call(self._tile(rows, cols), args)
 
 
 _code_cache: dict = {}

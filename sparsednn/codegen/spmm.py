@@ -35,16 +35,16 @@ from dataclasses import dataclass
 import numpy as np
 from llvmlite import ir
 
-from sparsednn.codegen import irutil as U
 from sparsednn.codegen import cache as kcache
 from sparsednn.codegen import gemm, jit
+from sparsednn.codegen import irutil as U
 from sparsednn.codegen.epilogue import Epilogue
 from sparsednn.codegen.target import Target, host_target
 from sparsednn.errors import CompileError, InvalidInputError
 from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
 from sparsednn.runtime.threads import (
-    parallel_for,
     native_pool_active,
+    parallel_for,
     parallel_native,
     single_threaded_blas,
     thread_scratch,
@@ -1682,7 +1682,7 @@ class SparseLinearKernel:
         packing X, for free; None when the call did not look (the SpMV variant, M <= 8)."""
         y, probe = self._run(x, out, num_threads)
         # (a task's probe is NaN when its part of X was not finite; a list beats numpy here)
-        return y, (None if probe is None else any(p != p for p in probe.tolist()))
+        return y, (None if probe is None else any(map(math.isnan, probe.tolist())))
 
     def _run(self, x, out, num_threads) -> tuple[np.ndarray, np.ndarray | None]:
         k, n = self.in_features, self.out_features
