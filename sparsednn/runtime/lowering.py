@@ -114,6 +114,27 @@ def lower_linear(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
     return run_linear
 
 
+def lower_linear_chain(first: Node, second: Node, run_first, run_second, ctx: LoweringContext):
+    """One step for sparse Linear `first` feeding only sparse Linear `second`: the two kernels
+    chained over chunks of tokens (codegen/chain.py), or the two lowered steps one after the
+    other for what the chain does not take (few rows, a NaN or Inf in X or between them)."""
+    from sparsednn.codegen.chain import SparseChain
+
+    chain = SparseChain(ctx.kernels[first.name], ctx.kernels[second.name])
+    k, n, threads = chain.k, chain.n_out, ctx.num_threads
+
+    def run_chain(x: np.ndarray) -> np.ndarray:
+        if x.dtype == np.float32 and x.ndim >= 1 and x.shape[-1] == k:
+            rows = np.ascontiguousarray(x).reshape(-1, k)
+            if chain.applies(rows.shape[0], threads):
+                y, non_finite = chain(rows, threads)
+                if not non_finite:
+                    return y.reshape(*x.shape[:-1], n)
+        return run_second(run_first(x))
+
+    return run_chain
+
+
 def _redo_non_finite_rows(rows: np.ndarray, y: np.ndarray, ones: np.ndarray, attrs) -> None:
     """NaN and Inf as a dense product gives them: the sparse kernel skips zero weights, so a
     NaN or Inf input never meets them, where the reference's NaN * 0 and Inf * 0 are NaN.

@@ -26,7 +26,7 @@ from sparsednn.ir.verify import describe_memory_limit, format_bytes, memory_limi
 from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
 from sparsednn.passes.pipeline import run_pipeline
 from sparsednn.runtime import native_pool
-from sparsednn.runtime.lowering import LoweringContext, lower
+from sparsednn.runtime.lowering import LoweringContext, lower, lower_linear_chain
 from sparsednn.runtime.progress import progress_bar
 from sparsednn.runtime.threads import default_num_threads, single_threaded_blas
 
@@ -51,6 +51,9 @@ class SessionOptions:
     enable_profiling: bool = False  # per-node times in InferenceSession.profile()
     show_progress: bool = False  # a progress bar while compiling (on a terminal only)
     sparse_threshold: float = DEFAULT_SPARSE_THRESHOLD  # fraction of zeros for a sparse kernel
+    # run a sparse Linear that only feeds another (a feed-forward block) chunk by chunk with
+    # it, the intermediate in cache (codegen/chain.py)
+    chain_sparse_linears: bool = True
 
     @property
     def num_threads(self) -> int:
@@ -231,8 +234,10 @@ class InferenceSession:
             outs = [slot_of(v) for v in node.outputs]
             steps.append(Step(node, lowered[id(node)], ins, outs))
         self._output_slots_by_name = {v.name: slot_of(v) for v in self.graph.outputs}
-        # Free each intermediate after its last reader, so peak memory follows the live set.
         keep = set(self._output_slots_by_name.values())
+        if self.options.chain_sparse_linears:
+            steps = _chain_sparse_linears(steps, keep, ctx)
+        # Free each intermediate after its last reader, so peak memory follows the live set.
         last_reader: dict[int, Step] = {}
         for step in steps:
             for s in step.inputs:
@@ -378,6 +383,40 @@ def _size_terms(graph: Graph) -> list[tuple[int, tuple[str, ...], Value]]:
         if dims not in largest or nbytes > largest[dims][0]:
             largest[dims] = (nbytes, dims, v)
     return list(largest.values())
+
+
+def _chain_sparse_linears(steps: list[Step], outputs: set[int], ctx) -> list[Step]:
+    """Steps with each pair of sparse Linear steps A -> B, where A's output is read by B only,
+    as one step running them chained (lowering.lower_linear_chain)."""
+    readers: dict[int, int] = {}
+    for step in steps:
+        for slot in step.inputs:
+            if slot is not None:
+                readers[slot] = readers.get(slot, 0) + 1
+    producer = {slot: step for step in steps for slot in step.outputs}
+    chained: dict[int, Step] = {}  # id of B's step -> the chained step
+    dropped: set[int] = set()  # ids of A's steps
+    for second in steps:
+        first = producer.get(second.inputs[0]) if second.inputs else None
+        if (
+            first is None
+            or id(first) in dropped
+            or id(first) in chained
+            or not _is_sparse_linear(first, ctx)
+            or not _is_sparse_linear(second, ctx)
+            or readers.get(second.inputs[0]) != 1
+            or second.inputs[0] in outputs
+        ):
+            continue
+        run = lower_linear_chain(first.node, second.node, first.run, second.run, ctx)
+        chained[id(second)] = Step(second.node, run, [first.inputs[0]], second.outputs)
+        dropped.add(id(first))
+    return [chained.get(id(s), s) for s in steps if id(s) not in dropped]
+
+
+def _is_sparse_linear(step: Step, ctx) -> bool:
+    kernel = ctx.kernels.get(step.node.name)
+    return step.node.op == "Linear" and type(kernel).__name__ == "SparseLinearKernel"
 
 
 def _compressed_from_file(node: Node, key: str) -> bool:

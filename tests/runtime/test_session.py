@@ -163,3 +163,53 @@ def test_profiling_reports_time_per_node():
     assert all(p.calls == 2 and p.seconds > 0 for p in profile)
     (linear,) = [p for p in profile if p.op == "Linear"]
     assert linear.useful_flops == 2 * 2 * np.count_nonzero(W) * 3
+
+
+def feed_forward_model(k=32, n_mid=128, n=24, seed=1):
+    """y = relu(x @ W1 + B1) @ W2 + B2, both weights 90% zeros: a chain of sparse Linears."""
+    r = np.random.default_rng(seed)
+    w1, w2 = r.standard_normal((k, n_mid)), r.standard_normal((n_mid, n))
+    w1[r.random(w1.shape) < 0.9] = 0
+    w2[r.random(w2.shape) < 0.9] = 0
+    consts = {"W1": w1, "B1": r.standard_normal(n_mid), "W2": w2, "B2": r.standard_normal(n)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h1"]),
+        helper.make_node("Add", ["h1", "B1"], ["a1"]),
+        helper.make_node("Relu", ["a1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "W2"], ["h2"]),
+        helper.make_node("Add", ["h2", "B2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ffn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        [numpy_helper.from_array(v.astype(np.float32), name) for name, v in consts.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model, consts
+
+
+def test_chained_sparse_linears_match_the_steps_apart():
+    model, c = feed_forward_model()
+    bytes_ = model.SerializeToString()
+    chained = sparsednn.InferenceSession(bytes_, sparsednn.SessionOptions(intra_op_num_threads=2))
+    apart = sparsednn.InferenceSession(
+        bytes_, sparsednn.SessionOptions(intra_op_num_threads=2, chain_sparse_linears=False)
+    )
+    assert len(chained._steps) == len(apart._steps) - 1
+    for batch in (1, 5, 64, 127, 128, 300):
+        x = rng.standard_normal((batch, 32)).astype(np.float32)
+        y = chained.run(None, {"x": x})[0]
+        np.testing.assert_array_equal(y, apart.run(None, {"x": x})[0])
+        ref = np.maximum(x @ c["W1"] + c["B1"], 0) @ c["W2"] + c["B2"]
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    x = rng.standard_normal((200, 32)).astype(np.float32)
+    x[7, 3], x[150, 0] = np.nan, np.inf  # a dense product's NaN * 0: whole rows of NaN
+    y = chained.run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, apart.run(None, {"x": x})[0])
+    assert (
+        np.isnan(y[7]).all()
+        and np.isnan(y[150]).all()
+        and np.isfinite(np.delete(y, [7, 150], 0)).all()
+    )
