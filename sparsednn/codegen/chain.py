@@ -24,6 +24,7 @@ from llvmlite import ir
 
 from sparsednn.codegen import irutil as U
 from sparsednn.codegen import jit
+from sparsednn.codegen.spmm import _KERNEL_ARG_TYPES
 from sparsednn.codegen.target import Target
 from sparsednn.runtime.threads import parallel_for, parallel_native, thread_scratch
 
@@ -36,8 +37,6 @@ _SIGNATURE = ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * len(_ARGS))
 
 
 def _emit_driver(module: ir.Module, name: str) -> None:
-    from sparsednn.codegen.spmm import _KERNEL_ARG_TYPES
-
     kernel_ty = ir.PointerType(ir.FunctionType(U.void, _KERNEL_ARG_TYPES))
     i8p = ir.PointerType(ir.IntType(8))
     types = {"x": U.f32_ptr, "y": U.f32_ptr, "scratch": U.f32_ptr, "probe": U.f32_ptr,
