@@ -101,8 +101,9 @@ def own(array: np.ndarray, chunk_bytes: int = 4 << 20) -> np.ndarray:
     if mapped is None:
         return array
     copy = np.empty_like(array, order="K")
-    if array.nbytes >= chunk_bytes and array.flags.c_contiguous and mapped.read_into(copy, array):
-        pass
+    read = array.nbytes >= chunk_bytes and array.flags.c_contiguous
+    if read and mapped.read_into(copy, array):
+        pass  # (read from the file)
     elif array.ndim == 0 or array.size == 0:
         copy[...] = array
     else:

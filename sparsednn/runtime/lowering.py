@@ -35,9 +35,9 @@ class LoweringContext:
 class CompressedWeight:
     """Stands in a Linear node for a weight its kernel holds in a form of its own (a sparse
     kernel's grouped CSR, the generated GEMM's packed panels), so that the dense copy is freed
-    and the weight is held once. Dumps and
-    summaries read its shape and nnz; the rare paths that need it dense (NaN inputs) get it
-    back with np.asarray, rebuilt from the kernel's arrays."""
+    and the weight is held once. Dumps and summaries read its shape and nnz; the rare paths
+    that need it dense (NaN inputs) get it back with np.asarray, rebuilt from the kernel's
+    arrays."""
 
     dtype = np.dtype(np.float32)
 

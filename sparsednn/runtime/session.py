@@ -8,6 +8,7 @@ every input before any native code sees it, then walks the plan.
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import threading
 import time
@@ -221,13 +222,10 @@ class InferenceSession:
         nodes = self.graph.nodes
         sparse = [n for n in nodes if _compressed_from_file(n, "weight")]
         ordered = sparse + [n for n in nodes if not _compressed_from_file(n, "weight")]
-        lowered: dict[int, Callable[..., Any]] = {}
-        bar = progress_bar(ordered, "compiling", self.options.show_progress, unit="node")
-        for i, node in enumerate(bar):
-            if i == len(sparse):
-                own_constants(self.graph)
-            lowered[id(node)] = lower(node, ctx)
-        own_constants(self.graph)  # (a no-op unless every node was a sparse Linear)
+        bar = iter(progress_bar(ordered, "compiling", self.options.show_progress, unit="node"))
+        lowered = {id(n): lower(n, ctx) for n in itertools.islice(bar, len(sparse))}
+        own_constants(self.graph)
+        lowered.update((id(n), lower(n, ctx)) for n in bar)
         steps: list[Step] = []
         for node in nodes:
             ins = [None if v is None else slot_of(v) for v in node.inputs]
