@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import math
 import threading
 
 import numpy as np
@@ -24,7 +25,7 @@ from llvmlite import ir
 
 from sparsednn.codegen import irutil as U
 from sparsednn.codegen import jit
-from sparsednn.codegen.spmm import _KERNEL_ARG_TYPES
+from sparsednn.codegen.spmm import _KERNEL_ARG_TYPES, _code_key, _target_key
 from sparsednn.codegen.target import Target
 from sparsednn.runtime.threads import parallel_for, parallel_native, thread_scratch
 
@@ -74,9 +75,18 @@ def _driver_address(target: Target) -> int:
     with _driver_lock:
         hit = _driver.get(target)
         if hit is None:
-            module = jit.new_module("sparse_chain", target)
-            _emit_driver(module, "sparse_chain")
-            jm = jit.compile_module(module, target)
+
+            def emit():
+                module = jit.new_module("sparse_chain", target)
+                _emit_driver(module, "sparse_chain")
+                return module
+
+            # from the on-disk kernel cache when it can: compiling it, even this small, pages
+            # in LLVM's code generator (~30 MB of a session's resident memory)
+            ckey = _code_key("chain", "sparse_chain", CHUNK, _target_key(target))
+            jm = jit.load_cached(ckey, target, source=emit)
+            if jm is None:
+                jm = jit.compile_module(emit(), target, cache_key=ckey)
             hit = _driver[target] = (jm, jm.function_address("sparse_chain"))
         return hit[1]
 
@@ -121,11 +131,7 @@ class SparseChain:
         if len(rows) == 1 or not parallel_native(
             self.address, _KINDS, rows, scratch_col, self.scratch_floats
         ):
-            tasks = []
-            for r in rows:
-                r = list(r)
-                tasks.append(lambda r=r: self._fn(*r[:scratch_col],
-                                                  thread_scratch(self.scratch_floats),
-                                                  *r[scratch_col + 1:]))  # fmt: skip
-            parallel_for(tasks)
-        return out, bool(np.isnan(probe).any())
+            c = scratch_col
+            parallel_for([(lambda r=r: self._fn(*r[:c], thread_scratch(self.scratch_floats),
+                                                *r[c + 1:])) for r in rows])  # fmt: skip
+        return out, any(map(math.isnan, probe.tolist()))

@@ -198,10 +198,11 @@ class _NativePool:
 
 def known_kinds() -> tuple:
     """Argument kinds of the kernels dispatched through the pool (their trampolines are
-    compiled with the pool): sparse panel kernel, SpMV variant, attention, layer norm."""
-    from sparsednn.codegen import attention, norm
+    compiled with the pool, so that a run compiles none): sparse panel kernel, SpMV variant,
+    attention, layer norm, dense GEMM, chained sparse kernels."""
+    from sparsednn.codegen import attention, chain, gemm, norm
 
-    return ("i" * 10, "i" * 12, attention._KINDS, norm._KINDS)
+    return ("i" * 10, "i" * 12, attention._KINDS, norm._KINDS, gemm.GEMM_ARGS, chain._KINDS)
 
 
 class _Running:
