@@ -9,6 +9,8 @@ Two kinds of entries, under ``sparsednn.models.cache_dir() / "kernels"`` (so
   (shapes, tiling, epilogue), the target (CPU name, LLVM features, triple), the llvmlite/LLVM
   version and the source of the code generator itself, so an edited emitter never loads stale
   code. Loading one skips IR optimisation and code generation.
+* ``host/<key>.json``: the host CPU as LLVM reads it (name, features, triple), keyed by a
+  digest of /proc/cpuinfo (see target.py).
 * ``data/<key>.npz``: the arrays a layer's kernel passes to the code (CSR entries, SpMV steps),
   keyed by a SHA-256 of the weights plus the layout parameters and the sparsednn version.
 
@@ -70,24 +72,26 @@ _source_digest: str | None = None
 
 
 def code_version() -> str:
-    """A digest of the code generator's source and of the LLVM in use, part of every code key."""
+    """A digest of the code generator's source and of the llvmlite in use, part of every code
+    key."""
     global _source_digest
     if _source_digest is None:
         import llvmlite
-        import llvmlite.binding as llvm
 
         import sparsednn
 
         here = Path(__file__).parent
         h = hashlib.sha256()
-        for name in ("spmm.py", "epilogue.py", "irutil.py", "jit.py", "target.py", "cache.py"):
+        sources = ("spmm.py", "epilogue.py", "irutil.py", "jit.py", "target.py", "cache.py",
+                   "elf_loader.py")  # fmt: skip
+        for name in sources:
             try:
                 h.update((here / name).read_bytes())
             except OSError:  # pragma: no cover - installed without sources
                 h.update(name.encode())
-        h.update(
-            f"{sparsednn.__version__}|{llvmlite.__version__}|{llvm.llvm_version_info}".encode()
-        )
+        # (an llvmlite release links one LLVM: its version names the code generator, and
+        # reading LLVM's own version would load the library)
+        h.update(f"{sparsednn.__version__}|{llvmlite.__version__}".encode())
         _source_digest = h.hexdigest()
     return _source_digest
 
@@ -150,6 +154,40 @@ def store_object(key: str, obj: bytes) -> None:
         return
     header = _MAGIC + struct.pack("<Q", len(obj)) + hashlib.sha256(obj).digest()
     _write_atomic(code_path(key), lambda f: (f.write(header), f.write(obj)))
+
+
+# -- the host CPU ---------------------------------------------------------------------------
+
+
+def host_path(key: str) -> Path:
+    return cache_root() / "host" / f"{key}.json"
+
+
+def load_host(key: str) -> tuple[str, dict[str, bool], str] | None:
+    """(cpu name, features, triple) stored under key, or None (missing, disabled or corrupt)."""
+    if not enabled():
+        return None
+    path = host_path(key)
+    try:
+        entry = json.loads(path.read_text())
+        cpu, features, triple = entry["cpu"], entry["features"], entry["triple"]
+        if not (isinstance(cpu, str) and isinstance(triple, str) and isinstance(features, dict)
+                and all(isinstance(k, str) and isinstance(v, bool) for k, v in features.items())
+                and entry.get("key") == key):  # fmt: skip
+            raise ValueError("malformed host entry")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        _discard(path)
+        return None
+    return cpu, features, triple
+
+
+def store_host(key: str, cpu: str, features: dict[str, bool], triple: str) -> None:
+    if not enabled():
+        return
+    text = json.dumps({"key": key, "cpu": cpu, "features": features, "triple": triple})
+    _write_atomic(host_path(key), lambda f: f.write(text.encode()))
 
 
 # -- data arrays ----------------------------------------------------------------------------

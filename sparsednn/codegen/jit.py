@@ -6,6 +6,9 @@
 
 llvmlite shares one LLVM context per process and LLVM is not thread-safe across it, so every
 call into LLVM made here holds one lock. Compiled code runs without it.
+
+libllvmlite is loaded on first use only: code from the kernel cache is loaded by
+elf_loader.py where it can be, so a session whose kernels are all cached never loads LLVM.
 """
 
 from __future__ import annotations
@@ -13,14 +16,28 @@ from __future__ import annotations
 import threading
 import time
 
-import llvmlite.binding as llvm
 from llvmlite import ir
 
+from sparsednn.codegen import elf_loader
 from sparsednn.errors import CompileError
+
+
+class _LazyBinding:
+    """llvmlite.binding, imported on first attribute access (loading it maps and relocates
+    libllvmlite: ~40 MB of resident memory)."""
+
+    def __getattr__(self, name):
+        import llvmlite.binding
+
+        return getattr(llvmlite.binding, name)
+
+
+llvm = _LazyBinding()
 
 _lock = threading.RLock()
 _initialized = False
 _target_machines: dict = {}
+_exported: dict[str, int] = {}  # export_symbol's table, also for code loaded without LLVM
 
 
 def ensure_llvm_initialized() -> None:
@@ -33,6 +50,8 @@ def ensure_llvm_initialized() -> None:
             llvm.initialize_native_target()
             llvm.initialize_native_asmprinter()
             llvm.initialize_native_asmparser()
+            for name, address in _exported.items():  # exported while LLVM was not loaded
+                llvm.add_symbol(name, address)
             _initialized = True
 
 
@@ -82,8 +101,10 @@ class JITModule:
     emits the module again), for dumps only."""
 
     def __init__(self, engine, module: llvm.ModuleRef | None, target, compile_seconds: float,
-                 from_cache: bool = False, source=None, opt: str | int = "light"):  # fmt: skip
+                 from_cache: bool = False, source=None, opt: str | int = "light",
+                 image: elf_loader.LoadedObject | None = None):  # fmt: skip
         self._engine = engine
+        self._image = image  # the code, when loaded without LLVM (then engine is None)
         self._module = module
         self.target = target
         self.compile_seconds = compile_seconds
@@ -94,8 +115,11 @@ class JITModule:
         self._asm_text: str | None = None
 
     def function_address(self, name: str) -> int:
-        with _lock:
-            addr = self._engine.get_function_address(name)
+        if self._image is not None:
+            addr = self._image.address(name)
+        else:
+            with _lock:
+                addr = self._engine.get_function_address(name)
         if not addr:
             raise CompileError(f"JIT module has no function named {name!r}")
         return addr
@@ -151,7 +175,9 @@ def export_symbol(name: str, address: int) -> None:
     """Make a compiled function callable by name from modules compiled later (the JIT links
     declarations of `name` to `address`). The code at `address` must be kept alive."""
     with _lock:
-        llvm.add_symbol(name, address)
+        _exported[name] = address
+        if _initialized:
+            llvm.add_symbol(name, address)
 
 
 def new_module(name: str, target) -> ir.Module:
@@ -208,8 +234,16 @@ def load_cached(cache_key: str, target, source=None, opt: str | int = "light") -
     obj = cache.load_object(cache_key)
     if obj is None:
         return None
-    ensure_llvm_initialized()
     t0 = time.perf_counter()
+    if elf_loader.supported():
+        try:
+            with _lock:
+                image = elf_loader.LoadedObject(obj, _exported)
+            return JITModule(None, None, target, time.perf_counter() - t0, from_cache=True,
+                             source=source, opt=opt, image=image)  # fmt: skip
+        except elf_loader.UnsupportedObject:
+            pass  # MCJIT loads it
+    ensure_llvm_initialized()
     with _lock:
         try:
             empty = llvm.parse_assembly("")

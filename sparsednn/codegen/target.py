@@ -2,7 +2,9 @@
 
 The host CPU is read once per process. Under virtualisation ``llvm.get_host_cpu_name()`` can
 name a CPU other than the one we run on, so the feature string (``get_host_cpu_features()``) is
-the truth and is always passed explicitly to the target machine.
+the truth and is always passed explicitly to the target machine. What LLVM said is kept in the
+kernel cache under a digest of /proc/cpuinfo, so that a process whose kernels all come from the
+cache does not load LLVM to learn it again.
 
 ``SPARSEDNN_ISA=avx2|generic`` (or ``host_target("avx2")``) forces a lower ISA than the host's,
 by switching off the features above it, so that every code path can be tested on one machine.
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
+import sys
 from dataclasses import dataclass
 
-import llvmlite.binding as llvm
+from sparsednn.codegen.jit import llvm
 
 ISAS = ("avx512", "avx2", "generic")
 VECTOR_WIDTH = {"avx512": 16, "avx2": 8, "generic": 4}
@@ -66,14 +70,38 @@ class Target:
         )
 
 
+def _cpuinfo_digest() -> str | None:
+    """A digest of what the kernel reports of the CPU (vendor, model, stepping, flags of the
+    first processor) and of the llvmlite that would read it, or None where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            first = f.read().split("\n\n")[0]
+    except OSError:
+        return None
+    if "flags" not in first:
+        return None
+    import llvmlite
+
+    from sparsednn.codegen import cache
+
+    return cache.digest("host", first, platform.machine(), sys.platform, llvmlite.__version__)
+
+
 @functools.lru_cache(maxsize=1)
 def _host_cpu() -> tuple[str, dict[str, bool], str]:
-    """(cpu name, {feature: enabled}, triple) of the host, read once."""
-    from sparsednn.codegen import jit
+    """(cpu name, {feature: enabled}, triple) of the host, read once (from the kernel cache
+    when it holds LLVM's answer for this CPU)."""
+    from sparsednn.codegen import cache, jit
 
+    key = _cpuinfo_digest()
+    known = cache.load_host(key) if key else None
+    if known is not None:
+        return known
     jit.ensure_llvm_initialized()
-    feats = llvm.get_host_cpu_features()
-    return llvm.get_host_cpu_name(), dict(feats), llvm.get_process_triple()
+    host = llvm.get_host_cpu_name(), dict(llvm.get_host_cpu_features()), llvm.get_process_triple()
+    if key:
+        cache.store_host(key, *host)
+    return host
 
 
 def _isa_of(features: dict[str, bool]) -> str:
