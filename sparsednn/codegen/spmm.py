@@ -970,12 +970,19 @@ def _build_spmv(o, k, v, n_rows: int, n_cols: int, unroll: int = 2,
                 sort_rows: bool | None = None) -> _SpmvLayout:  # fmt: skip
     """Steps of the SpMV kernel from the nonzeros (o, k, v) of Wᵀ sorted by (o, k).
 
-    Output rows are reordered by their number of nonzeros (most first), so that the 16 lanes of
-    a slice have similar counts: a chunk takes as many steps as its fullest lane, and with
-    magnitude-pruned weights (rows of very different density) this halves the steps."""
-    L, C = SPMV_LANES, SPMV_CHUNK
+    A step's chunk is a window of 32 k starting at a multiple of 16 (so its two x loads stay
+    aligned): the window of a slice's next step starts at the smallest k any of its lanes has
+    left (rounded down to 16, and at most K rounded up to 32, minus 32), and every lane whose
+    next nonzero lies inside takes it. Chunks at fixed multiples of 32 made every lane wait
+    for the fullest one at each boundary: at 90% random sparsity the sliding windows fill 63%
+    of the lanes against 50% (20% fewer steps; 95%: 50% against 40%).
+
+    Output rows are reordered by their number of nonzeros (most first) when that saves a tenth
+    of the steps: with magnitude-pruned weights (rows of very different density) the 16 lanes
+    of a slice then have similar counts."""
+    L, C, A = SPMV_LANES, SPMV_CHUNK, SPMV_LANES
     n_sl = max(1, -(-n_rows // L))
-    n_ch = max(1, -(-n_cols // C))
+    kp = _round_up(max(n_cols, 1), C)
     o = o.astype(np.int64)
     perm = np.argsort(-np.bincount(o, minlength=n_rows), kind="stable")  # lane slot -> row
     if sort_rows is None:  # keep the order unless sorting saves a tenth of the steps
@@ -989,45 +996,58 @@ def _build_spmv(o, k, v, n_rows: int, n_cols: int, unroll: int = 2,
     rank = np.empty(max(n_rows, 1), np.int64)
     rank[perm] = np.arange(n_rows)
     order = np.lexsort((k, rank[o])) if len(o) else np.zeros(0, np.int64)
-    o, k, v = rank[o][order], k[order], v[order]
+    o, k, v = rank[o][order], k[order].astype(np.int64), v[order]
     # (one more element: 1 if the order is the identity, so that whole slices store as vectors)
     perm_pad = np.full(n_sl * L + 1, -1, np.int32)
     perm_pad[:n_rows] = perm
     perm_pad[-1] = int(np.array_equal(perm, np.arange(n_rows)))
-    c = k.astype(np.int64) // C
-    g = o * n_ch + c  # (row, chunk) runs, consecutive since sorted by (o, k)
-    counts = np.bincount(g, minlength=n_sl * L * n_ch).reshape(n_sl, L, n_ch)
-    steps_sc = counts.max(axis=1)  # [n_sl, n_ch] steps of each (slice, chunk)
-    per_slice = steps_sc.sum(axis=1)
-    per_slice += (-per_slice) % unroll  # whole unrolled iterations: pad with empty steps
+
+    # Windows, all slices at once: heads[lane slot] is the lane's next nonzero.
+    lane_ptr = np.zeros(n_sl * L + 1, np.int64)
+    np.cumsum(np.bincount(o, minlength=n_sl * L), out=lane_ptr[1:])
+    heads, ends = lane_ptr[:-1].copy(), lane_ptr[1:]
+    k_pad = np.append(k, kp)  # heads at the end read kp: past every window
+    done = np.int64(np.iinfo(np.int64).max)
+    taken_pos, taken_slot, taken_step = [], [], []
+    win_slice, win_step, win_off = [], [], []
+    steps_so_far = np.zeros(n_sl, np.int64)
+    while True:
+        live = heads < ends
+        nxt = np.where(live, k_pad[heads], done)
+        first = nxt.reshape(n_sl, L).min(axis=1)
+        active = np.flatnonzero(first < done)
+        if not len(active):
+            break
+        off = np.minimum(first[active] // A * A, max(kp - C, 0))
+        off_of = np.zeros(n_sl, np.int64)
+        off_of[active] = off
+        take = np.flatnonzero(live & (nxt < np.repeat(off_of, L) + C))
+        win_slice.append(active)
+        win_step.append(steps_so_far[active])
+        win_off.append(off)
+        taken_pos.append(heads[take])
+        taken_slot.append(take)
+        taken_step.append(steps_so_far[take // L])
+        heads[take] += 1
+        steps_so_far[active] += 1
+    per_slice = steps_so_far + (-steps_so_far) % unroll  # whole unrolled iterations
     slice_ptr = np.zeros(n_sl + 1, np.int64)
     np.cumsum(per_slice, out=slice_ptr[1:])
     if slice_ptr[-1] >= 2**31 // L:
         raise CompileError(f"too many SpMV steps for int32 indices: {slice_ptr[-1]}")
-    start = np.zeros((n_sl, n_ch), np.int64)  # first step of each (slice, chunk)
-    start[:, 1:] = np.cumsum(steps_sc, axis=1)[:, :-1]
-    start += slice_ptr[:-1, None]
     n_steps = int(slice_ptr[-1])
     idx = _aligned_empty((n_steps + 1) * L, np.uint8)
     idx.fill(0x80)
     val = _aligned_empty((n_steps + 1) * L, np.float32)
     val.fill(0.0)
     off = np.zeros(n_steps + 1, np.int32)
-    if len(o):
-        first = np.r_[0, np.flatnonzero(np.diff(g)) + 1]
-        rank = np.arange(len(g)) - np.repeat(first, np.diff(np.r_[first, len(g)]))
-        step = start[o // L, c] + rank
-        pos = step * L + o % L
-        idx[pos] = (k % C).astype(np.uint8)
-        val[pos] = v
-        # chunk offset of every step of every (slice, chunk)
-        flat = steps_sc.reshape(-1)
-        nz = flat > 0
-        run_starts = start.reshape(-1)[nz]
-        run_lens = flat[nz]
-        run_chunks = np.tile(np.arange(n_ch), n_sl)[nz]
-        base = np.repeat(run_starts - np.r_[0, np.cumsum(run_lens)[:-1]], run_lens)
-        off[base + np.arange(int(run_lens.sum()))] = np.repeat(run_chunks * C, run_lens)
+    if win_slice:
+        ws, wst = np.concatenate(win_slice), np.concatenate(win_step)
+        off[slice_ptr[ws] + wst] = np.concatenate(win_off)
+        pos, slot = np.concatenate(taken_pos), np.concatenate(taken_slot)
+        step = slice_ptr[slot // L] + np.concatenate(taken_step)
+        idx[step * L + slot % L] = (k[pos] - off[step]).astype(np.uint8)
+        val[step * L + slot % L] = v[pos]
     return _SpmvLayout(slice_ptr.astype(np.int32), idx, val, off, perm_pad)
 
 

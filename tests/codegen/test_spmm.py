@@ -553,6 +553,9 @@ def test_spmv_matches_reference(k, n, m, sparsity, structure, has_bias, activati
     layout = kern.spmv_layout
     assert layout.steps % spmm._SPMV_UNROLL == 0
     assert int((layout.idx[: layout.steps * 16] != 0x80).sum()) == kern.nnz
+    # windows start at whole vectors and end inside the zero-padded row of x
+    kp = -(-k // spmm.SPMV_CHUNK) * spmm.SPMV_CHUNK
+    assert (layout.off % 16 == 0).all() and layout.off.max() + spmm.SPMV_CHUNK <= kp
 
 
 def structured_weight(rng, k, n, sparsity, structure):
