@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import platform
 import struct
 import sys
@@ -44,8 +45,13 @@ class UnsupportedObject(Exception):
     """The object cannot be loaded here without LLVM (the caller uses MCJIT instead)."""
 
 
+ENV_SWITCH = "SPARSEDNN_ELF_LOADER"  # "0": always load through MCJIT
+
+
 def supported() -> bool:
-    """Whether this process can load objects without LLVM (Linux on x86-64)."""
+    """Whether this process loads objects without LLVM (Linux on x86-64, unless switched off)."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
     return sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
 
 
