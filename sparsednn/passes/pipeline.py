@@ -9,6 +9,7 @@ from sparsednn.errors import SparseDNNError
 from sparsednn.ir import Graph, verify
 from sparsednn.ir.storage import release_graph
 from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD, choose_kernels
+from sparsednn.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from sparsednn.passes.eliminate_dead_code import eliminate_dead_code
 from sparsednn.passes.fold_constants import fold_constants
 from sparsednn.passes.fuse_attention import fuse_attention
@@ -29,6 +30,7 @@ def passes(sparse_threshold: float = DEFAULT_SPARSE_THRESHOLD) -> list[tuple[str
         ("fuse_linear", fuse_linear),
         ("fuse_attention", fuse_attention),
         ("fuse_layer_norm", fuse_layer_norm),
+        ("eliminate_common_subexpressions", eliminate_common_subexpressions),
         ("choose_kernels", partial(choose_kernels, sparse_threshold=sparse_threshold)),
         ("infer_shapes_after_fusion", infer_shapes),
         ("eliminate_dead_code_after_fusion", eliminate_dead_code),
