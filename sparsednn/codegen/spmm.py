@@ -1649,6 +1649,9 @@ class SparseLinearKernel:
     # With the native pool (runtime.native_pool, ~1-3 us per dispatch) two threads measured
     # faster from ~24 us of estimated work (768x768 at M=8: 1.22x; at M=4, 22 us: 0.93x).
     _NS_PER_EXTRA_THREAD_NATIVE = 12_000
+    # The SpMV variant split by slices: 2 threads measured 1.05-1.13x from ~7 us of estimated
+    # work (768x768 at 80% and M = 1: 1.05x; 768x3072 at 98%, 6.9 us: 1.11x; 4.5 us: 0.87x).
+    _NS_PER_EXTRA_SPMV_THREAD_NATIVE = 7_000
 
     def _estimate_ns(self, m: int) -> float:
         V, tn = self.target.vector_width, self.tile_tokens
@@ -1656,7 +1659,8 @@ class SparseLinearKernel:
         vectors = (m // tn) * (tn // V) + -(-(m % tn) // V)
         return self.nnz * (panels * self._NS_PER_NZ_PANEL + vectors * self._NS_PER_NZ_VECTOR)
 
-    def _useful_threads(self, m: int, num_threads: int, est_ns: float | None = None) -> int:
+    def _useful_threads(self, m: int, num_threads: int, est_ns: float | None = None,
+                        per_native: float | None = None) -> int:  # fmt: skip
         """As many threads as asked, but only as many as the work pays for."""
         if num_threads <= 1 or self._NS_PER_EXTRA_THREAD <= 0:
             return max(1, num_threads)
@@ -1664,7 +1668,7 @@ class SparseLinearKernel:
             est_ns = self._estimate_ns(m)
         per = self._NS_PER_EXTRA_THREAD
         if native_pool_active():
-            per = min(per, self._NS_PER_EXTRA_THREAD_NATIVE)
+            per = min(per, per_native or self._NS_PER_EXTRA_THREAD_NATIVE)
         return max(1, min(num_threads, int(est_ns // per)))
 
     def _token_plan(self, m: int, num_threads: int) -> tuple[int, tuple]:
@@ -1771,18 +1775,15 @@ class SparseLinearKernel:
 
     def _run_spmv(self, x_addr: int, m: int, y_addr: int, num_threads: int) -> None:
         fn, ptrs, n_slices, scratch, layout = (self._spmv or self._spmv_state())[:5]
-        threads = 1
-        if num_threads > 1:
-            est = layout.steps * m * self._NS_PER_SPMV_STEP
-            threads = min(self._useful_threads(m, num_threads, est), n_slices)
-        if threads <= 1:
+        spans = None
+        if num_threads > 1:  # (the split of a call shape is kept: numpy per call costs ~5 us)
+            plan_key = ("spmv", m, num_threads, native_pool_active())
+            spans = self._token_plans.get(plan_key)
+            if spans is None:
+                spans = self._token_plans[plan_key] = self._spmv_plan(m, num_threads)
+        if not spans:
             fn(x_addr, m, y_addr, 0, n_slices, *ptrs, thread_scratch(scratch))
             return
-        # slices split by steps
-        cost = layout.slice_ptr[1:].astype(np.float64) + 2.0 * np.arange(1, n_slices + 1)
-        cuts = [0] + [int(np.searchsorted(cost, cost[-1] * i / threads)) for i in
-                      range(1, threads)] + [n_slices]  # fmt: skip
-        spans = [(s, e) for s, e in itertools.pairwise(cuts) if e > s]
         rows = [(x_addr, m, y_addr, s, e, *ptrs, 0) for s, e in spans]
         if parallel_native(_fn_address(fn), "i" * 12, rows, 11, scratch):
             return
@@ -1790,6 +1791,23 @@ class SparseLinearKernel:
             (lambda s=s, e=e: fn(x_addr, m, y_addr, s, e, *ptrs, thread_scratch(scratch)))
             for s, e in spans
         ])  # fmt: skip
+
+    def _spmv_plan(self, m: int, num_threads: int) -> tuple:
+        """Slice spans of the threads of an SpMV call with m tokens (balanced by steps), or ()
+        for one thread."""
+        state = self._spmv_state()
+        n_slices, layout = state[2], state[4]
+        est = layout.steps * m * self._NS_PER_SPMV_STEP
+        per_native = self._NS_PER_EXTRA_SPMV_THREAD_NATIVE
+        threads = min(self._useful_threads(m, num_threads, est, per_native), n_slices)
+        if threads <= 1:
+            return ()
+        cost = layout.slice_ptr[1:].astype(np.float64) + 2.0 * np.arange(1, n_slices + 1)
+        cuts = [0] + [int(np.searchsorted(cost, cost[-1] * i / threads)) for i in
+                      range(1, threads)] + [n_slices]  # fmt: skip
+        if len(self._token_plans) > 256:
+            self._token_plans.clear()
+        return tuple((s, e) for s, e in itertools.pairwise(cuts) if e > s)
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.name} K={self.in_features} N={self.out_features} "
