@@ -6,8 +6,14 @@ per-thread buffer, then B's kernel on that buffer. The intermediate (CHUNK x N_m
 64 tokens of BERT's 3072) stays in the core's L2, instead of a [M, N_mid] tensor written to
 and read back from L3 or DRAM (25 MB at batch 16 x 128 tokens).
 
-The driver is one small function for all shapes (compiled once per process); the kernels are
-the layers' own, called through their addresses. Threads split the tokens, each thread with
+A residual layer norm after the layers (a transformer block's AddLayerNorm) can join as a
+last stage: each chunk of Y leaves the kernels into a per-thread buffer and is normalised with
+its residual rows from there (LayerNorm(Y + R), codegen/norm.py's kernel), instead of Y going
+out to memory and coming back for a separate layer-norm pass (BERT-base 94%: 2-3% of a run).
+A single layer A (with the norm) takes the same path.
+
+The driver is one small function per variant (A alone or A then B, with or without the norm;
+compiled once per process); the kernels are the layers' own, called through their addresses. Threads split the tokens, each thread with
 its own buffer. Each kernel call reports whether its input held a NaN or an infinity (the
 probe of its packing step); the caller then runs the two layers apart, whose Linear lowering
 gives non-finite inputs their dense semantics.
@@ -32,37 +38,52 @@ from sparsednn.runtime.threads import parallel_for, parallel_native, thread_scra
 CHUNK = 64  # tokens per chunk: one panel of the AVX-512 kernels
 
 _ARGS = ("x", "m", "y", "k", "n_mid", "n_out", "a_fn", "a_index", "a_entries", "a_bias",
-         "b_fn", "b_index", "b_entries", "b_bias", "scratch", "mid_offset", "probe")  # fmt: skip
+         "b_fn", "b_index", "b_entries", "b_bias", "scratch", "mid_offset", "probe",
+         "norm_fn", "res", "gamma", "beta", "eps_bits", "last_offset")  # fmt: skip
 _KINDS = "i" * len(_ARGS)
 _SIGNATURE = ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * len(_ARGS))
 
 
-def _emit_driver(module: ir.Module, name: str) -> None:
+def _emit_driver(module: ir.Module, name: str, two: bool, norm: bool) -> None:
+    """The driver for A alone or A then B (two), each chunk then normalised with its residual
+    rows (norm: norm_fn is a residual LayerNormKernel's code, codegen/norm.py)."""
+    from sparsednn.codegen import norm as N
+
     kernel_ty = ir.PointerType(ir.FunctionType(U.void, _KERNEL_ARG_TYPES))
+    norm_ty = ir.PointerType(ir.FunctionType(U.void, [ty for _, ty in N._ARGS]))
     i8p = ir.PointerType(ir.IntType(8))
     types = {"x": U.f32_ptr, "y": U.f32_ptr, "scratch": U.f32_ptr, "probe": U.f32_ptr,
              "a_fn": i8p, "b_fn": i8p, "a_index": U.i32_ptr, "b_index": U.i32_ptr,
              "a_entries": _KERNEL_ARG_TYPES[6], "b_entries": _KERNEL_ARG_TYPES[6],
-             "a_bias": U.f32_ptr, "b_bias": U.f32_ptr}  # fmt: skip
+             "a_bias": U.f32_ptr, "b_bias": U.f32_ptr, "norm_fn": i8p, "res": U.f32_ptr,
+             "gamma": U.f32_ptr, "beta": U.f32_ptr}  # fmt: skip
     fn = ir.Function(module, ir.FunctionType(U.void, [types.get(n, U.i64) for n in _ARGS]), name)
     a = dict(zip(_ARGS, fn.args))
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     first, second = b.bitcast(a["a_fn"], kernel_ty), b.bitcast(a["b_fn"], kernel_ty)
     mid = U.gep(b, a["scratch"], a["mid_offset"], name="mid")
+    last = U.gep(b, a["scratch"], a["last_offset"], name="last")  # the chunk before norm
+    eps = b.bitcast(b.trunc(a["eps_bits"], U.i32), U.f32, name="eps")
     seen = U.alloca_once_value(b, ir.Constant(U.f32, 0.0), name="probe_sum")
     with U.for_range(b, 0, a["m"], CHUNK, name="t0") as t0:
         left = b.sub(a["m"], t0)
         tn = b.select(b.icmp_signed("<", left, U.int64(CHUNK)), left, U.int64(CHUNK), name="tn")
         x = U.gep(b, a["x"], b.mul(t0, a["k"]))
         y = U.gep(b, a["y"], b.mul(t0, a["n_out"]))
-        for kernel, args in (
-            (first, [x, tn, mid, U.int64(0), a["n_mid"], a["a_index"], a["a_entries"],
-                     a["a_bias"]]),
-            (second, [mid, tn, y, U.int64(0), a["n_out"], a["b_index"], a["b_entries"],
-                      a["b_bias"]]),
-        ):  # fmt: skip
+        out = last if norm else y
+        calls = [(first, [x, tn, mid if two else out, U.int64(0), a["n_mid"] if two else
+                          a["n_out"], a["a_index"], a["a_entries"], a["a_bias"]])]  # fmt: skip
+        if two:
+            calls.append((second, [mid, tn, out, U.int64(0), a["n_out"], a["b_index"],
+                                   a["b_entries"], a["b_bias"]]))  # fmt: skip
+        for kernel, args in calls:
             b.call(kernel, [*args, a["scratch"], a["probe"]])
             b.store(b.fadd(b.load(seen), b.load(a["probe"])), seen)
+        if norm:  # y rows = LayerNorm(out rows + residual rows), the chunk still in L2
+            res = U.gep(b, a["res"], b.mul(t0, a["n_out"]))
+            n = a["n_out"]
+            args = [out, res, a["gamma"], a["beta"], y, n, n, tn, n, eps, U.int64(0), tn]
+            b.call(b.bitcast(a["norm_fn"], norm_ty), args)
     b.store(b.load(seen), a["probe"])
     b.ret_void()
 
@@ -71,51 +92,74 @@ _driver: dict = {}
 _driver_lock = threading.Lock()
 
 
-def _driver_address(target: Target) -> int:
+def _driver_address(target: Target, two: bool = True, norm: bool = False) -> int:
     with _driver_lock:
-        hit = _driver.get(target)
+        hit = _driver.get((target, two, norm))
         if hit is None:
+            name = "sparse_chain" + ("" if two else "_one") + ("_norm" if norm else "")
 
             def emit():
-                module = jit.new_module("sparse_chain", target)
-                _emit_driver(module, "sparse_chain")
+                module = jit.new_module(name, target)
+                _emit_driver(module, name, two, norm)
                 return module
 
             # from the on-disk kernel cache when it can: compiling it, even this small, pages
             # in LLVM's code generator (~30 MB of a session's resident memory)
-            ckey = _code_key("chain", "sparse_chain", CHUNK, _target_key(target))
+            ckey = _code_key("chain", name, CHUNK, _target_key(target))
             jm = jit.load_cached(ckey, target, source=emit)
             if jm is None:
                 jm = jit.compile_module(emit(), target, cache_key=ckey)
-            hit = _driver[target] = (jm, jm.function_address("sparse_chain"))
+            hit = _driver[(target, two, norm)] = (jm, jm.function_address(name))
         return hit[1]
 
 
 class SparseChain:
     """Y = second(first(X)) depth-first over chunks of tokens (see the module docstring), for
-    two SparseLinearKernels with first.out_features == second.in_features."""
+    two SparseLinearKernels with first.out_features == second.in_features; second None: Y =
+    first(X). norm (kernel, gamma, beta, epsilon), kernel a residual LayerNormKernel: each
+    chunk of Y is then LayerNorm(Y + residual) as it leaves the kernels (call with residual)."""
 
-    def __init__(self, first, second, target: Target | None = None):
-        if first.out_features != second.in_features:
+    def __init__(self, first, second=None, target: Target | None = None, norm=None):
+        last = second if second is not None else first
+        if second is not None and first.out_features != second.in_features:
             raise ValueError("the chained kernels' features do not meet")
+        if norm is not None and (not norm[0].residual or norm[0].n != last.out_features):
+            raise ValueError("the layer norm does not take the chain's output")
         self.first, self.second = first, second
-        self.k, self.n_mid, self.n_out = first.in_features, first.out_features, second.out_features
-        self.address = _driver_address(target or first.target)
+        self.k, self.n_out = first.in_features, last.out_features
+        self.n_mid = first.out_features if second is not None else 0
+        target = target or first.target
+        self.address = _driver_address(target, second is not None, norm is not None)
         self._fn = _SIGNATURE(self.address)
-        kernel_floats = max(first._scratch_full, second._scratch_full)
+        kernel_floats = max(first._scratch_full, second._scratch_full if second else 0)
         self.mid_offset = -(-kernel_floats // 16) * 16  # the intermediate, 64-byte aligned
-        self.scratch_floats = self.mid_offset + CHUNK * self.n_mid
-        self._args = (first._fn_addr, *first._ptrs, second._fn_addr, *second._ptrs)
+        self.last_offset = self.mid_offset + CHUNK * -(-self.n_mid // 16) * 16
+        self.scratch_floats = self.last_offset + (CHUNK * self.n_out if norm is not None else 0)
+        b_args = (second._fn_addr, *second._ptrs) if second is not None else (0, 0, 0, 0)
+        self._args = (first._fn_addr, *first._ptrs, *b_args)
+        self.norm = norm
+        self._norm_args = (0, 0, 0, 0, 0)
+        if norm is not None:
+            kernel, gamma, beta, eps = norm
+            self._gamma = np.ascontiguousarray(gamma, np.float32)
+            self._beta = (np.zeros(self.n_out, np.float32) if beta is None
+                          else np.ascontiguousarray(beta, np.float32))  # fmt: skip
+            eps_bits = int(np.float32(eps).view(np.uint32))
+            self._norm_args = (ctypes.cast(kernel._fn, ctypes.c_void_p).value,
+                               self._gamma.ctypes.data, self._beta.ctypes.data, eps_bits)  # fmt: skip
 
     def applies(self, m: int, num_threads: int) -> bool:
         """Whether m rows run chained: both kernels on their panel path, and a chunk of tokens
         per thread (fewer rows run better as two kernels, whose threads split the outputs)."""
-        fewest = max(self.first.spmv_max_m, self.second.spmv_max_m) + 1
+        fewest = max(self.first.spmv_max_m,
+                     self.second.spmv_max_m if self.second is not None else 0) + 1  # fmt: skip
         return self.k > 0 and m >= max(fewest, CHUNK * num_threads if num_threads > 1 else 0)
 
-    def __call__(self, x: np.ndarray, num_threads: int = 1) -> tuple[np.ndarray, bool]:
+    def __call__(self, x: np.ndarray, num_threads: int = 1,
+                 residual: np.ndarray | None = None) -> tuple[np.ndarray, bool]:  # fmt: skip
         """(Y, whether X or the intermediate held a NaN or an infinity: Y is then not to be
-        used). x: C-contiguous float32 [m, K] with m >= 1 (checked by the caller)."""
+        used). x: C-contiguous float32 [m, K] with m >= 1; residual (with norm): C-contiguous
+        float32 [m, N] (both checked by the caller)."""
         m = x.shape[0]
         out = np.empty((m, self.n_out), np.float32)
         threads = max(1, min(num_threads, m // CHUNK))
@@ -125,8 +169,16 @@ class SparseChain:
         probe = np.zeros(len(spans), np.float32)
         xa, ya, pa = x.ctypes.data, out.ctypes.data, probe.ctypes.data
         k, n = self.k, self.n_out
+        if self.norm is not None:
+            fn_addr, g, be, eps_bits = self._norm_args
+            ra = residual.ctypes.data
+            tails = [(fn_addr, ra + 4 * n * t0, g, be, eps_bits, self.last_offset)
+                     for t0, _ in spans]  # fmt: skip
+        else:
+            tails = [(0, 0, 0, 0, 0, self.last_offset)] * len(spans)
         rows = [(xa + 4 * k * t0, t1 - t0, ya + 4 * n * t0, k, self.n_mid, n, *self._args, 0,
-                 self.mid_offset, pa + 4 * i) for i, (t0, t1) in enumerate(spans)]  # fmt: skip
+                 self.mid_offset, pa + 4 * i, *tail)
+                for i, ((t0, t1), tail) in enumerate(zip(spans, tails))]  # fmt: skip
         scratch_col = _ARGS.index("scratch")
         if len(rows) == 1 or not parallel_native(
             self.address, _KINDS, rows, scratch_col, self.scratch_floats

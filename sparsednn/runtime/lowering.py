@@ -135,6 +135,45 @@ def lower_linear_chain(first: Node, second: Node, run_first, run_second, ctx: Lo
     return run_chain
 
 
+def lower_linear_norm(first: Node, second: Node | None, norm: Node, run_linear, run_norm,
+                      side: int, ctx: LoweringContext):  # fmt: skip
+    """One step for a residual layer norm (AddLayerNorm `norm`) whose input `side` is the
+    output of sparse Linear `first` (or of the chained pair first -> second) and is read by it
+    alone: each chunk of tokens is normalised with its residual rows as it leaves the kernels,
+    while still in L2 (codegen/chain.py). What that does not take (few rows, a residual of
+    another shape, a NaN or Inf in X or between the layers) runs as the steps apart."""
+    from sparsednn.codegen.chain import SparseChain
+
+    a = norm.attrs
+    scale = np.ascontiguousarray(a["scale"], np.float32)
+    bias = None if a.get("bias") is None else np.ascontiguousarray(a["bias"], np.float32)
+    norm_kernel = (ctx.kernels[norm.name], scale, bias, float(a.get("epsilon", 1e-5)))
+    chain = SparseChain(ctx.kernels[first.name],
+                        None if second is None else ctx.kernels[second.name],
+                        norm=norm_kernel)  # fmt: skip
+    k, n, threads = chain.k, chain.n_out, ctx.num_threads
+
+    def run_fused(x: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        if (
+            x.dtype == np.float32
+            and x.ndim >= 1
+            and x.shape[-1] == k
+            and isinstance(residual, np.ndarray)
+            and residual.dtype == np.float32
+            and residual.shape == (*x.shape[:-1], n)
+        ):
+            rows = np.ascontiguousarray(x).reshape(-1, k)
+            if chain.applies(rows.shape[0], threads):
+                res = np.ascontiguousarray(residual).reshape(-1, n)
+                y, non_finite = chain(rows, threads, residual=res)
+                if not non_finite:
+                    return y.reshape(*x.shape[:-1], n)
+        y = run_linear(x)
+        return run_norm(y, residual) if side == 0 else run_norm(residual, y)
+
+    return run_fused
+
+
 def _redo_non_finite_rows(rows: np.ndarray, y: np.ndarray, ones: np.ndarray, attrs) -> None:
     """NaN and Inf as a dense product gives them: the sparse kernel skips zero weights, so a
     NaN or Inf input never meets them, where the reference's NaN * 0 and Inf * 0 are NaN.

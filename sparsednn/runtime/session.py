@@ -27,7 +27,7 @@ from sparsednn.ir.verify import describe_memory_limit, format_bytes, memory_limi
 from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
 from sparsednn.passes.pipeline import run_pipeline
 from sparsednn.runtime import native_pool
-from sparsednn.runtime.lowering import LoweringContext, lower, lower_linear_chain
+from sparsednn.runtime.lowering import LoweringContext, lower, lower_linear_chain, lower_linear_norm
 from sparsednn.runtime.progress import progress_bar
 from sparsednn.runtime.threads import default_num_threads, single_threaded_blas
 
@@ -53,7 +53,8 @@ class SessionOptions:
     show_progress: bool = False  # a progress bar while compiling (on a terminal only)
     sparse_threshold: float = DEFAULT_SPARSE_THRESHOLD  # fraction of zeros for a sparse kernel
     # run a sparse Linear that only feeds another (a feed-forward block) chunk by chunk with
-    # it, the intermediate in cache (codegen/chain.py)
+    # it, the intermediate in cache, and a residual layer norm after sparse Linears on each
+    # chunk as it leaves them (codegen/chain.py)
     chain_sparse_linears: bool = True
 
     @property
@@ -234,7 +235,9 @@ class InferenceSession:
         self._output_slots_by_name = {v.name: slot_of(v) for v in self.graph.outputs}
         keep = set(self._output_slots_by_name.values())
         if self.options.chain_sparse_linears:
-            steps = _chain_sparse_linears(steps, keep, ctx)
+            chains: dict[int, tuple] = {}
+            steps = _chain_sparse_linears(steps, keep, ctx, chains)
+            steps = _fuse_layer_norms(steps, keep, ctx, chains)
         # Free each intermediate after its last reader, so peak memory follows the live set.
         last_reader: dict[int, Step] = {}
         for step in steps:
@@ -383,14 +386,21 @@ def _size_terms(graph: Graph) -> list[tuple[int, tuple[str, ...], Value]]:
     return list(largest.values())
 
 
-def _chain_sparse_linears(steps: list[Step], outputs: set[int], ctx) -> list[Step]:
-    """Steps with each pair of sparse Linear steps A -> B, where A's output is read by B only,
-    as one step running them chained (lowering.lower_linear_chain)."""
+def _reader_counts(steps: list[Step]) -> dict[int, int]:
     readers: dict[int, int] = {}
     for step in steps:
         for slot in step.inputs:
             if slot is not None:
                 readers[slot] = readers.get(slot, 0) + 1
+    return readers
+
+
+def _chain_sparse_linears(steps: list[Step], outputs: set[int], ctx,
+                          chains: dict[int, tuple]) -> list[Step]:  # fmt: skip
+    """Steps with each pair of sparse Linear steps A -> B, where A's output is read by B only,
+    as one step running them chained (lowering.lower_linear_chain). chains[id(new step)] =
+    (A's node, B's node)."""
+    readers = _reader_counts(steps)
     producer = {slot: step for step in steps for slot in step.outputs}
     chained: dict[int, Step] = {}  # id of B's step -> the chained step
     dropped: set[int] = set()  # ids of A's steps
@@ -408,8 +418,41 @@ def _chain_sparse_linears(steps: list[Step], outputs: set[int], ctx) -> list[Ste
             continue
         run = lower_linear_chain(first.node, second.node, first.run, second.run, ctx)
         chained[id(second)] = Step(second.node, run, [first.inputs[0]], second.outputs)
+        chains[id(chained[id(second)])] = (first.node, second.node)
         dropped.add(id(first))
     return [chained.get(id(s), s) for s in steps if id(s) not in dropped]
+
+
+def _fuse_layer_norms(steps: list[Step], outputs: set[int], ctx,
+                      chains: dict[int, tuple]) -> list[Step]:  # fmt: skip
+    """Steps with each residual layer norm (AddLayerNorm) one of whose inputs comes from a
+    sparse Linear step or a chained pair and is read by it alone, as one step normalising each
+    chunk of tokens as it leaves the kernels (lowering.lower_linear_norm), at the layer norm's
+    place. The step keeps the (last) Linear's node: profiles count the norm in the Linear."""
+    readers = _reader_counts(steps)
+    producer = {slot: step for step in steps for slot in step.outputs}
+    fused: dict[int, Step] = {}  # id of the norm's step -> the fused step
+    dropped: set[int] = set()  # ids of the Linear steps
+    for step in steps:
+        if step.node.op != "AddLayerNorm" or len(step.inputs) != 2 or None in step.inputs:
+            continue
+        for side in (0, 1):
+            slot = step.inputs[side]
+            linear = producer.get(slot)
+            if linear is None or id(linear) in dropped or readers.get(slot) != 1 or slot in outputs:
+                continue
+            if id(linear) in chains:
+                first, second = chains[id(linear)]
+            elif _is_sparse_linear(linear, ctx):
+                first, second = linear.node, None
+            else:
+                continue
+            run = lower_linear_norm(first, second, step.node, linear.run, step.run, side, ctx)
+            inputs = [linear.inputs[0], step.inputs[1 - side]]
+            fused[id(step)] = Step(second or first, run, inputs, step.outputs)
+            dropped.add(id(linear))
+            break
+    return [fused.get(id(s), s) for s in steps if id(s) not in dropped]
 
 
 def _is_sparse_linear(step: Step, ctx) -> bool:

@@ -85,3 +85,55 @@ def test_applies_and_mismatched_features():
     assert not chain.applies(CHUNK * 2 - 1, 2) and chain.applies(CHUNK * 2, 2)
     with pytest.raises(ValueError, match="features"):
         SparseChain(second, first)
+
+
+def layer_norm(rng, n, isa):
+    from sparsednn.codegen.norm import compile_layer_norm
+
+    kernel = compile_layer_norm(n, residual=True, target=host_target(isa))
+    gamma = rng.standard_normal(n).astype(np.float32)
+    beta = rng.standard_normal(n).astype(np.float32)
+    return kernel, gamma, beta, 1e-5
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.sampled_from([(64, 96, 48), (100, 257, 33), (768, 3072, 768), (48, 64, 16)]),
+    m=st.sampled_from([9, 63, 64, 65, 128, 129, 300]),
+    threads=st.sampled_from([1, 2, 3]),
+    two=st.booleans(),
+    isa=st.sampled_from(ISAS),
+    seed=st.integers(0, 2**31),
+)
+def test_chain_then_layer_norm_equals_the_kernels_apart(shape, m, threads, two, isa, seed):
+    """Y = LayerNorm(B(A(X)) + R) (or of A(X)), each chunk normalised as it leaves the kernels:
+    bitwise what the kernels and the layer norm give one after the other."""
+    rng = np.random.default_rng(seed)
+    k, n_mid, n = shape
+    first, second = pair(rng, k, n_mid, n, isa)
+    if not two:
+        first, second = pair(rng, k, n, n, isa)[0], None
+    norm = layer_norm(rng, n, isa)
+    chain = SparseChain(first, second, norm=norm)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    residual = rng.standard_normal((m, n)).astype(np.float32)
+    if not chain.applies(m, threads):
+        return
+    y, non_finite = chain(x, threads, residual=residual)
+    assert not non_finite
+    linear = second(first(x)) if two else first(x)
+    kernel, gamma, beta, eps = norm
+    np.testing.assert_array_equal(y, kernel(linear, residual, scale=gamma, bias=beta, epsilon=eps))
+
+
+def test_layer_norm_stage_reports_non_finite_inputs_and_checks_features():
+    rng = np.random.default_rng(7)
+    first, second = pair(rng, 64, 96, 48, ISAS[0], activation="none")
+    chain = SparseChain(first, second, norm=layer_norm(rng, 48, ISAS[0]))
+    x = rng.standard_normal((130, 64)).astype(np.float32)
+    residual = rng.standard_normal((130, 48)).astype(np.float32)
+    assert not chain(x, 2, residual=residual)[1]
+    x[100, 1] = np.inf
+    assert chain(x, 2, residual=residual)[1]
+    with pytest.raises(ValueError, match="layer norm"):
+        SparseChain(first, second, norm=layer_norm(rng, 96, ISAS[0]))

@@ -213,3 +213,66 @@ def test_chained_sparse_linears_match_the_steps_apart():
         and np.isnan(y[150]).all()
         and np.isfinite(np.delete(y, [7, 150], 0)).all()
     )
+
+
+def residual_norm_model(k=32, n_mid=128, two=True, seed=2):
+    """y = LayerNorm(x + (relu(x @ W1 + B1) @ W2 + B2)) (or of x + x @ W + B), the weights 90%
+    zeros: transformer blocks' residual layer norm after sparse Linears."""
+    r = np.random.default_rng(seed)
+    consts = {"G": r.standard_normal(k), "Be": r.standard_normal(k)}
+    if two:
+        w1, w2 = r.standard_normal((k, n_mid)), r.standard_normal((n_mid, k))
+        w1[r.random(w1.shape) < 0.9] = 0
+        w2[r.random(w2.shape) < 0.9] = 0
+        consts.update(W1=w1, B1=r.standard_normal(n_mid), W2=w2, B2=r.standard_normal(k))
+        nodes = [
+            helper.make_node("MatMul", ["x", "W1"], ["h1"]),
+            helper.make_node("Add", ["h1", "B1"], ["a1"]),
+            helper.make_node("Relu", ["a1"], ["r1"]),
+            helper.make_node("MatMul", ["r1", "W2"], ["h2"]),
+            helper.make_node("Add", ["h2", "B2"], ["f"]),
+        ]
+    else:
+        w = r.standard_normal((k, k))
+        w[r.random(w.shape) < 0.9] = 0
+        consts.update(W=w, B=r.standard_normal(k))
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+                 helper.make_node("Add", ["h", "B"], ["f"])]  # fmt: skip
+    nodes += [
+        helper.make_node("Add", ["x", "f"], ["s"]),
+        helper.make_node("LayerNormalization", ["s", "G", "Be"], ["y"], axis=-1, epsilon=1e-5),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual_norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", k])],
+        [numpy_helper.from_array(v.astype(np.float32), name) for name, v in consts.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("two", [True, False])
+def test_layer_norm_after_sparse_linears_runs_fused_and_matches(two):
+    from onnx.reference import ReferenceEvaluator
+
+    model = residual_norm_model(two=two)
+    bytes_ = model.SerializeToString()
+    fused = sparsednn.InferenceSession(bytes_, sparsednn.SessionOptions(intra_op_num_threads=2))
+    apart = sparsednn.InferenceSession(
+        bytes_, sparsednn.SessionOptions(intra_op_num_threads=2, chain_sparse_linears=False)
+    )
+    assert "AddLayerNorm" in {s.node.op for s in apart._steps}
+    assert "AddLayerNorm" not in {s.node.op for s in fused._steps}  # inside the Linear's step
+    assert len(fused._steps) == len(apart._steps) - (2 if two else 1)
+    reference = ReferenceEvaluator(model)
+    for batch in (1, 5, 64, 127, 128, 300):
+        x = rng.standard_normal((batch, 32)).astype(np.float32)
+        y = fused.run(None, {"x": x})[0]
+        np.testing.assert_array_equal(y, apart.run(None, {"x": x})[0])
+        np.testing.assert_allclose(y, reference.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
+    x = rng.standard_normal((200, 32)).astype(np.float32)
+    x[7, 3] = np.nan  # the dense product's NaN row, through the norm
+    y = fused.run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, apart.run(None, {"x": x})[0])
+    assert np.isnan(y[7]).all() and np.isfinite(np.delete(y, 7, 0)).all()
