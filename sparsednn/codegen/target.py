@@ -70,21 +70,35 @@ class Target:
         )
 
 
-def _cpuinfo_digest() -> str | None:
+# The lines of /proc/cpuinfo that name the CPU and its features (not "cpu MHz", which moves).
+_CPUINFO_KEYS = ("vendor_id", "cpu family", "model", "model name", "stepping", "microcode",
+                 "flags", "cpu cores", "siblings")  # fmt: skip
+
+
+def _cpuinfo_digest(text: str | None = None) -> str | None:
     """A digest of what the kernel reports of the CPU (vendor, model, stepping, flags of the
-    first processor) and of the llvmlite that would read it, or None where there is none."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            first = f.read().split("\n\n")[0]
-    except OSError:
-        return None
-    if "flags" not in first:
+    first processor; text: /proc/cpuinfo's) and of the llvmlite that would read it, or None
+    where there is none."""
+    if text is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            return None
+    first = text.split("\n\n")[0]
+    fields = {}
+    for line in first.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in _CPUINFO_KEYS:
+            fields[key.strip()] = value.strip()
+    if "flags" not in fields:
         return None
     import llvmlite
 
     from sparsednn.codegen import cache
 
-    return cache.digest("host", first, platform.machine(), sys.platform, llvmlite.__version__)
+    return cache.digest("host", sorted(fields.items()), platform.machine(), sys.platform,
+                        llvmlite.__version__)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1)

@@ -245,3 +245,14 @@ def test_host_cpu_is_remembered_and_a_damaged_entry_is_rebuilt(tmp_path, monkeyp
     assert cache.load_host(key) is None and not cache.host_path(key).exists()
     monkeypatch.setenv("SPARSEDNN_KERNEL_CACHE", "0")
     assert cache.load_host(key) is None
+
+
+def test_cpu_digest_ignores_the_clock_but_not_the_features():
+    from sparsednn.codegen import target as T
+
+    info = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n"
+            "cpu MHz\t\t: {mhz}\nflags\t\t: fpu avx2 {extra}\n\nprocessor\t: 1\n")  # fmt: skip
+    base = T._cpuinfo_digest(info.format(mhz="2596.1", extra="avx512f"))
+    assert base == T._cpuinfo_digest(info.format(mhz="3701.9", extra="avx512f"))
+    assert base != T._cpuinfo_digest(info.format(mhz="2596.1", extra=""))
+    assert T._cpuinfo_digest("processor\t: 0\n") is None
