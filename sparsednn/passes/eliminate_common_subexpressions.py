@@ -24,8 +24,11 @@ _SMALL_CONSTANT_BYTES = 1024  # constants up to this size match by value (export
 
 
 def _frozen(value: Any) -> Any:
-    """A hashable stand-in for an attribute value, equal for equal values."""
+    """A hashable stand-in for an attribute value, equal for equal values (arrays past
+    _SMALL_CONSTANT_BYTES: for the same array only)."""
     if isinstance(value, np.ndarray):
+        if value.nbytes > _SMALL_CONSTANT_BYTES:  # (a Linear's weight: never copied to compare)
+            return ("ndarray", id(value))
         return ("ndarray", value.dtype.str, value.shape, value.tobytes())
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_frozen(v) for v in value))

@@ -117,3 +117,18 @@ def test_large_constants_match_by_identity_only():
     g.outputs = [s.outputs[0]]
     eliminate_common_subexpressions(g)
     assert s.inputs[0] is s.inputs[2] and s.inputs[1] is not s.inputs[0]
+
+
+def test_large_array_attributes_are_compared_by_identity_not_copied():
+    """A Linear's weight is an attribute: comparing it by value would copy every weight of
+    the model once more (a BERT-base session peaked 500 MB higher)."""
+    from sparsednn.passes.eliminate_common_subexpressions import _frozen
+
+    weight = np.ones((512, 4), np.float32)
+    assert len(repr(_frozen({"weight": weight}))) < 200
+    g, s = _graph_with_two("Softmax", {"w": weight}, {"w": weight.copy()}, outputs=())
+    eliminate_common_subexpressions(g)
+    assert s.inputs[0] is not s.inputs[1]
+    g, s = _graph_with_two("Softmax", {"w": weight}, {"w": weight}, outputs=())
+    eliminate_common_subexpressions(g)
+    assert s.inputs[0] is s.inputs[1]
