@@ -31,6 +31,7 @@ from llvmlite import ir
 
 from sparsednn.codegen import irutil as U
 from sparsednn.codegen import jit
+from sparsednn.codegen.norm import _ARGS as NORM_ARGS
 from sparsednn.codegen.spmm import _KERNEL_ARG_TYPES, _code_key, _target_key
 from sparsednn.codegen.target import Target
 from sparsednn.runtime.threads import parallel_for, parallel_native, thread_scratch
@@ -47,10 +48,8 @@ _SIGNATURE = ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * len(_ARGS))
 def _emit_driver(module: ir.Module, name: str, two: bool, norm: bool) -> None:
     """The driver for A alone or A then B (two), each chunk then normalised with its residual
     rows (norm: norm_fn is a residual LayerNormKernel's code, codegen/norm.py)."""
-    from sparsednn.codegen import norm as N
-
     kernel_ty = ir.PointerType(ir.FunctionType(U.void, _KERNEL_ARG_TYPES))
-    norm_ty = ir.PointerType(ir.FunctionType(U.void, [ty for _, ty in N._ARGS]))
+    norm_ty = ir.PointerType(ir.FunctionType(U.void, [ty for _, ty in NORM_ARGS]))
     i8p = ir.PointerType(ir.IntType(8))
     types = {"x": U.f32_ptr, "y": U.f32_ptr, "scratch": U.f32_ptr, "probe": U.f32_ptr,
              "a_fn": i8p, "b_fn": i8p, "a_index": U.i32_ptr, "b_index": U.i32_ptr,

@@ -82,7 +82,7 @@ class LoadedObject:
         self._symbols: dict[str, int] = {}
         self.base, self.size = 0, 0
         try:
-            self._load(memoryview(obj), symbols)
+            self._load(bytes(obj), symbols)
         except (struct.error, IndexError, ValueError, UnicodeDecodeError) as e:
             raise UnsupportedObject(f"malformed object: {e}") from None
 
@@ -90,8 +90,11 @@ class LoadedObject:
         """The address of a defined symbol, 0 if the object has none of that name."""
         return self._symbols.get(name, 0)
 
-    def _load(self, obj: memoryview, symbols: dict[str, int]) -> None:
-        if bytes(obj[:4]) != b"\x7fELF" or obj[4] != 2 or obj[5] != 1:
+    def _load(self, obj: bytes, symbols: dict[str, int]) -> None:
+        def string_at(offset: int) -> str:  # a NUL-terminated name of a string table
+            return obj[offset : obj.index(b"\0", offset)].decode()
+
+        if obj[:4] != b"\x7fELF" or obj[4] != 2 or obj[5] != 1:
             raise UnsupportedObject("not a little-endian ELF64 object")
         e_type, e_machine = struct.unpack_from("<HH", obj, 16)
         if e_type != _ET_REL or e_machine != _EM_X86_64:
@@ -107,8 +110,7 @@ class LoadedObject:
         names_off = sections[shstrndx][4]
 
         def section_name(i: int) -> str:
-            start = names_off + sections[i][0]
-            return bytes(obj[start : bytes(obj[start:]).index(b"\0") + start]).decode()
+            return string_at(names_off + sections[i][0])
 
         # Which sections to place, and where: code, read-only, writable; each group on pages
         # of its own so that each can get its own protection.
@@ -146,7 +148,7 @@ class LoadedObject:
         weakref.finalize(self, libc.munmap, base, size)
         for i, at in place.items():
             if sections[i][1] == _SHT_PROGBITS:
-                data = bytes(obj[sections[i][4] : sections[i][4] + sections[i][5]])
+                data = obj[sections[i][4] : sections[i][4] + sections[i][5]]
                 ctypes.memmove(base + at, data, len(data))
 
         symtab = [i for i in range(shnum) if sections[i][1] == _SHT_SYMTAB]
@@ -156,8 +158,7 @@ class LoadedObject:
         str_off = sections[sym_sec[6]][4]
 
         def sym_name(st_name: int) -> str:
-            start = str_off + st_name
-            return bytes(obj[start : bytes(obj[start:]).index(b"\0") + start]).decode()
+            return string_at(str_off + st_name)
 
         addresses, names = [], []  # per symbol: its address (None: in a section left out)
         for j in range(sym_sec[5] // _SYMBOL.size):

@@ -215,40 +215,34 @@ def test_chained_sparse_linears_match_the_steps_apart():
     )
 
 
-def residual_norm_model(k=32, n_mid=128, two=True, seed=2):
-    """y = LayerNorm(x + (relu(x @ W1 + B1) @ W2 + B2)) (or of x + x @ W + B), the weights 90%
-    zeros: transformer blocks' residual layer norm after sparse Linears."""
+def residual_norm_model(two=True, k=32, seed=2):
+    """y = LayerNorm(x + f(x)), f feed_forward_model's two sparse Linears (or one, x @ W + B,
+    90% zeros): transformer blocks' residual layer norm after sparse Linears."""
     r = np.random.default_rng(seed)
-    consts = {"G": r.standard_normal(k), "Be": r.standard_normal(k)}
     if two:
-        w1, w2 = r.standard_normal((k, n_mid)), r.standard_normal((n_mid, k))
-        w1[r.random(w1.shape) < 0.9] = 0
-        w2[r.random(w2.shape) < 0.9] = 0
-        consts.update(W1=w1, B1=r.standard_normal(n_mid), W2=w2, B2=r.standard_normal(k))
-        nodes = [
-            helper.make_node("MatMul", ["x", "W1"], ["h1"]),
-            helper.make_node("Add", ["h1", "B1"], ["a1"]),
-            helper.make_node("Relu", ["a1"], ["r1"]),
-            helper.make_node("MatMul", ["r1", "W2"], ["h2"]),
-            helper.make_node("Add", ["h2", "B2"], ["f"]),
-        ]
+        model, _ = feed_forward_model(k=k, n=k, seed=seed)
+        graph = model.graph
     else:
         w = r.standard_normal((k, k))
         w[r.random(w.shape) < 0.9] = 0
-        consts.update(W=w, B=r.standard_normal(k))
-        nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
-                 helper.make_node("Add", ["h", "B"], ["f"])]  # fmt: skip
-    nodes += [
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("Add", ["h", "B"], ["y"])],
+            "linear",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", k])],
+            [numpy_helper.from_array(w.astype(np.float32), "W"),
+             numpy_helper.from_array(r.standard_normal(k).astype(np.float32), "B")],
+        )  # fmt: skip
+    graph.node[-1].output[0] = "f"  # the block's output becomes the norm's input
+    graph.node.extend([
         helper.make_node("Add", ["x", "f"], ["s"]),
         helper.make_node("LayerNormalization", ["s", "G", "Be"], ["y"], axis=-1, epsilon=1e-5),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "residual_norm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", k])],
-        [numpy_helper.from_array(v.astype(np.float32), name) for name, v in consts.items()],
-    )
+    ])  # fmt: skip
+    for name in ("G", "Be"):
+        graph.initializer.append(
+            numpy_helper.from_array(r.standard_normal(k).astype(np.float32), name)
+        )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
