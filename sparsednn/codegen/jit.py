@@ -241,8 +241,8 @@ def load_cached(cache_key: str, target, source=None, opt: str | int = "light") -
                 image = elf_loader.LoadedObject(obj, _exported)
             return JITModule(None, None, target, time.perf_counter() - t0, from_cache=True,
                              source=source, opt=opt, image=image)  # fmt: skip
-        except elf_loader.UnsupportedObject:
-            pass  # MCJIT loads it
+        except (elf_loader.UnsupportedObject, OSError, MemoryError):
+            pass  # MCJIT loads it (also where mapping executable pages was refused)
     ensure_llvm_initialized()
     with _lock:
         try:

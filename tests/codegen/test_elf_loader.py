@@ -256,3 +256,19 @@ def test_cpu_digest_ignores_the_clock_but_not_the_features():
     assert base == T._cpuinfo_digest(info.format(mhz="3701.9", extra="avx512f"))
     assert base != T._cpuinfo_digest(info.format(mhz="2596.1", extra=""))
     assert T._cpuinfo_digest("processor\t: 0\n") is None
+
+
+def test_refused_executable_mapping_falls_back_to_mcjit(compiled, monkeypatch):
+    """Where the system refuses executable pages to the loader (a hardened kernel), the cached
+    code still loads, through MCJIT."""
+    target = host_target()
+    key = cache.digest("test-elf-loader-refused", os.getpid())
+    jit.compile_module(_IR, target, cache_key=key)
+
+    def refuse(*args, **kwargs):
+        raise OSError(13, "mprotect of kernel code failed")
+
+    monkeypatch.setattr(elf_loader, "LoadedObject", refuse)
+    jm = jit.load_cached(key, target)
+    assert jm is not None and jm._image is None
+    assert _PICK(jm.function_address("pick"))(0, 1.0) == 4.25
