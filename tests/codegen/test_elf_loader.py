@@ -272,3 +272,18 @@ def test_refused_executable_mapping_falls_back_to_mcjit(compiled, monkeypatch):
     jm = jit.load_cached(key, target)
     assert jm is not None and jm._image is None
     assert _PICK(jm.function_address("pick"))(0, 1.0) == 4.25
+
+
+def test_code_version_covers_every_emitter_keyed_by_it():
+    """Every module whose cached code is keyed by cache.code_version() is part of it: an edited
+    emitter (the chain driver, the dense GEMM) must never load code from before the edit."""
+    import inspect
+    from pathlib import Path
+
+    src = inspect.getsource(cache.code_version)
+    here = Path(cache.__file__).parent
+    for path in here.glob("*.py"):
+        text = path.read_text()
+        if "_code_key(" in text or "cache.code_version()" in text:
+            own = "_own_source_digest" in text or path.name in ("attention.py", "norm.py")
+            assert own or f'"{path.name}"' in src, path.name
