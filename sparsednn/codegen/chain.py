@@ -137,7 +137,7 @@ class SparseChain:
         b_args = (second._fn_addr, *second._ptrs) if second is not None else (0, 0, 0, 0)
         self._args = (first._fn_addr, *first._ptrs, *b_args)
         self.norm = norm
-        self._norm_args = (0, 0, 0, 0, 0)
+        self._norm_args = (0, 0, 0, 0)  # (code, gamma, beta, epsilon bits): none without norm
         if norm is not None:
             kernel, gamma, beta, eps = norm
             self._gamma = np.ascontiguousarray(gamma, np.float32)
@@ -168,16 +168,11 @@ class SparseChain:
         probe = np.zeros(len(spans), np.float32)
         xa, ya, pa = x.ctypes.data, out.ctypes.data, probe.ctypes.data
         k, n = self.k, self.n_out
-        if self.norm is not None:
-            fn_addr, g, be, eps_bits = self._norm_args
-            ra = residual.ctypes.data
-            tails = [(fn_addr, ra + 4 * n * t0, g, be, eps_bits, self.last_offset)
-                     for t0, _ in spans]  # fmt: skip
-        else:
-            tails = [(0, 0, 0, 0, 0, self.last_offset)] * len(spans)
+        fn_addr, g, be, eps_bits = self._norm_args
+        ra = residual.ctypes.data if self.norm is not None else 0
         rows = [(xa + 4 * k * t0, t1 - t0, ya + 4 * n * t0, k, self.n_mid, n, *self._args, 0,
-                 self.mid_offset, pa + 4 * i, *tail)
-                for i, ((t0, t1), tail) in enumerate(zip(spans, tails))]  # fmt: skip
+                 self.mid_offset, pa + 4 * i, fn_addr, ra and ra + 4 * n * t0, g, be, eps_bits,
+                 self.last_offset) for i, (t0, t1) in enumerate(spans)]  # fmt: skip
         scratch_col = _ARGS.index("scratch")
         if len(rows) == 1 or not parallel_native(
             self.address, _KINDS, rows, scratch_col, self.scratch_floats
