@@ -610,6 +610,33 @@ def test_spmv_and_panel_kernels_agree(m):
     assert_close(y, x, w, bias, "gelu")
 
 
+@needs_avx512
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+def test_one_thread_spmv_shortcut_matches_the_general_path(m):
+    """__call__'s shortcut for one thread and a new output (taken once the SpMV steps exist)
+    gives the general path's bits, and still leaves every unusual argument to its checks."""
+    rng = np.random.default_rng(40 + m)
+    w = random_weight(rng, 150, 45, 0.9)
+    bias = rng.standard_normal(45).astype(np.float32)
+    kern = compile_sparse_linear(w, bias, "gelu", target=host_target("avx512"))
+    x = rng.standard_normal((m, 150)).astype(np.float32)
+    first = kern(x)  # builds the steps: the shortcut applies from the next call
+    assert kern._spmv is not None
+    general = kern._run(x, None, 1)[0]
+    np.testing.assert_array_equal(kern(x), general)
+    np.testing.assert_array_equal(first, general)
+    assert_close(general, x, w, bias, "gelu")
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    np.testing.assert_array_equal(kern(read_only), general)
+    np.testing.assert_array_equal(kern(np.asfortranarray(x)), general)
+    with pytest.raises(InvalidInputError, match="float32.*float64"):
+        kern(x.astype(np.float64))
+    with pytest.raises(InvalidInputError, match=r"\[M, 150\]"):
+        kern(x[:, :149].copy())
+    assert kern(np.zeros((0, 150), np.float32)).shape == (0, 45)
+
+
 # ---- token-panel split across threads (large M) ----------------------------------------------
 
 
