@@ -10,6 +10,8 @@ from contextlib import contextmanager
 
 from llvmlite import ir
 
+from sparsednn.codegen import gelu_table
+
 f32 = ir.FloatType()
 f64 = ir.DoubleType()
 i1 = ir.IntType(1)
@@ -301,6 +303,46 @@ class Math:
         return hi, lo
 
     def gelu(self, x, name: str = "gelu") -> ir.Value:
+        """Exact (erf) GELU, x * Phi(x): by table on AVX-512 (`gelu_table`), else by erfc."""
+        if self.isa == "avx512" and isinstance(self.ty, ir.VectorType) and self.ty.count % 16 == 0:
+            return self.gelu_by_table(x, name)
+        return self.gelu_by_erfc(x, name)
+
+    def gelu_by_table(self, x, name: str = "gelu") -> ir.Value:
+        """x * Phi(x), Phi a degree-5 polynomial per interval of x (`gelu_table`), the lanes'
+        coefficients picked from 32-entry tables by vpermi2ps (AVX-512, 16-lane pieces).
+
+        x is clamped to just outside [LOW, HIGH], so the interval index r is 0 (Phi = 0) or 31
+        (Phi = 1) there and u = x - centre stays small (inf gives inf or NaN as the erfc form
+        does; NaN gives NaN: its index lanes are in range whatever the conversion gives)."""
+        b = self.b
+        v16, i16 = vec(16), vec(16, i32)
+        permute = intrinsic(self.module, "llvm.x86.avx512.vpermi2var.ps.512", v16,
+                            [v16, i16, v16])  # fmt: skip
+        roundeven = intrinsic(self.module, f"llvm.roundeven.{type_suffix(self.ty)}", self.ty,
+                              [self.ty])  # fmt: skip
+        lo, hi = gelu_table.LOW - gelu_table.WIDTH, gelu_table.HIGH + 0.9 * gelu_table.WIDTH
+        xc = b.select(b.fcmp_ordered(">", x, self.c(lo)), x, self.c(lo))
+        xc = b.select(b.fcmp_ordered("<", xc, self.c(hi)), xc, self.c(hi), name=f"{name}.xc")
+        s = self.fma(xc, self.c(1.0 / gelu_table.WIDTH),
+                     self.c(0.5 - gelu_table.LOW / gelu_table.WIDTH))  # fmt: skip
+        r = b.call(roundeven, [s], name=f"{name}.r")
+        u = b.fsub(xc, self.fma(r, self.c(gelu_table.WIDTH),
+                                self.c(gelu_table.LOW - 0.5 * gelu_table.WIDTH)), name=f"{name}.u")
+        index = split(b, b.fptosi(r, vec(self.ty.count, i32)), 16)
+
+        def coefficient(d):
+            table = [ir.Constant(v16, [ir.Constant(f32, row[d]) for row in gelu_table.TABLE[h:h + 16]])
+                     for h in (0, 16)]  # fmt: skip
+            parts = [b.call(permute, [table[0], i, table[1]]) for i in index]
+            return parts[0] if len(parts) == 1 else concat(b, parts)
+
+        p = coefficient(gelu_table.DEGREE)
+        for d in reversed(range(gelu_table.DEGREE)):
+            p = self.fma(p, u, coefficient(d))
+        return b.fmul(x, p, name=name)
+
+    def gelu_by_erfc(self, x, name: str = "gelu") -> ir.Value:
         """Exact (erf) GELU: 0.5 * x * (1 + erf(x / sqrt 2)) = 0.5 * x * erfc(-x / sqrt 2).
 
         erfc(z) for z = |x|/sqrt2 >= 0 is t * exp(-z^2 + P(t)) with t = 1 / (1 + z/2) and P a
