@@ -289,6 +289,31 @@ class Math:
         scale = b.bitcast(bits, self.ty, name=f"{name}.2n")
         return b.fmul(p, scale, name=name)
 
+    def exp_nonpositive(self, x, name: str = "exp") -> ir.Value:
+        """exp(x) for x <= 0 (NaN propagates; -inf and anything below -200 give exactly 0).
+
+        On AVX-512 the same reduction and polynomial as exp_split, with n rounded by
+        vrndscaleps and 2^n applied by vscalefps (which underflows to 0 by itself): 12
+        operations instead of 19 with the flush, and the same bits down to e^-87; below that
+        denormal down to e^-103 (exp_split flushes them), then 0. Elsewhere: exp_split,
+        flushed to 0 below e^-87."""
+        b = self.b
+        if not (self.isa == "avx512" and isinstance(self.ty, ir.VectorType)
+                and self.ty.count == 16):  # fmt: skip
+            e = self.exp_split(self.max(x, self.c(-87.0)), self.c(0.0), name=name)
+            return b.select(b.fcmp_ordered("<", x, self.c(-87.0)), self.c(0.0), e)
+        roundeven = intrinsic(self.module, "llvm.roundeven.v16f32", self.ty, [self.ty])
+        scalef = intrinsic(self.module, "llvm.x86.avx512.mask.scalef.ps.512", self.ty,
+                           [self.ty, self.ty, self.ty, ir.IntType(16), i32])  # fmt: skip
+        a = self.max(x, self.c(-200.0), name=f"{name}.arg")
+        n = b.call(roundeven, [b.fmul(a, self.c(_LOG2E))], name=f"{name}.n")
+        r = self.fma(n, self.c(-_LN2_C1), a)  # exact, as in exp_split
+        r = self.fma(n, self.c(-_LN2_C2), r, name=f"{name}.r")
+        p = self.horner(r, _EXP_COEFFS, name=f"{name}.poly")
+        # (all lanes, rounding 4: the current direction)
+        return b.call(scalef, [p, n, p, ir.Constant(ir.IntType(16), -1), ir.Constant(i32, 4)],
+                      name=name)  # fmt: skip
+
     def square_exact(self, x, name: str = "sq") -> tuple:
         """(hi, lo) with hi + lo == x*x exactly (FMA, or a float64 product without FMA)."""
         b = self.b
