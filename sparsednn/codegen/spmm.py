@@ -931,16 +931,17 @@ SPMV_LANES = 16
 # tokens per pass over the weights (each a separate accumulator chain set)
 _SPMV_GROUPS = (4, 2, 1)
 _SPMV_UNROLL = 4  # steps per iteration, each into its own accumulators
+# dims: int64 [K, N], the layer's shape (the code is the same for every shape)
 _SPMV_ARGS = ("x", "m", "y", "s_begin", "s_end", "slice_ptr", "idx", "val", "off", "perm",
-              "bias", "scratch")  # fmt: skip
+              "bias", "dims", "scratch")  # fmt: skip
 _SPMV_ARG_TYPES = (U.f32_ptr, U.i64, U.f32_ptr, U.i64, U.i64, U.i32_ptr,
                    ir.PointerType(ir.IntType(8)), U.f32_ptr, U.i32_ptr, U.i32_ptr, U.f32_ptr,
-                   U.f32_ptr)  # fmt: skip
+                   ir.PointerType(U.i64), U.f32_ptr)  # fmt: skip
+_SPMV_KINDS = "i" * len(_SPMV_ARGS)
 _SPMV_SIG = ctypes.CFUNCTYPE(
     None,
     ctypes.c_void_p, _WORD, ctypes.c_void_p, _WORD, _WORD,
-    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-    ctypes.c_void_p, ctypes.c_void_p,
+    *[ctypes.c_void_p] * (len(_SPMV_ARGS) - 5),
 )  # fmt: skip
 
 
@@ -1056,17 +1057,18 @@ def _build_spmv(o, k, v, n_rows: int, n_cols: int, unroll: int = 2,
 
 
 class _SpmvEmitter:
-    """spmv(x, m, y, s_begin, s_end, slice_ptr, idx, val, off, bias, scratch): y[0:m, 16 s_begin :
-    16 s_end] (clipped to N) for m tokens, in groups of 4/2/1 tokens per pass over the steps.
+    """spmv(x, m, y, s_begin, s_end, slice_ptr, idx, val, off, perm, bias, dims, scratch):
+    y[0:m, 16 s_begin : 16 s_end] (clipped to N) for m tokens, in groups of 4/2/1 tokens per
+    pass over the steps; dims = [K, N]. The shape is data: one compiled kernel per epilogue
+    serves every layer (the steps loop never depended on it), so a layer of a new shape costs
+    no LLVM for its SpMV code (~50 ms each before).
 
     Each group's rows of x are first copied to 64-byte aligned scratch rows of K rounded up
     to the chunk (zero padded), so that chunk loads are aligned and never read past x."""
 
-    def __init__(self, module, name, k, n, target: Target, activation: str, has_bias: bool):
-        self.module, self.name, self.K, self.N = module, name, k, n
+    def __init__(self, module, name, target: Target, activation: str, has_bias: bool):
+        self.module, self.name = module, name
         self.target, self.activation, self.has_bias = target, activation, has_bias
-        self.KP = _round_up(max(k, 1), SPMV_CHUNK)
-        self.n_slices = max(1, -(-n // SPMV_LANES))
         self.v16 = U.vec(SPMV_LANES)
         self.i8v = ir.VectorType(ir.IntType(8), SPMV_LANES)
         self.i32v = ir.VectorType(U.i32, SPMV_LANES)
@@ -1078,6 +1080,7 @@ class _SpmvEmitter:
         fn, b, a = _new_function(self.module, self.name, _SPMV_ARGS, _SPMV_ARG_TYPES,
                                  internal=False)  # fmt: skip
         rest = [a[n] for n in _SPMV_ARGS[3:]]
+        k, n = self._dims(b, a)[:2]
         t0_slot = U.alloca_once_value(b, U.int64(0), name="t0")
         for t in _SPMV_GROUPS:  # groups of 4 while 4 are left, then 2, then 1
             cond_bb = fn.append_basic_block(f"g{t}.cond")
@@ -1088,8 +1091,8 @@ class _SpmvEmitter:
             t0 = b.load(t0_slot)
             b.cbranch(b.icmp_signed("<=", b.add(t0, U.int64(t)), a["m"]), body_bb, end_bb)
             b.position_at_end(body_bb)
-            x = U.gep(b, a["x"], b.mul(t0, U.int64(self.K)))
-            y = U.gep(b, a["y"], b.mul(t0, U.int64(self.N)))
+            x = U.gep(b, a["x"], b.mul(t0, k))
+            y = U.gep(b, a["y"], b.mul(t0, n))
             b.call(groups[t], [x, y] + rest)
             b.store(b.add(t0, U.int64(t)), t0_slot)
             b.branch(cond_bb)
@@ -1097,25 +1100,43 @@ class _SpmvEmitter:
         b.ret_void()
         return fn
 
+    @staticmethod
+    def _dims(b, a):
+        """(K, N, KP, n_slices) from the dims argument: KP = K rounded up to the chunk (at
+        least one), n_slices = N in slices of 16 (at least one)."""
+        k = b.load(a["dims"], name="K")
+        n = b.load(U.gep(b, a["dims"], 1), name="N")
+        kp = b.mul(b.sdiv(b.add(b.select(b.icmp_signed(">", k, U.int64(0)), k, U.int64(1)),
+                                U.int64(SPMV_CHUNK - 1)), U.int64(SPMV_CHUNK)),
+                   U.int64(SPMV_CHUNK), name="KP")  # fmt: skip
+        slices = b.sdiv(b.add(n, U.int64(SPMV_LANES - 1)), U.int64(SPMV_LANES))
+        slices = b.select(b.icmp_signed(">", slices, U.int64(0)), slices, U.int64(1),
+                          name="n_slices")  # fmt: skip
+        return k, n, kp, slices
+
     def _emit_group(self, T: int):
-        L, K, KP, N = SPMV_LANES, self.K, self.KP, self.N
+        L = SPMV_LANES
         names = ("x", "y") + _SPMV_ARGS[3:]
         types = (U.f32_ptr, U.f32_ptr) + _SPMV_ARG_TYPES[3:]
         fn, b, a = _new_function(self.module, f"spmv_group{T}", names, types)
+        K, N, KP, n_slices = self._dims(b, a)
         math = U.Math(b, self.v16, True, "avx512")
         zero = U.const(self.v16, 0.0)
         xs = a["scratch"]
         # copy x rows to aligned, zero-padded scratch rows
-        kv = K // L * L
+        kv = b.and_(K, U.int64(-L), name="kv")
         for t in range(T):
-            src = U.gep(b, a["x"], t * K)
-            dst = U.gep(b, xs, t * KP)
-            if kv:
-                with U.for_range(b, 0, kv, L, name=f"cp{t}") as j:
-                    U.store_vec(b, U.load_vec(b, U.gep(b, src, j), L, 4), U.gep(b, dst, j), 64)
-            for j in range(kv, KP):
-                val = b.load(U.gep(b, src, j)) if j < K else ir.Constant(U.f32, 0.0)
-                b.store(val, U.gep(b, dst, j))
+            src = U.gep(b, a["x"], b.mul(U.int64(t), K))
+            dst = U.gep(b, xs, b.mul(U.int64(t), KP))
+            with U.for_range(b, 0, kv, L, name=f"cp{t}") as j:
+                U.store_vec(b, U.load_vec(b, U.gep(b, src, j), L, 4), U.gep(b, dst, j), 64)
+            with U.for_range(b, kv, KP, name=f"cpt{t}") as j:
+                inside = b.icmp_signed("<", j, K)
+                with b.if_else(inside) as (then, otherwise):
+                    with then:
+                        b.store(b.load(U.gep(b, src, j)), U.gep(b, dst, j))
+                    with otherwise:
+                        b.store(ir.Constant(U.f32, 0.0), U.gep(b, dst, j))
         with b.goto_entry_block():
             tmp = b.alloca(ir.ArrayType(U.f32, L), name="tail_out")
             tmp.align = 64
@@ -1141,7 +1162,7 @@ class _SpmvEmitter:
                     off = b.sext(b.load(U.gep(b, a["off"], jj)), U.i64, name="chunk")
                     w = U.load_vec(b, U.gep(b, a["val"], b.mul(jj, U.int64(L))), L, 64, name="w")
                     for t in range(T):
-                        xp = U.gep(b, xs, b.add(off, U.int64(t * KP)))
+                        xp = U.gep(b, xs, b.add(off, b.mul(U.int64(t), KP)))
                         lo = U.load_vec(b, xp, L, 64)
                         hi = U.load_vec(b, U.gep(b, xp, L), L, 64)
                         xv = b.call(self.perm, [lo, iv, hi], name="xk")
@@ -1153,12 +1174,12 @@ class _SpmvEmitter:
             o0 = b.mul(s, U.int64(L), name="o0")
             bias = U.load_vec(b, U.gep(b, a["bias"], o0), L, 4) if self.has_bias else None
             # lanes are rows perm[o0 + i] (rows sorted by nonzeros): stored one by one
-            n_valid = b.sub(U.int64(N), o0)
+            n_valid = b.sub(N, o0)
             n_valid = b.select(b.icmp_signed("<", n_valid, U.int64(L)), n_valid, U.int64(L))
             rows = [b.sext(b.load(U.gep(b, a["perm"], b.add(o0, U.int64(i)))), U.i64)
                     for i in range(L)]  # fmt: skip
             whole = b.icmp_signed("==", n_valid, U.int64(L), name="whole")
-            ident_flag = b.load(U.gep(b, a["perm"], U.int64(self.n_slices * L)))
+            ident_flag = b.load(U.gep(b, a["perm"], b.mul(n_slices, U.int64(L))))
             contiguous = b.and_(whole, b.icmp_signed("!=", ident_flag, ir.Constant(U.i32, 0)))
             for t in range(T):
                 parts = [b.load(slot) for slot in accs[t]]
@@ -1168,7 +1189,7 @@ class _SpmvEmitter:
                 if bias is not None:
                     r = b.fadd(r, bias)
                 r = math.activation(r, self.activation)
-                y_t = U.gep(b, a["y"], t * N)
+                y_t = U.gep(b, a["y"], b.mul(U.int64(t), N))
                 with b.if_else(contiguous, likely=True) as (vec_store, by_lane):
                     with vec_store:
                         U.store_vec(b, r, U.gep(b, y_t, o0), 4)
@@ -1398,15 +1419,15 @@ def _compiled_code(key, name):
 
 
 def _compiled_spmv(key, name):
-    """(JIT module, C function) of the SpMV kernel of (K, N, activation, bias, target)."""
+    """(JIT module, C function) of the SpMV kernel of (activation, bias, target)."""
     with _code_cache_lock:
         hit = _code_cache.get(key)
         if hit is None:
-            _, k, n, activation, has_bias, target = key
+            _, activation, has_bias, target = key
 
             def emit():
                 module = jit.new_module(name, target)
-                _SpmvEmitter(module, name, k, n, target, activation, has_bias).emit()
+                _SpmvEmitter(module, name, target, activation, has_bias).emit()
                 return module
 
             ckey = _code_key("spmv", name, key[:-1], _target_key(target))
@@ -1597,9 +1618,7 @@ class SparseLinearKernel:
     def _spmv_compiled(self):
         name = _kernel_name("spmv", f"{SPMV_LANES}x{SPMV_CHUNK}", self.target.isa,
                             self._has_bias, self.activation)  # fmt: skip
-        key = ("spmv", self.in_features, self.out_features, self.activation, self._has_bias,
-               self.target)  # fmt: skip
-        return _compiled_spmv(key, name)
+        return _compiled_spmv(("spmv", self.activation, self._has_bias, self.target), name)
 
     def _spmv_state(self):
         sp = self._spmv
@@ -1630,10 +1649,12 @@ class SparseLinearKernel:
             bias = np.zeros(len(layout.perm), np.float32)  # in lane order
             valid = layout.perm >= 0
             bias[valid] = self._bias[layout.perm[valid]]
+            dims = np.array([self.in_features, self.out_features], np.int64)
             ptrs = (layout.slice_ptr.ctypes.data, layout.idx.ctypes.data,
                     layout.val.ctypes.data, layout.off.ctypes.data, layout.perm.ctypes.data,
-                    bias.ctypes.data)  # fmt: skip
-            self._spmv = sp = (fn, ptrs, n_slices, max(_SPMV_GROUPS) * kp + 64, layout, jm, bias)
+                    bias.ctypes.data, dims.ctypes.data)  # fmt: skip
+            self._spmv = sp = (fn, ptrs, n_slices, max(_SPMV_GROUPS) * kp + 64, layout, jm, bias,
+                               dims)  # fmt: skip
             return sp
 
     @property
@@ -1801,7 +1822,7 @@ class SparseLinearKernel:
             fn(x_addr, m, y_addr, 0, n_slices, *ptrs, thread_scratch(scratch))
             return
         rows = [(x_addr, m, y_addr, s, e, *ptrs, 0) for s, e in spans]
-        if parallel_native(_fn_address(fn), "i" * 12, rows, 11, scratch):
+        if parallel_native(_fn_address(fn), _SPMV_KINDS, rows, len(_SPMV_KINDS) - 1, scratch):
             return
         parallel_for([
             (lambda s=s, e=e: fn(x_addr, m, y_addr, s, e, *ptrs, thread_scratch(scratch)))

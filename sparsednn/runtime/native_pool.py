@@ -200,9 +200,10 @@ def known_kinds() -> tuple:
     """Argument kinds of the kernels dispatched through the pool (their trampolines are
     compiled with the pool, so that a run compiles none): sparse panel kernel, SpMV variant,
     attention, layer norm, dense GEMM, chained sparse kernels."""
-    from sparsednn.codegen import attention, chain, gemm, norm
+    from sparsednn.codegen import attention, chain, gemm, norm, spmm
 
-    return ("i" * 10, "i" * 12, attention._KINDS, norm._KINDS, gemm.GEMM_ARGS, chain._KINDS)
+    return ("i" * 10, spmm._SPMV_KINDS, attention._KINDS, norm._KINDS, gemm.GEMM_ARGS,
+            chain._KINDS)  # fmt: skip
 
 
 class _Running:

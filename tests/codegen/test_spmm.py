@@ -622,6 +622,23 @@ def test_spmv_and_panel_kernels_agree(m):
 
 
 @needs_avx512
+def test_spmv_code_is_shared_by_every_shape():
+    """The SpMV code takes the shape as data: layers of other shapes with the same epilogue
+    reuse it (no LLVM for a new shape's SpMV), and each gets its own right answer."""
+    rng = np.random.default_rng(5)
+    kernels = []
+    for k, n in ((50, 37), (130, 70), (33, 16), (1, 1)):
+        w = random_weight(rng, k, n, 0.7)
+        bias = rng.standard_normal(n).astype(np.float32)
+        kern = compile_sparse_linear(w, bias, "relu", target=host_target("avx512"))
+        for m in (1, 3, 8):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            assert_close(kern(x), x, w, bias, "relu")
+        kernels.append(kern)
+    assert len({id(kern._spmv_code[0]) for kern in kernels}) == 1
+
+
+@needs_avx512
 @pytest.mark.parametrize("m", [1, 2, 5, 8])
 def test_one_thread_spmv_shortcut_matches_the_general_path(m):
     """__call__'s shortcut for one thread and a new output (taken once the SpMV steps exist)
