@@ -628,6 +628,7 @@ class _SpmmEmitter:
             )
 
         quad_bytes = U.int64((_shared_quad(R) if self.shared else _QUAD).itemsize)
+        lanes = self._weight_lanes(b)  # (before the loop: built once, not per quad)
         with U.for_range(b, begin, end, name="quad") as q:
             qp = b.gep(quads, [b.mul(q, quad_bytes)], inbounds=True)
             ks = b.zext(b.load(b.bitcast(qp, U.i32_ptr), name="ks"), U.i64)
@@ -648,9 +649,10 @@ class _SpmmEmitter:
                 # entry e belongs to member e % R, so R independent accumulator chains per
                 # vector hide the FMA latency, and the group's rows share one loop (one exit
                 # to mispredict)
+                splats = self._quad_weights(b, weights, lanes)
                 for e in range(4):
                     row = panel_row(ks, e)
-                    w = U.splat(b, b.load(U.gep(b, weights, e), name="w"), V, name="w.splat")
+                    w = splats[e]
                     acc = accs[e % R]
                     for i in range(nv):
                         xv = U.load_vec(b, U.gep(b, row, i * V), V, self.valign, name=f"x{i}")
@@ -658,6 +660,33 @@ class _SpmmEmitter:
         for r in range(R):
             for i in range(nv):
                 U.store_vec(b, b.load(accs[r][i]), U.gep(b, acc_ptrs[r], i * V), self.valign)
+
+    def _weight_lanes(self, b) -> list | None:
+        """AVX-512: the permute indices of _quad_weights (lane e of every 4), None elsewhere."""
+        if self.target.isa != "avx512":
+            return None
+        i16 = U.vec(self.V, U.i32)
+        opaque = ir.InlineAsm(ir.FunctionType(i16, [i16]), "", "=v,0")
+        return [b.call(opaque, [U.const(i16, e)], name=f"lane{e}") for e in range(4)]
+
+    def _quad_weights(self, b, weights, lanes) -> list:
+        """The 4 weights of a quad, each splat over a vector. The loop is bound by loads (4
+        panel rows per nonzero), so on AVX-512 the weights come in one 16-byte load, splat
+        by vpermps from a register, instead of 4 broadcast loads: 4.5 instead of 5.25 loads
+        per nonzero, 3-5% faster at 90% (M = 2048). Empty inline-asm barriers (on the loaded
+        weights and the indices) keep LLVM from folding the load and constant-index
+        permutes back into broadcast loads."""
+        V = self.V
+        if lanes is None:
+            return [U.splat(b, b.load(U.gep(b, weights, e), name="w"), V, name="w.splat")
+                    for e in range(4)]  # fmt: skip
+        permute = U.intrinsic(self.module, "llvm.x86.avx512.permvar.sf.512", self.vty,
+                              [self.vty, lanes[0].type])  # fmt: skip
+        w4 = b.load(b.bitcast(weights, ir.PointerType(U.vec(4))), align=4, name="w4")
+        w16 = U.shuffle(b, w4, w4, [0, 1, 2, 3] * (V // 4), name="w16")
+        in_register = b.call(ir.InlineAsm(ir.FunctionType(self.vty, [self.vty]), "", "=v,0"),
+                             [w16])  # fmt: skip
+        return [b.call(permute, [in_register, lane], name="w.splat") for lane in lanes]
 
     # -- output ------------------------------------------------------------------------------
 
