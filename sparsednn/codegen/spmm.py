@@ -964,18 +964,21 @@ SPMV_LANES = 16
 # tokens per pass over the weights (each a separate accumulator chain set)
 _SPMV_GROUPS = (4, 2, 1)
 _SPMV_UNROLL = 4  # steps per iteration, each into its own accumulators
-# dims: int64 [K, N], the layer's shape (the code is the same for every shape)
-_SPMV_ARGS = ("x", "m", "y", "s_begin", "s_end", "slice_ptr", "idx", "val", "off", "perm",
-              "bias", "dims", "scratch")  # fmt: skip
-_SPMV_ARG_TYPES = (U.f32_ptr, U.i64, U.f32_ptr, U.i64, U.i64, U.i32_ptr,
-                   ir.PointerType(ir.IntType(8)), U.f32_ptr, U.i32_ptr, U.i32_ptr, U.f32_ptr,
-                   ir.PointerType(U.i64), U.f32_ptr)  # fmt: skip
+# params: int64 [slice_ptr, idx, val, off, perm, bias, K, N], the layer's arrays and shape
+# (one argument instead of eight: ctypes converts each in ~45 ns, and a one-token call takes
+# ~5 us; the code is the same for every shape)
+_SPMV_ARGS = ("x", "m", "y", "s_begin", "s_end", "params", "scratch")
+_SPMV_ARG_TYPES = (U.f32_ptr, U.i64, U.f32_ptr, U.i64, U.i64, ir.PointerType(U.i64), U.f32_ptr)
+_SPMV_PARAMS = ("slice_ptr", "idx", "val", "off", "perm", "bias")  # then K, N
+# the token groups' functions (internal) take the arrays apart; dims points at [K, N]
+_SPMV_GROUP_ARGS = ("x", "y", "s_begin", "s_end", *_SPMV_PARAMS, "dims", "scratch")
+_SPMV_GROUP_TYPES = (U.f32_ptr, U.f32_ptr, U.i64, U.i64, U.i32_ptr,
+                     ir.PointerType(ir.IntType(8)), U.f32_ptr, U.i32_ptr, U.i32_ptr, U.f32_ptr,
+                     ir.PointerType(U.i64), U.f32_ptr)  # fmt: skip
 _SPMV_KINDS = "i" * len(_SPMV_ARGS)
 _SPMV_SIG = ctypes.CFUNCTYPE(
-    None,
-    ctypes.c_void_p, _WORD, ctypes.c_void_p, _WORD, _WORD,
-    *[ctypes.c_void_p] * (len(_SPMV_ARGS) - 5),
-)  # fmt: skip
+    None, ctypes.c_void_p, _WORD, ctypes.c_void_p, _WORD, _WORD, ctypes.c_void_p, ctypes.c_void_p
+)
 
 
 @dataclass
@@ -1090,9 +1093,9 @@ def _build_spmv(o, k, v, n_rows: int, n_cols: int, unroll: int = 2,
 
 
 class _SpmvEmitter:
-    """spmv(x, m, y, s_begin, s_end, slice_ptr, idx, val, off, perm, bias, dims, scratch):
-    y[0:m, 16 s_begin : 16 s_end] (clipped to N) for m tokens, in groups of 4/2/1 tokens per
-    pass over the steps; dims = [K, N]. The shape is data: one compiled kernel per epilogue
+    """spmv(x, m, y, s_begin, s_end, params, scratch): y[0:m, 16 s_begin : 16 s_end] (clipped
+    to N) for m tokens, in groups of 4/2/1 tokens per pass over the steps; params =
+    [slice_ptr, idx, val, off, perm, bias, K, N] (_SPMV_PARAMS). The shape is data: one compiled kernel per epilogue
     serves every layer (the steps loop never depended on it), so a layer of a new shape costs
     no LLVM for its SpMV code (~50 ms each before).
 
@@ -1112,8 +1115,13 @@ class _SpmvEmitter:
         groups = {t: self._emit_group(t) for t in _SPMV_GROUPS}
         fn, b, a = _new_function(self.module, self.name, _SPMV_ARGS, _SPMV_ARG_TYPES,
                                  internal=False)  # fmt: skip
-        rest = [a[n] for n in _SPMV_ARGS[3:]]
-        k, n = self._dims(b, a)[:2]
+        params = a["params"]
+        types = dict(zip(_SPMV_GROUP_ARGS, _SPMV_GROUP_TYPES))
+        arrays = [b.inttoptr(b.load(U.gep(b, params, i)), types[name], name=name)
+                  for i, name in enumerate(_SPMV_PARAMS)]  # fmt: skip
+        dims = U.gep(b, params, len(_SPMV_PARAMS), name="dims")
+        rest = [a["s_begin"], a["s_end"], *arrays, dims, a["scratch"]]
+        k, n = self._dims(b, {"dims": dims})[:2]
         t0_slot = U.alloca_once_value(b, U.int64(0), name="t0")
         for t in _SPMV_GROUPS:  # groups of 4 while 4 are left, then 2, then 1
             cond_bb = fn.append_basic_block(f"g{t}.cond")
@@ -1149,9 +1157,8 @@ class _SpmvEmitter:
 
     def _emit_group(self, T: int):
         L = SPMV_LANES
-        names = ("x", "y") + _SPMV_ARGS[3:]
-        types = (U.f32_ptr, U.f32_ptr) + _SPMV_ARG_TYPES[3:]
-        fn, b, a = _new_function(self.module, f"spmv_group{T}", names, types)
+        fn, b, a = _new_function(self.module, f"spmv_group{T}", _SPMV_GROUP_ARGS,
+                                 _SPMV_GROUP_TYPES)  # fmt: skip
         K, N, KP, n_slices = self._dims(b, a)
         math = U.Math(b, self.v16, True, "avx512")
         zero = U.const(self.v16, 0.0)
@@ -1682,12 +1689,13 @@ class SparseLinearKernel:
             bias = np.zeros(len(layout.perm), np.float32)  # in lane order
             valid = layout.perm >= 0
             bias[valid] = self._bias[layout.perm[valid]]
-            dims = np.array([self.in_features, self.out_features], np.int64)
-            ptrs = (layout.slice_ptr.ctypes.data, layout.idx.ctypes.data,
-                    layout.val.ctypes.data, layout.off.ctypes.data, layout.perm.ctypes.data,
-                    bias.ctypes.data, dims.ctypes.data)  # fmt: skip
+            params = np.array([layout.slice_ptr.ctypes.data, layout.idx.ctypes.data,
+                               layout.val.ctypes.data, layout.off.ctypes.data,
+                               layout.perm.ctypes.data, bias.ctypes.data, self.in_features,
+                               self.out_features], np.int64)  # fmt: skip
+            ptrs = (params.ctypes.data,)
             self._spmv = sp = (fn, ptrs, n_slices, max(_SPMV_GROUPS) * kp + 64, layout, jm, bias,
-                               dims)  # fmt: skip
+                               params)  # fmt: skip
             return sp
 
     @property

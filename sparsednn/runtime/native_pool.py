@@ -202,8 +202,9 @@ def known_kinds() -> tuple:
     attention, layer norm, dense GEMM, chained sparse kernels."""
     from sparsednn.codegen import attention, chain, gemm, norm, spmm
 
-    return ("i" * 10, spmm._SPMV_KINDS, attention._KINDS, norm._KINDS, gemm.GEMM_ARGS,
-            chain._KINDS)  # fmt: skip
+    kinds = ("i" * 10, spmm._SPMV_KINDS, attention._KINDS, norm._KINDS, gemm.GEMM_ARGS,
+             chain._KINDS)  # fmt: skip
+    return tuple(dict.fromkeys(kinds))  # one trampoline per signature (two may share one)
 
 
 class _Running:

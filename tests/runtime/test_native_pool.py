@@ -143,6 +143,18 @@ def test_kernels_through_the_pool_match_serial(monkeypatch):
     assert "i" * 10 in kinds and spmm._SPMV_KINDS in kinds and len(kinds) >= 4, kinds
 
 
+@pytest.mark.skipif(
+    not (native_pool.supported() and native_pool.enabled_by_env()) or (os.cpu_count() or 1) < 2,
+    reason="the pool runs on x86-64 Linux with two or more cores unless switched off",
+)
+def test_pool_starts_where_supported():
+    """Where it is supported the pool must start: a failure to start (e.g. two kernels' argument
+    kinds making one trampoline twice) is swallowed at run time, and would only make every
+    other test here skip while the kernels fall back to the slow Python pool."""
+    assert pool is not None
+    assert len(set(native_pool.known_kinds())) == len(native_pool.known_kinds())
+
+
 def test_disabled_pool_falls_back():
     code = (
         "import numpy as np\n"
