@@ -1095,9 +1095,9 @@ def _build_spmv(o, k, v, n_rows: int, n_cols: int, unroll: int = 2,
 class _SpmvEmitter:
     """spmv(x, m, y, s_begin, s_end, params, scratch): y[0:m, 16 s_begin : 16 s_end] (clipped
     to N) for m tokens, in groups of 4/2/1 tokens per pass over the steps; params =
-    [slice_ptr, idx, val, off, perm, bias, K, N] (_SPMV_PARAMS). The shape is data: one compiled kernel per epilogue
-    serves every layer (the steps loop never depended on it), so a layer of a new shape costs
-    no LLVM for its SpMV code (~50 ms each before).
+    [slice_ptr, idx, val, off, perm, bias, K, N] (_SPMV_PARAMS). The shape is data: one
+    compiled kernel per epilogue serves every layer (the steps loop never depended on it), so
+    a layer of a new shape costs no LLVM for its SpMV code (~50 ms each before).
 
     Each group's rows of x are first copied to 64-byte aligned scratch rows of K rounded up
     to the chunk (zero padded), so that chunk loads are aligned and never read past x."""
