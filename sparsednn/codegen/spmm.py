@@ -1121,7 +1121,7 @@ class _SpmvEmitter:
                   for i, name in enumerate(_SPMV_PARAMS)]  # fmt: skip
         dims = U.gep(b, params, len(_SPMV_PARAMS), name="dims")
         rest = [a["s_begin"], a["s_end"], *arrays, dims, a["scratch"]]
-        k, n = self._dims(b, {"dims": dims})[:2]
+        k, n = self._dims(b, dims)[:2]
         t0_slot = U.alloca_once_value(b, U.int64(0), name="t0")
         for t in _SPMV_GROUPS:  # groups of 4 while 4 are left, then 2, then 1
             cond_bb = fn.append_basic_block(f"g{t}.cond")
@@ -1142,11 +1142,11 @@ class _SpmvEmitter:
         return fn
 
     @staticmethod
-    def _dims(b, a):
-        """(K, N, KP, n_slices) from the dims argument: KP = K rounded up to the chunk (at
-        least one), n_slices = N in slices of 16 (at least one)."""
-        k = b.load(a["dims"], name="K")
-        n = b.load(U.gep(b, a["dims"], 1), name="N")
+    def _dims(b, dims):
+        """(K, N, KP, n_slices) from dims = [K, N]: KP = K rounded up to the chunk (at least
+        one), n_slices = N in slices of 16 (at least one)."""
+        k = b.load(dims, name="K")
+        n = b.load(U.gep(b, dims, 1), name="N")
         kp = b.mul(b.sdiv(b.add(b.select(b.icmp_signed(">", k, U.int64(0)), k, U.int64(1)),
                                 U.int64(SPMV_CHUNK - 1)), U.int64(SPMV_CHUNK)),
                    U.int64(SPMV_CHUNK), name="KP")  # fmt: skip
@@ -1159,7 +1159,7 @@ class _SpmvEmitter:
         L = SPMV_LANES
         fn, b, a = _new_function(self.module, f"spmv_group{T}", _SPMV_GROUP_ARGS,
                                  _SPMV_GROUP_TYPES)  # fmt: skip
-        K, N, KP, n_slices = self._dims(b, a)
+        K, N, KP, n_slices = self._dims(b, a["dims"])
         math = U.Math(b, self.v16, True, "avx512")
         zero = U.const(self.v16, 0.0)
         xs = a["scratch"]
