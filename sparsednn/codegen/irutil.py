@@ -346,7 +346,9 @@ class Math:
                             [v16, i16, v16])  # fmt: skip
         roundeven = intrinsic(self.module, f"llvm.roundeven.{type_suffix(self.ty)}", self.ty,
                               [self.ty])  # fmt: skip
-        lo, hi = gelu_table.LOW - gelu_table.WIDTH, gelu_table.HIGH + 0.9 * gelu_table.WIDTH
+        # (clamped 0.9 of an interval outside the table: the interval coordinate is then -0.4
+        # or 31.4, far from a rounding boundary, so the index is 0 or 31 whatever the rounding)
+        lo, hi = gelu_table.LOW - 0.9 * gelu_table.WIDTH, gelu_table.HIGH + 0.9 * gelu_table.WIDTH
         xc = b.select(b.fcmp_ordered(">", x, self.c(lo)), x, self.c(lo))
         xc = b.select(b.fcmp_ordered("<", xc, self.c(hi)), xc, self.c(hi), name=f"{name}.xc")
         s = self.fma(xc, self.c(1.0 / gelu_table.WIDTH),
