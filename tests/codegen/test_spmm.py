@@ -264,6 +264,16 @@ def test_gelu_epilogue_accuracy(isa):
     )
 
 
+def test_gelu_table_is_its_fit():
+    """The AVX-512 GELU's coefficient tables are what `python -m sparsednn.codegen.gelu_table`
+    fits (up to float64 least-squares noise across BLAS builds): nobody edited them by hand."""
+    from sparsednn.codegen import gelu_table
+
+    np.testing.assert_allclose(np.array(gelu_table.fit()), np.array(gelu_table.TABLE),
+                               rtol=1e-4, atol=1e-9)  # fmt: skip
+    assert len(gelu_table.TABLE) == 32 and gelu_table.TABLE[0] == (0.0,) * 6
+
+
 def test_special_values_propagate():
     """NaN and inf pass through bias and activations (the sparse kernel skips zero weights, so
     an identity weight maps x to act(x); BLAS would turn inf * 0 into NaN)."""
