@@ -20,7 +20,7 @@ from sparsednn.ir import Node
 from sparsednn.ir.storage import release
 from sparsednn.ops import lookup
 from sparsednn.ops.fused_ops import Linear
-from sparsednn.runtime.threads import parallel_for
+from sparsednn.runtime.threads import parallel_for, step_threads
 
 Lowering = Callable[[Node, "LoweringContext"], Callable[..., Any]]
 LOWERINGS: dict[str, Lowering] = {}
@@ -30,6 +30,11 @@ LOWERINGS: dict[str, Lowering] = {}
 class LoweringContext:
     num_threads: int
     kernels: dict[str, Any] = field(default_factory=dict)  # node name -> compiled kernel
+
+    def threads(self) -> int:
+        """Threads for the step now running (fewer than num_threads while a batch runs in
+        parts, one part per thread: runtime/batch_parts.py); read at each call."""
+        return step_threads(self.num_threads)
 
 
 class CompressedWeight:
@@ -94,7 +99,7 @@ def lower_linear(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
         a["weight"] = CompressedWeight(kernel)
         release(dense)
         del dense
-    threads = ctx.num_threads
+    threads = ctx.threads
     where = f"node {node.name!r} (Linear {k}x{n})"
 
     def run_linear(x: np.ndarray) -> np.ndarray:
@@ -104,8 +109,8 @@ def lower_linear(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
             )
         rows = np.ascontiguousarray(x).reshape(-1, k)
         if not sparse:
-            return kernel(rows, num_threads=threads).reshape(*x.shape[:-1], n)
-        y, non_finite = kernel.call_and_probe(rows, num_threads=threads)
+            return kernel(rows, num_threads=threads()).reshape(*x.shape[:-1], n)
+        y, non_finite = kernel.call_and_probe(rows, num_threads=threads())
         if non_finite is not False and rows.size:  # True, or not known (few rows)
             _redo_non_finite_rows(rows, y, ones, a)
         return y.reshape(*x.shape[:-1], n)
@@ -121,13 +126,14 @@ def lower_linear_chain(first: Node, second: Node, run_first, run_second, ctx: Lo
     from sparsednn.codegen.chain import SparseChain
 
     chain = SparseChain(ctx.kernels[first.name], ctx.kernels[second.name])
-    k, n, threads = chain.k, chain.n_out, ctx.num_threads
+    k, n, threads = chain.k, chain.n_out, ctx.threads
 
     def run_chain(x: np.ndarray) -> np.ndarray:
         if x.dtype == np.float32 and x.ndim >= 1 and x.shape[-1] == k:
             rows = np.ascontiguousarray(x).reshape(-1, k)
-            if chain.applies(rows.shape[0], threads):
-                y, non_finite = chain(rows, threads)
+            num_threads = threads()
+            if chain.applies(rows.shape[0], num_threads):
+                y, non_finite = chain(rows, num_threads)
                 if not non_finite:
                     return y.reshape(*x.shape[:-1], n)
         return run_second(run_first(x))
@@ -151,7 +157,7 @@ def lower_linear_norm(first: Node, second: Node | None, norm: Node, run_linear, 
     chain = SparseChain(ctx.kernels[first.name],
                         None if second is None else ctx.kernels[second.name],
                         norm=norm_kernel)  # fmt: skip
-    k, n, threads = chain.k, chain.n_out, ctx.num_threads
+    k, n, threads = chain.k, chain.n_out, ctx.threads
 
     def run_fused(x: np.ndarray, residual: np.ndarray) -> np.ndarray:
         if (
@@ -163,9 +169,10 @@ def lower_linear_norm(first: Node, second: Node | None, norm: Node, run_linear, 
             and residual.shape == (*x.shape[:-1], n)
         ):
             rows = np.ascontiguousarray(x).reshape(-1, k)
-            if chain.applies(rows.shape[0], threads):
+            num_threads = threads()
+            if chain.applies(rows.shape[0], num_threads):
                 res = np.ascontiguousarray(residual).reshape(-1, n)
-                y, non_finite = chain(rows, threads, residual=res)
+                y, non_finite = chain(rows, num_threads, residual=res)
                 if not non_finite:
                     return y.reshape(*x.shape[:-1], n)
         y = run_linear(x)
@@ -193,7 +200,7 @@ def _redo_non_finite_rows(rows: np.ndarray, y: np.ndarray, ones: np.ndarray, att
 def lower_matmul(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
     if ctx.num_threads == 1:
         return np.matmul
-    return partial(batched_matmul, num_threads=ctx.num_threads)
+    return lambda a, b: batched_matmul(a, b, ctx.threads())
 
 
 def batched_matmul(a: np.ndarray, b: np.ndarray, num_threads: int) -> np.ndarray:
@@ -236,7 +243,7 @@ def lower_attention(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
     ctx.kernels[node.name] = kernel
     scale = float(a["scale"])
     masked_row_value = 0.0 if a.get("fully_masked", "nan") == "zero" else float("nan")
-    threads = ctx.num_threads
+    threads = ctx.threads
     where = f"node {node.name!r} (Attention, {heads} heads of {head_size})"
 
     def run_attention(q, k, v, mask=None):
@@ -247,7 +254,7 @@ def lower_attention(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
             mask,
             scale=scale,
             masked_row_value=masked_row_value,
-            num_threads=threads,
+            num_threads=threads(),
             where=where,
         )
 
@@ -264,14 +271,14 @@ def _lower_layer_norm(node: Node, ctx: LoweringContext, residual: bool) -> Calla
     n = scale.shape[0]
     kernel = compile_layer_norm(n, residual)
     ctx.kernels[node.name] = kernel
-    threads = ctx.num_threads
+    threads = ctx.threads
     where = f"node {node.name!r} ({node.op}, {n} features)"
     if residual:
         return lambda x, y: kernel(
-            x, y, scale=scale, bias=bias, epsilon=eps, num_threads=threads, where=where
+            x, y, scale=scale, bias=bias, epsilon=eps, num_threads=threads(), where=where
         )
     return lambda x: kernel(
-        x, scale=scale, bias=bias, epsilon=eps, num_threads=threads, where=where
+        x, scale=scale, bias=bias, epsilon=eps, num_threads=threads(), where=where
     )
 
 

@@ -15,6 +15,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -27,9 +28,15 @@ from sparsednn.ir.verify import describe_memory_limit, format_bytes, memory_limi
 from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
 from sparsednn.passes.pipeline import run_pipeline
 from sparsednn.runtime import native_pool
+from sparsednn.runtime.batch_parts import SLICE, describe_region, order_for_region, region_parts
 from sparsednn.runtime.lowering import LoweringContext, lower, lower_linear_chain, lower_linear_norm
 from sparsednn.runtime.progress import progress_bar
-from sparsednn.runtime.threads import default_num_threads, single_threaded_blas
+from sparsednn.runtime.threads import (
+    default_num_threads,
+    parallel_for,
+    running_part,
+    single_threaded_blas,
+)
 
 _ONNX_TYPE_NAMES = {
     "float32": "tensor(float)",
@@ -158,8 +165,37 @@ class InferenceSession:
         return [np.asarray(env[s]) for s in wanted]
 
     def _execute(self, env: list[Any]) -> None:
+        region = self._region
+        if region is None:
+            self._run_steps(self._steps, env)
+            return
+        body = self._steps[region.start:]
+        self._run_steps(self._steps[: region.start], env)
+        parts = region_parts(self._steps, region, env, self.options.num_threads)
+        if parts is None:
+            self._run_steps(body, env)
+            return
+        # the body once per part of the batch, each part on one thread (runtime/batch_parts.py)
+        bounds, how = parts
+        envs = []
+        for lo, hi in bounds:
+            part = list(env)
+            for slot, mode in how.items():
+                if mode == SLICE:
+                    part[slot] = env[slot][lo:hi]
+            envs.append(part)
+
+        def run_part(part: list[Any]) -> None:
+            with running_part():
+                self._run_steps(body, part)
+
+        parallel_for([partial(run_part, part) for part in envs])
+        for slot in self._region_outputs:
+            env[slot] = np.concatenate([part[slot] for part in envs])
+
+    def _run_steps(self, steps: list[Step], env: list[Any]) -> None:
         profiling = self.options.enable_profiling
-        for step in self._steps:
+        for step in steps:
             args = [None if s is None else env[s] for s in step.inputs]
             t0 = time.perf_counter() if profiling else 0.0
             try:
@@ -206,9 +242,12 @@ class InferenceSession:
         slots: dict[int, int] = {}
         template: list[Any] = []
 
+        values: dict[int, Value] = {}  # slot -> value
+
         def slot_of(v: Value) -> int:
             if id(v) not in slots:
                 slots[id(v)] = len(template)
+                values[len(template)] = v
                 template.append(v.const if v.is_const else None)
             return slots[id(v)]
 
@@ -238,6 +277,11 @@ class InferenceSession:
             chains: dict[int, tuple] = {}
             steps = _chain_sparse_linears(steps, keep, ctx, chains)
             steps = _fuse_layer_norms(steps, keep, ctx, chains)
+        # With several threads, the steps that can run the batch in parts come last
+        # (runtime/batch_parts.py).
+        start = len(steps)
+        if ctx.num_threads > 1:
+            steps, start = order_for_region(steps, keep)
         # Free each intermediate after its last reader, so peak memory follows the live set.
         last_reader: dict[int, Step] = {}
         for step in steps:
@@ -249,6 +293,13 @@ class InferenceSession:
                 step.frees.append(s)
         self._steps = steps
         self._template = template
+        self._region = None
+        self._region_outputs: list[int] = []
+        if start < len(steps):
+            ranks = {slot: None if v.shape is None else len(v.shape)
+                     for slot, v in values.items()}  # fmt: skip
+            self._region = describe_region(steps, start, ranks)
+            self._region_outputs = [s for s in keep if s in self._region.made]
         self._size_terms = _size_terms(self.graph)
 
     # -- checks ---------------------------------------------------------------------------

@@ -36,6 +36,22 @@ def thread_scratch(n_floats: int) -> int:
     return s[0]
 
 
+def step_threads(num_threads: int) -> int:
+    """Threads a step may use: the session's num_threads, or one while this thread runs a
+    part of a batch (runtime/batch_parts.py: the parts already use every core)."""
+    return 1 if getattr(_tls, "in_part", False) else num_threads
+
+
+class running_part:
+    """Marks the calling thread as running one part of a batch (see step_threads)."""
+
+    def __enter__(self) -> None:
+        _tls.in_part = True
+
+    def __exit__(self, *exc) -> None:
+        _tls.in_part = False
+
+
 def default_num_threads() -> int:
     """Cores this process may use (respects CPU affinity, as in containers)."""
     try:
