@@ -631,6 +631,34 @@ def test_spmv_and_panel_kernels_agree(m):
     assert_close(y, x, w, bias, "gelu")
 
 
+@pytest.mark.parametrize("rows_vary", [False, True])
+def test_spmv_rows_are_sorted_when_their_counts_vary(rows_vary):
+    """Large layers decide the SpMV row order by how much rows' nonzero counts vary (one
+    build): random pruning keeps the order; magnitude pruning of rows of different scales
+    sorts them, which saves steps."""
+    rng = np.random.default_rng(11)
+    k, n = 512, 256  # 50%: 65536 nonzeros, past the build-both limit
+    w = rng.standard_normal((k, n))
+    if rows_vary:  # outputs' scales varying 4x: their counts after pruning vary too
+        w *= rng.uniform(0.5, 2.0, n)
+    w[np.abs(w) < np.median(np.abs(w))] = 0
+    w = w.astype(np.float32)
+    o, kk = np.nonzero(w.T)
+    assert len(o) >= 1 << 16
+    layout = spmm._build_spmv(o, kk, w.T[o, kk], n, k, spmm._SPMV_UNROLL)
+    plain = spmm._build_spmv(o, kk, w.T[o, kk], n, k, spmm._SPMV_UNROLL, sort_rows=False)
+    assert layout.perm[-1] == (0 if rows_vary else 1)  # 1: the identity order
+    if rows_vary:
+        assert layout.steps < 0.9 * plain.steps
+    else:
+        assert layout.steps == plain.steps
+    if "avx512" in ISAS:
+        kern = compile_sparse_linear(w, None, "none", target=host_target("avx512"))
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        assert_close(kern(x), x, w, None, "none")
+        assert kern.spmv_layout.perm[-1] == layout.perm[-1]
+
+
 @needs_avx512
 def test_spmv_code_is_shared_by_every_shape():
     """The SpMV code takes the shape as data: layers of other shapes with the same epilogue
