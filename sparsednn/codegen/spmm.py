@@ -20,7 +20,9 @@ Sparse kernel design (see docs in the class and emitter below):
   last tail panel (M not a multiple of TN) uses a narrower panel (1, 2 or 4 vectors), and only
   valid tokens/rows are stored.
 * Packing and the tile stores are helpers shared by all kernels of a target (compiled once per
-  process); compiled kernels are cached per specialisation (shapes, tiling, ISA, epilogue).
+  process); compiled kernels are cached per specialisation (tiling, ISA, epilogue, staged
+  stores, one K-block or several), not per shape: a kernel reads its layer's shape from the
+  header of its index argument, so layers of new shapes compile nothing.
 """
 
 from __future__ import annotations
@@ -397,15 +399,10 @@ class _SpmmEmitter:
     # staging buffer row stride (floats): 272 * 4 bytes is not a multiple of 1 KB
     STAGE_STRIDE = 272
 
-    def __init__(self, module, name, k, n, k_block, n_blocks, target: Target, activation,
-                 has_bias, vectors_per_panel, group_rows=2, stage_cols=0,
-                 shared=False):  # fmt: skip
+    def __init__(self, module, name, target: Target, activation, has_bias, vectors_per_panel,
+                 group_rows=2, shared=False, staged=False, one_block=False):  # fmt: skip
         self.module = module
         self.name = name
-        self.K = k
-        self.N = n
-        self.KB = k_block
-        self.n_blocks = n_blocks
         self.target = target
         self.V = target.vector_width
         self.NV = vectors_per_panel
@@ -416,18 +413,23 @@ class _SpmmEmitter:
         self.valign = 4 * self.V
         self.R = group_rows
         self.shared = shared
-        self.n_groups = _round_up(max(n, 1), self.V) // group_rows
-        self.block_stride = _csr_block_stride(n, self.V, group_rows)
         self.helpers: list = []  # JIT modules of the helpers the kernel calls
-        self.stage_cols = stage_cols
-        self.stage_floats = self.TN * self.STAGE_STRIDE if stage_cols else 0
+        # structure fixed in the code (branches on them measured 1-2% slower at 90%): tiles
+        # staged on their way out (_emit_staged_store); K in one block, the partial sums one tile
+        self.staged = staged
+        self.one_block = one_block
         # A page of zeros standing in for the rows of X past M when packing a tail panel.
-        zty = ir.ArrayType(U.f32, self.KB)
+        zty = ir.ArrayType(U.f32, _MAX_K_BLOCK)
         self.zeros = ir.GlobalVariable(module, zty, name="zero_rows")
         self.zeros.global_constant = True
         self.zeros.linkage = "internal"
         self.zeros.initializer = ir.Constant(zty, None)
         self.zeros.align = 64
+
+    def _shape(self, b, index) -> dict:
+        """The layer's shape from the header of its index (see _SHAPE_FIELDS), as i64."""
+        return {f: b.sext(b.load(U.gep(b, index, i)), U.i64, name=f)
+                for i, f in enumerate(_SHAPE_FIELDS)}  # fmt: skip
 
     def _function(self, name, names, types, internal=True, noinline=False):
         return _new_function(self.module, name, names, types, internal, noinline)
@@ -447,7 +449,7 @@ class _SpmmEmitter:
         # _helper) and linked by name, so that each kernel compiles only its own loops
         self.pack = self._helper_callee("pack")
         self.store_block = self._helper_callee("store_block")
-        if self.stage_cols:
+        if self.staged:
             self.copy_rows = self._helper_callee("copy_rows")
         # panel widths: powers of two up to NV, and NV; a tail panel takes the narrowest that
         # fits (fewer functions to compile than one per width)
@@ -502,24 +504,34 @@ class _SpmmEmitter:
         names = ("x", "t0", "tn") + _KERNEL_ARGS[2:]
         types = (U.f32_ptr, U.i64, U.i64) + _KERNEL_ARG_TYPES[2:]
         fn, b, a = self._function(f"panel_{tnp}", names, types)
-        # scratch: [staging TN x STAGE_STRIDE, if used][panel KB x TN][partial sums / tile]
-        panel = U.gep(b, a["scratch"], self.stage_floats, name="panel")
-        partial = U.gep(b, panel, self.KB * self.TN, name="partial")
-        last_kb = self.n_blocks - 1
+        shape = self._shape(b, a["index"])
+        K, N, KB, n_blocks = shape["K"], shape["N"], shape["KB"], shape["n_blocks"]
+        index_body = U.gep(b, a["index"], _SHAPE_HEADER, name="index_body")
+        # scratch: [panel KB x TN][partial sums of the range's rows (one K-block: one tile)]
+        # [staging TN x STAGE_STRIDE, for staged layers] (SparseLinearKernel._scratch_floats)
+        panel = a["scratch"]
+        partial = U.gep(b, panel, b.mul(KB, U.int64(self.TN)), name="partial")
+        last_kb = b.sub(n_blocks, U.int64(1), name="last_kb")
+        if self.one_block:
+            partial_rows = U.int64(V)
+        else:
+            rows = b.sub(a["row_end"], a["row_begin"])
+            partial_rows = b.mul(b.sdiv(b.add(rows, U.int64(V - 1)), U.int64(V)), U.int64(V))
+        self.staging = U.gep(b, partial, b.mul(partial_rows, U.int64(self.TN)), name="staging")
 
         # one loop over the K-blocks: the last block is shorter and finishes the tiles
-        with U.for_range(b, 0, self.n_blocks, name="kb") as kb:
-            last = b.icmp_signed("==", kb, U.int64(last_kb), name="last_kblock")
+        with U.for_range(b, 0, n_blocks, name="kb") as kb:
+            last = b.icmp_signed("==", kb, last_kb, name="last_kblock")
             first = b.icmp_signed("==", kb, U.int64(0), name="first_kblock")
-            kc = b.select(last, U.int64(self.K - last_kb * self.KB), U.int64(self.KB), name="kc")
-            k0 = b.mul(kb, U.int64(self.KB), name="k0")
-            x_rows = U.gep(b, a["x"], b.add(b.mul(a["t0"], U.int64(self.K)), k0), name="x_block")
+            kc = b.select(last, b.sub(K, b.mul(last_kb, KB)), KB, name="kc")
+            k0 = b.mul(kb, KB, name="k0")
+            x_rows = U.gep(b, a["x"], b.add(b.mul(a["t0"], K), k0), name="x_block")
             zeros = b.bitcast(self.zeros, U.f32_ptr, name="zero_row")
             b.call(
                 self.pack,
                 [
                     x_rows,
-                    U.int64(self.K),
+                    K,
                     a["tn"],
                     kc,
                     panel,
@@ -530,16 +542,16 @@ class _SpmmEmitter:
                 ],
             )
             # this K-block's group pointers, then its member slots (see _CsrBlocks)
-            index = U.gep(b, a["index"], b.mul(kb, U.int64(self.block_stride)), name="block_index")
-            slots = U.gep(b, index, self.n_groups + 1, name="block_slots")
+            index = U.gep(b, index_body, b.mul(kb, shape["block_stride"]), name="block_index")
+            slots = U.gep(b, index, b.add(shape["n_groups"], U.int64(1)), name="block_slots")
             with U.for_range(b, a["row_begin"], a["row_end"], V, name="rb") as rb:
                 nrows = b.sub(a["row_end"], rb)
                 nrows = b.select(
                     b.icmp_signed("<", nrows, U.int64(V)), nrows, U.int64(V), name="nrows"
                 )
-                if self.n_blocks == 1:
+                if self.one_block:
                     tile = partial  # just a V x T tile
-                else:
+                else:  # the partial sums of every row
                     tile = U.gep(
                         b, partial, b.mul(b.sub(rb, a["row_begin"]), U.int64(tnp)), name="tile"
                     )
@@ -552,7 +564,7 @@ class _SpmmEmitter:
                         gi = b.add(g0, g, name="group")
                         self._emit_group(b, a, nv, panel, index, slots, gi, tile, first_block)
 
-                if self.n_blocks == 1:
+                if self.one_block:
                     groups(True)
                 else:  # the first block starts from zero, later ones from the partial sums
                     with b.if_else(first) as (then, otherwise):
@@ -562,20 +574,16 @@ class _SpmmEmitter:
                             groups(False)
                 with b.if_then(last):
                     bias = U.gep(b, a["bias"], rb, name="bias_block")
-                    if not self.stage_cols:
-                        y_block = U.gep(
-                            b, a["y"], b.add(b.mul(a["t0"], U.int64(self.N)), rb), name="y_block"
-                        )
-                        b.call(
-                            self.store_block,
-                            [tile, U.int64(tnp), a["tn"], nrows, bias, y_block, U.int64(self.N)],
-                        )
+                    if self.staged:
+                        self._emit_staged_store(b, a, tile, tnp, rb, nrows, bias, N)
                     else:
-                        self._emit_staged_store(b, a, tile, tnp, rb, nrows, bias)
+                        y_block = U.gep(b, a["y"], b.add(b.mul(a["t0"], N), rb), name="y_block")
+                        b.call(self.store_block,
+                               [tile, U.int64(tnp), a["tn"], nrows, bias, y_block, N])  # fmt: skip
         b.ret_void()
         return fn
 
-    def _emit_staged_store(self, b, a, tile, tnp, rb, nrows, bias):
+    def _emit_staged_store(self, b, a, tile, tnp, rb, nrows, bias, N):
         """Finish the tile into the staging buffer (row stride STAGE_STRIDE, not N), and copy
         the staged columns to Y once a chunk of STAGE_COLS is full or the range ends.
 
@@ -583,9 +591,9 @@ class _SpmmEmitter:
         of Y one tile writes map to the same few L1 sets and the stores thrash them (a tile
         measured 420 cycles at N = 3072 against 50 at N = 3088); the staging stride is not,
         and the copy out writes whole runs of a row."""
-        C, SC = self.stage_cols, self.STAGE_STRIDE
+        C, SC = _STAGE_COLS, self.STAGE_STRIDE
         col = b.srem(b.sub(rb, a["row_begin"]), U.int64(C), name="stage_col")
-        staging = a["scratch"]
+        staging = self.staging
         b.call(
             self.store_block,
             [tile, U.int64(tnp), a["tn"], nrows, bias, U.gep(b, staging, col), U.int64(SC)],
@@ -595,10 +603,8 @@ class _SpmmEmitter:
         range_end = b.icmp_signed(">=", b.add(rb, nrows), a["row_end"])
         with b.if_then(b.or_(chunk_full, range_end)):
             first_col = b.sub(rb, col, name="chunk_start")
-            y_chunk = U.gep(b, a["y"], b.add(b.mul(a["t0"], U.int64(self.N)), first_col))
-            b.call(
-                self.copy_rows, [staging, U.int64(SC), a["tn"], filled, y_chunk, U.int64(self.N)]
-            )
+            y_chunk = U.gep(b, a["y"], b.add(b.mul(a["t0"], N), first_col))
+            b.call(self.copy_rows, [staging, U.int64(SC), a["tn"], filled, y_chunk, N])
 
     def _emit_group(self, b, a, nv, panel, index, slots, gi, tile, first):
         """For each member r of group gi: tile[slot_r, 0:T] = (first ? 0 : tile[slot_r, 0:T])
@@ -1444,6 +1450,10 @@ def _kernel_name(kind: str, tile: str, isa: str, has_bias: bool, activation: str
 
 # columns of Y gathered in the staging buffer before they are copied out
 _STAGE_COLS = 256
+# The panel kernel reads its layer's shape from the first _SHAPE_HEADER int32 of its index
+# argument (then the CSR's index), so that one compiled kernel serves layers of every shape.
+_SHAPE_FIELDS = ("K", "N", "KB", "n_blocks", "block_stride", "n_groups")
+_SHAPE_HEADER = 8  # (32 bytes: the CSR's index stays 16-byte aligned)
 
 
 def _row_sets(n: int, rows: int = 16) -> int:
@@ -1468,19 +1478,15 @@ def _compiled_code(key, name):
     with _code_cache_lock:
         hit = _code_cache.get(key)
         if hit is None:
-            k, n, kb, n_blocks, nv, group_rows, shared, stage_cols, activation, has_bias, target = (
-                key
-            )
+            nv, group_rows, shared, staged, one_block, activation, has_bias, target = key
             # helpers first: the kernel's code calls them by name
-            helpers = [_helper("pack", target, activation, has_bias)[0],
-                       _helper("store_block", target, activation, has_bias)[0]]  # fmt: skip
-            if stage_cols:
-                helpers.append(_helper("copy_rows", target, activation, has_bias)[0])
+            kinds = ("pack", "store_block") + (("copy_rows",) if staged else ())
+            helpers = [_helper(kind, target, activation, has_bias)[0] for kind in kinds]
 
             def emit():
                 module = jit.new_module(name, target)
-                _SpmmEmitter(module, name, k, n, kb, n_blocks, target, activation, has_bias, nv,
-                             group_rows, stage_cols, shared).emit()  # fmt: skip
+                _SpmmEmitter(module, name, target, activation, has_bias, nv, group_rows, shared,
+                             staged, one_block).emit()  # fmt: skip
                 return module
 
             ckey = _code_key("spmm", name, key[:-1], _target_key(target))
@@ -1621,15 +1627,21 @@ class SparseLinearKernel:
 
         # stage output tiles when Y's row stride would thrash L1 sets (see _emit_staged_store)
         self._stage_cols = _STAGE_COLS if (n >= 2 * _STAGE_COLS and _row_sets(n) <= 2) else 0
-        key = (k, n, kb, n_blocks, nv, group_rows, shared, self._stage_cols, activation,
+        key = (nv, group_rows, shared, bool(self._stage_cols), n_blocks == 1, activation,
                bias is not None, target)  # fmt: skip
         with _code_cache_lock:
             code_known = key in _code_cache
         self._jit, self._fn, self._helpers = _compiled_code(key, self.name)
         self._fn_addr = _fn_address(self._fn)
         self.cache_hit = bool(data_hit and (code_known or self._jit.from_cache))
+        # the kernel's index: the layer's shape (_SHAPE_FIELDS), then the CSR's index
+        header = [k, n, kb, n_blocks, stride, self._csr.n_groups]
+        self._kernel_index = np.concatenate(
+            [np.array(header + [0] * (_SHAPE_HEADER - len(header)), np.int32), self._csr.index]
+        )
+        self._csr.index = self._kernel_index[_SHAPE_HEADER:]  # (a view: held once)
         self._ptrs = (
-            self._csr.index.ctypes.data,
+            self._kernel_index.ctypes.data,
             self._csr.entries.ctypes.data,
             self._bias.ctypes.data,
         )
@@ -1673,8 +1685,8 @@ class SparseLinearKernel:
             if self._csr.n_blocks > 1
             else self.target.vector_width
         )
-        stage = tn * _SpmmEmitter.STAGE_STRIDE if self._stage_cols else 0
-        return stage + self._csr.k_block * tn + partial_rows * tn
+        stage = tn * _SpmmEmitter.STAGE_STRIDE if self._stage_cols else 0  # (see _emit_panel)
+        return self._csr.k_block * tn + partial_rows * tn + stage
 
     # -- the SpMV variant (few tokens) --------------------------------------------------------
 

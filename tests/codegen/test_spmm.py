@@ -515,6 +515,24 @@ def test_shared_rows_variant_matches_reference(k, groups, cols, ragged, m, spars
     assert_close(y, x, w, bias, activation)
 
 
+def test_panel_code_is_shared_by_every_shape():
+    """The panel kernel reads its layer's shape from its index header: layers of other shapes
+    with the same epilogue and structure (staged stores or not, one K-block or several) run
+    the same compiled code, each with its own right answer, tails and threads included."""
+    rng = np.random.default_rng(12)
+    groups: dict[tuple, set] = {}
+    for k, n in ((300, 40), (520, 70), (700, 17), (300, 512), (520, 1024), (40, 30), (90, 7)):
+        w = random_weight(rng, k, n, 0.9)
+        bias = rng.standard_normal(n).astype(np.float32)
+        kern = compile_sparse_linear(w, bias, "gelu")
+        for m, threads in ((9, 1), (64, 1), (130, 2), (300, 1)):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            assert_close(kern(x, num_threads=threads), x, w, bias, "gelu")
+        structure = (bool(kern._stage_cols), kern._csr.n_blocks == 1)
+        groups.setdefault(structure, set()).add(id(kern._jit))
+    assert len(groups) == 3 and all(len(jits) == 1 for jits in groups.values())
+
+
 @pytest.mark.parametrize("group_rows", [1, 2, 4])
 def test_csr_entries_round_trip(group_rows):
     """The grouped, blocked entries decode to the weight's nonzeros, and each group's rows
