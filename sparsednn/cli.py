@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -191,8 +192,10 @@ def cmd_profile(args) -> int:
     )
     session.run(None, feed)  # warm up, then forget the warm-up's times
     session.reset_profile()
+    start = time.perf_counter()
     for _ in range(args.runs):
         session.run(None, feed)
+    wall = (time.perf_counter() - start) / args.runs
     nodes = {n.name: n for n in session.graph.nodes}
     profile = session.profile()
     total = sum(p.seconds for p in profile) or 1.0
@@ -235,7 +238,10 @@ def cmd_profile(args) -> int:
             f"{op} {share:.1f}%" for op, share in sorted(by_op.items(), key=lambda kv: -kv[1])
         )
     )
-    print(f"total {1e3 * total / args.runs:.3f} ms/run over {args.runs} runs")
+    print(f"total {1e3 * total / args.runs:.3f} ms/run over {args.runs} runs; wall {1e3 * wall:.3f} ms/run")
+    if total / args.runs > 1.2 * wall:
+        print("(a batch that runs in parts, one per thread, counts each node's time in every "
+              "part: runtime/batch_parts.py)")
     if args.plot:
         _plot_profile(by_op, rows, args.plot, f"{args.model}: {1e3 * total / args.runs:.1f} ms/run")
         _say(f"wrote {args.plot}")

@@ -92,7 +92,7 @@ class NodeProfile:
     node: str
     op: str
     calls: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # summed over the parts of a batch run in parts (runtime/batch_parts.py)
     useful_flops: float = 0.0  # Linear: 2 * nonzeros * rows, the work a dense GEMM would skip
 
     @property
