@@ -171,3 +171,36 @@ def test_attention_mask_follows_the_batch_only_when_it_is_per_row(mask_shape, mo
                                 outputs=[2])  # fmt: skip
     modes = batch_parts._modes(attention, env, region, batch=8)
     assert modes == (None if mode is None else [SLICE, None, None, mode])
+
+
+def test_runs_in_parts_from_several_threads_at_once(spy):
+    """Concurrent run() calls each split their own batch (the parts of both share the worker
+    pool without waiting on each other)."""
+    import threading
+
+    session = sparsednn.InferenceSession(
+        block_model(["batch", "seq", H]).SerializeToString(),
+        sparsednn.SessionOptions(intra_op_num_threads=2),
+    )
+    feeds = []
+    for i in range(4):
+        x = rng.standard_normal((16 + 2 * i, SEQ, H)).astype(np.float32)
+        feeds.append({"x": x, "r": rng.standard_normal(x.shape).astype(np.float32)})
+    expected = [session.run(None, f)[0] for f in feeds]
+    results: dict = {}
+
+    def worker(i):
+        for _ in range(3):
+            results.setdefault(i, []).append(session.run(None, feeds[i])[0])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert all(parts is not None for parts in spy.seen)
+    for i, outs in results.items():
+        assert len(outs) == 3
+        for y in outs:
+            np.testing.assert_array_equal(y, expected[i])
