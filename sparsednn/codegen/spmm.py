@@ -1809,17 +1809,28 @@ class SparseLinearKernel:
     def __call__(
         self, x: np.ndarray, out: np.ndarray | None = None, num_threads: int = 1
     ) -> np.ndarray:
-        # One thread, a few tokens, a new output: the SpMV call without the general path's
-        # layers (it takes ~5 us at M = 1, where those cost ~1 us).
+        # One thread and a few tokens: the SpMV call without the general path's layers (it
+        # takes ~5 us at M = 1, where those cost ~1 us); a given output only when it is what
+        # the full checks would accept, and apart from x.
         spmv = self._spmv
-        if (out is None and num_threads == 1 and spmv is not None and type(x) is np.ndarray
+        if (num_threads == 1 and spmv is not None and type(x) is np.ndarray
                 and x.dtype is _F32 and x.ndim == 2 and 0 < x.shape[0] <= self.spmv_max_m
                 and x.shape[1] == self.in_features and x.flags.c_contiguous):  # fmt: skip
             m = x.shape[0]
-            y = np.empty((m, self.out_features), _F32)
+            xa = _addr(x)
+            if out is None:
+                y = np.empty((m, self.out_features), _F32)
+                ya = _addressof(_from_buffer(y))
+            elif (type(out) is np.ndarray and out.dtype is _F32
+                  and out.shape == (m, self.out_features) and out.flags.c_contiguous
+                  and out.flags.writeable):  # fmt: skip
+                y, ya = out, _addr(out)
+                if ya < xa + x.nbytes and xa < ya + y.nbytes:  # overlap: the full checks say
+                    return self._run(x, out, num_threads)[0]
+            else:
+                return self._run(x, out, num_threads)[0]
             fn, ptrs, n_slices, scratch = spmv[:4]
-            fn(_addr(x), m, _addressof(_from_buffer(y)), 0, n_slices, *ptrs,
-               thread_scratch(scratch))  # fmt: skip
+            fn(xa, m, ya, 0, n_slices, *ptrs, thread_scratch(scratch))
             return y
         return self._run(x, out, num_threads)[0]
 

@@ -697,8 +697,9 @@ def test_spmv_code_is_shared_by_every_shape():
 @needs_avx512
 @pytest.mark.parametrize("m", [1, 2, 5, 8])
 def test_one_thread_spmv_shortcut_matches_the_general_path(m):
-    """__call__'s shortcut for one thread and a new output (taken once the SpMV steps exist)
-    gives the general path's bits, and still leaves every unusual argument to its checks."""
+    """__call__'s shortcut for one thread (taken once the SpMV steps exist), with a new or a
+    given output, gives the general path's bits, and still leaves every unusual argument to
+    its checks."""
     rng = np.random.default_rng(40 + m)
     w = random_weight(rng, 150, 45, 0.9)
     bias = rng.standard_normal(45).astype(np.float32)
@@ -719,6 +720,24 @@ def test_one_thread_spmv_shortcut_matches_the_general_path(m):
     with pytest.raises(InvalidInputError, match=r"\[M, 150\]"):
         kern(x[:, :149].copy())
     assert kern(np.zeros((0, 150), np.float32)).shape == (0, 45)
+    # a given output: filled in place when the full checks would take it, refused otherwise
+    out = np.full((m, 45), np.nan, np.float32)
+    assert kern(x, out=out) is out
+    np.testing.assert_array_equal(out, general)
+    for bad, match in ((np.zeros((m, 45)), "out dtype"), (np.zeros((m + 1, 45), np.float32),
+                       "out shape"), (np.zeros((m, 90), np.float32)[:, ::2], "C-contiguous")):  # fmt: skip
+        with pytest.raises(InvalidInputError, match=match):
+            kern(x, out=bad)
+    frozen = np.zeros((m, 45), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(InvalidInputError, match="writable"):
+        kern(x, out=frozen)
+    both = np.zeros(m * 150 + m * 45, np.float32)  # x and out in one buffer, overlapping
+    xs = both[: m * 150].reshape(m, 150)
+    xs[:] = x
+    with pytest.raises(InvalidInputError, match="overlap"):
+        kern(xs, out=both[m * 150 - 1 : m * 150 - 1 + m * 45].reshape(m, 45))
+    np.testing.assert_array_equal(kern(xs, out=both[m * 150 :].reshape(m, 45)), general)
 
 
 # ---- token-panel split across threads (large M) ----------------------------------------------
