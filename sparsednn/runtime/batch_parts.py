@@ -49,10 +49,10 @@ class Region:
     ranks: dict[int, int | None]  # static rank of each slot the region makes (None: unknown)
 
 
-def order_for_region(steps: list, keep: set[int]) -> tuple[list, int]:
+def order_for_region(steps: list) -> tuple[list, int]:
     """The steps reordered so that the region (see the module docstring) comes last, and the
     index where it starts (len(steps): no region). A step joins when its op is a row op and
-    every reader of its outputs has joined (the model's outputs count as joined)."""
+    every step that reads its outputs has joined (a model output without readers joins)."""
     readers: dict[int, list[int]] = {}
     for i, step in enumerate(steps):
         for s in step.inputs:

@@ -171,7 +171,7 @@ class InferenceSession:
             return
         body = self._steps[region.start:]
         self._run_steps(self._steps[: region.start], env)
-        parts = region_parts(self._steps, region, env, self.options.num_threads)
+        parts = region_parts(self._steps, region, env, self._num_threads)
         if parts is None:
             self._run_steps(body, env)
             return
@@ -281,7 +281,7 @@ class InferenceSession:
         # (runtime/batch_parts.py).
         start = len(steps)
         if ctx.num_threads > 1:
-            steps, start = order_for_region(steps, keep)
+            steps, start = order_for_region(steps)
         # Free each intermediate after its last reader, so peak memory follows the live set.
         last_reader: dict[int, Step] = {}
         for step in steps:
@@ -293,6 +293,7 @@ class InferenceSession:
                 step.frees.append(s)
         self._steps = steps
         self._template = template
+        self._num_threads = ctx.num_threads
         self._region = None
         self._region_outputs: list[int] = []
         if start < len(steps):

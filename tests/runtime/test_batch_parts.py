@@ -152,7 +152,7 @@ def test_region_is_the_row_steps_that_feed_only_row_steps():
         step("Attention", [4, None, None, 3], [5]),
         step("AddLayerNorm", [5, 1], [6]),
     ]
-    ordered, start = batch_parts.order_for_region(steps, keep={6})
+    ordered, start = batch_parts.order_for_region(steps)
     assert [s.node.op for s in ordered[:start]] == ["Linear", "Shape", "Where"]
     assert [s.node.op for s in ordered[start:]] == ["Linear", "Attention", "AddLayerNorm"]
     region = batch_parts.describe_region(ordered, start, {4: 3, 5: 3, 6: 3})
