@@ -204,3 +204,39 @@ def test_runs_in_parts_from_several_threads_at_once(spy):
         assert len(outs) == 3
         for y in outs:
             np.testing.assert_array_equal(y, expected[i])
+
+
+def test_outputs_made_before_and_inside_the_region(spy):
+    """A model output made before the region (read by a non-row op) stays whole; outputs made
+    in the region, also one that a later region step reads, are the parts joined."""
+    r = np.random.default_rng(6)
+    w1, w2 = sparse((H, H), r), sparse((H, H), r)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"]),  # an output, read by the next MatMul
+        helper.make_node("MatMul", ["h", "W2"], ["y"]),
+        helper.make_node("Shape", ["x"], ["shape"]),  # made before the region
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "outputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", H])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", H]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", "seq", H]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [3])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = sparsednn.InferenceSession(
+        model.SerializeToString(), sparsednn.SessionOptions(intra_op_num_threads=2)
+    )
+    x = rng.standard_normal((32, SEQ, H)).astype(np.float32)
+    spy.parts()
+    y, h, shape = session.run(None, {"x": x})
+    assert spy.seen == [[(0, 16), (16, 32)]]
+    spy.whole()
+    expected = session.run(None, {"x": x})
+    for got, want in zip((y, h, shape), expected):
+        np.testing.assert_array_equal(got, want)
+    assert shape.tolist() == [32, SEQ, H]
+    np.testing.assert_allclose(h, x @ w1, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, (x @ w1) @ w2, rtol=1e-4, atol=1e-4)
