@@ -356,7 +356,8 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
 #   void kernel(const float *x, int64 m, float *y, int64 row_begin, int64 row_end,
 #               const int32 *index, const int64 *entries, const float *bias, float *scratch,
 #               float *probe)
-# computes y[0:m, row_begin:row_end]; scratch is 64-byte aligned, scratch_floats(rows) long;
+# computes y[0:m, row_begin:row_end]; index starts with the layer's shape (_SHAPE_FIELDS,
+# _SHAPE_HEADER int32), then the CSR's index; scratch is 64-byte aligned, scratch_floats(rows) long;
 # *probe = 0, or NaN if the part of X this call packed holds a NaN or an infinity.
 _KERNEL_ARGS = (
     "x", "m", "y", "row_begin", "row_end", "index", "entries", "bias", "scratch", "probe",
@@ -385,7 +386,8 @@ _CTYPES_SIG = ctypes.CFUNCTYPE(
 
 
 class _SpmmEmitter:
-    """Emits the sparse linear kernel for one (K, N, blocking, ISA, epilogue) specialisation.
+    """Emits the sparse linear kernel for one (tiling, ISA, epilogue, structure)
+    specialisation; the layer's shape comes at run time from the header of its index.
 
     Functions of the module (all but the kernel internal):
       kernel            panels of TN tokens, then one narrower tail panel
@@ -1472,9 +1474,9 @@ _code_cache_lock = threading.Lock()
 
 def _compiled_code(key, name):
     """(JIT module, C function, helper modules) of one panel-kernel specialisation, compiled
-    once per process (or loaded from the on-disk cache): the code depends on the shapes,
-    tiling, ISA and epilogue only, not on the weights (passed as data), so layers of the same
-    shape (e.g. the 12 layers of BERT) share it."""
+    once per process (or loaded from the on-disk cache): the code depends on the tiling, ISA,
+    epilogue and structure (staged stores, one K-block) only, not on the weights or the shape
+    (both passed as data), so layers of every shape with the same epilogue share it."""
     with _code_cache_lock:
         hit = _code_cache.get(key)
         if hit is None:
