@@ -1049,7 +1049,8 @@ def _build_spmv(o, k, v, n_rows: int, n_cols: int, unroll: int = 2,
     n_sl = max(1, -(-n_rows // L))
     kp = _round_up(max(n_cols, 1), C)
     o = o.astype(np.int64)
-    perm = np.argsort(-np.bincount(o, minlength=n_rows), kind="stable")  # lane slot -> row
+    row_counts = np.bincount(o, minlength=n_rows)
+    perm = np.argsort(-row_counts, kind="stable")  # lane slot -> row
     if sort_rows is None and len(o) < 1 << 16:  # cheap: build both, keep the shorter
         plain = _build_spmv(o, k, v, n_rows, n_cols, unroll, False)
         if len(o) == 0:
@@ -1057,10 +1058,9 @@ def _build_spmv(o, k, v, n_rows: int, n_cols: int, unroll: int = 2,
         by_count = _build_spmv(o, k, v, n_rows, n_cols, unroll, True)
         return by_count if by_count.steps < 0.9 * plain.steps else plain
     if sort_rows is None:
-        counts = np.bincount(o, minlength=n_rows)
-        mean = counts.mean()
+        mean = row_counts.mean()
         binomial = mean * (1.0 - mean / max(n_cols, 1))
-        sort_rows = bool(counts.var() > SPMV_SORT_VARIANCE_RATIO * binomial)
+        sort_rows = bool(row_counts.var() > SPMV_SORT_VARIANCE_RATIO * binomial)
     if not sort_rows:
         perm = np.arange(n_rows)
     rank = np.empty(max(n_rows, 1), np.int64)
