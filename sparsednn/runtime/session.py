@@ -169,8 +169,8 @@ class InferenceSession:
         if region is None:
             self._run_steps(self._steps, env)
             return
-        body = self._steps[region.start:]
-        self._run_steps(self._steps[: region.start], env)
+        body = self._body
+        self._run_steps(self._before_body, env)
         parts = region_parts(self._steps, region, env, self._num_threads)
         if parts is None:
             self._run_steps(body, env)
@@ -301,6 +301,7 @@ class InferenceSession:
                      for slot, v in values.items()}  # fmt: skip
             self._region = describe_region(steps, start, ranks)
             self._region_outputs = [s for s in keep if s in self._region.made]
+            self._before_body, self._body = steps[:start], steps[start:]
         self._size_terms = _size_terms(self.graph)
 
     # -- checks ---------------------------------------------------------------------------
