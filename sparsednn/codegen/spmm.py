@@ -355,12 +355,17 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
 # Arguments of the generated kernel (C ABI):
 #   void kernel(const float *x, int64 m, float *y, int64 row_begin, int64 row_end,
 #               const int32 *index, const int64 *entries, const float *bias, float *scratch,
-#               float *probe)
+#               float *probe, int64 layout)
 # computes y[0:m, row_begin:row_end]; index starts with the layer's shape (_SHAPE_FIELDS,
 # _SHAPE_HEADER int32), then the CSR's index; scratch is 64-byte aligned, scratch_floats(rows) long;
-# *probe = 0, or NaN if the part of X this call packed holds a NaN or an infinity.
+# *probe = 0, or NaN if the part of X this call packed (or, with LAYOUT_PANEL_OUT, of Y it
+# wrote) holds a NaN or an infinity. layout: 0 for row-major X [m, K] and Y [m, N], or flags:
+# (panels: 4V-byte aligned; the tokens of a tail panel past m are don't-cares, finite going in)
+LAYOUT_PANEL_IN = 1  # X comes packed as panels: [m / TN][K][TN] (what LAYOUT_PANEL_OUT writes)
+LAYOUT_PANEL_OUT = 2  # Y goes out as panels [m / TN][N][TN], untransposed (all rows of the call)
 _KERNEL_ARGS = (
     "x", "m", "y", "row_begin", "row_end", "index", "entries", "bias", "scratch", "probe",
+    "layout",
 )  # fmt: skip
 _KERNEL_ARG_TYPES = (
     U.f32_ptr,
@@ -373,7 +378,9 @@ _KERNEL_ARG_TYPES = (
     U.f32_ptr,
     U.f32_ptr,
     U.f32_ptr,
+    U.i64,
 )
+_KERNEL_KINDS = "i" * len(_KERNEL_ARGS)  # for native_pool.run_kernel
 # Integer arguments go through ctypes as pointer-sized words where those are 64-bit (the same
 # registers in the C ABI): ctypes converts a c_void_p in ~45 ns, a c_int64 in ~100 ns, and a
 # one-token call has three of them.
@@ -381,7 +388,7 @@ _WORD = ctypes.c_void_p if ctypes.sizeof(ctypes.c_void_p) == 8 else ctypes.c_int
 _CTYPES_SIG = ctypes.CFUNCTYPE(
     None,
     ctypes.c_void_p, _WORD, ctypes.c_void_p, _WORD, _WORD,
-    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _WORD,
 )  # fmt: skip
 
 
@@ -439,7 +446,8 @@ class _SpmmEmitter:
     def _helper_callee(self, kind):
         """A declaration of a shared helper; the JIT links it to the compiled helper."""
         jm, name, fnty = _helper(kind, self.target, self.activation, self.has_bias)
-        self.helpers.append(jm)
+        if jm not in self.helpers:
+            self.helpers.append(jm)
         fn = ir.Function(self.module, fnty, name=name)
         fn.attributes.add("nounwind")
         return fn
@@ -451,6 +459,7 @@ class _SpmmEmitter:
         # _helper) and linked by name, so that each kernel compiles only its own loops
         self.pack = self._helper_callee("pack")
         self.store_block = self._helper_callee("store_block")
+        self.store_panel = self._helper_callee("store_panel")
         if self.staged:
             self.copy_rows = self._helper_callee("copy_rows")
         # panel widths: powers of two up to NV, and NV; a tail panel takes the narrowest that
@@ -469,6 +478,7 @@ class _SpmmEmitter:
             a["bias"],
             a["scratch"],
             a["probe"],
+            a["layout"],
         ]
         b.store(ir.Constant(U.f32, 0.0), a["probe"])
         tn = U.int64(self.TN)
@@ -501,18 +511,30 @@ class _SpmmEmitter:
 
         One K-block: pack, then for each block of V rows accumulate each row into the tile and
         finish the tile. Several K-blocks: rows accumulate into a partial-sum buffer of all rows
-        of the range; tiles are finished after the last block."""
-        V, tnp = self.V, nv * self.V
+        of the range; tiles are finished after the last block.
+
+        layout (see LAYOUT_PANEL_IN / _OUT): X given as panels is used in place of the packed
+        block; tiles going out as panels are stored untransposed (store_panel)."""
+        V, TN, tnp = self.V, self.TN, nv * self.V
         names = ("x", "t0", "tn") + _KERNEL_ARGS[2:]
         types = (U.f32_ptr, U.i64, U.i64) + _KERNEL_ARG_TYPES[2:]
         fn, b, a = self._function(f"panel_{tnp}", names, types)
         shape = self._shape(b, a["index"])
         K, N, KB, n_blocks = shape["K"], shape["N"], shape["KB"], shape["n_blocks"]
         index_body = U.gep(b, a["index"], _SHAPE_HEADER, name="index_body")
+        flags = a["layout"]
+        panel_in = b.icmp_unsigned("!=", b.and_(flags, U.int64(LAYOUT_PANEL_IN)), U.int64(0),
+                                   name="panel_in")  # fmt: skip
+        panel_out = b.icmp_unsigned("!=", b.and_(flags, U.int64(LAYOUT_PANEL_OUT)), U.int64(0),
+                                    name="panel_out")  # fmt: skip
+        # this panel's [K][TN] of X and [N][TN] of Y in the panel layouts (t0 is a multiple of TN)
+        panel_number = b.sdiv(a["t0"], U.int64(TN), name="panel_number")
+        x_panel = U.gep(b, a["x"], b.mul(b.mul(panel_number, K), U.int64(TN)), name="x_panel")
+        y_panel = U.gep(b, a["y"], b.mul(b.mul(panel_number, N), U.int64(TN)), name="y_panel")
         # scratch: [panel KB x TN][partial sums of the range's rows (one K-block: one tile)]
         # [staging TN x STAGE_STRIDE, for staged layers] (SparseLinearKernel._scratch_floats)
-        panel = a["scratch"]
-        partial = U.gep(b, panel, b.mul(KB, U.int64(self.TN)), name="partial")
+        packed = a["scratch"]
+        partial = U.gep(b, packed, b.mul(KB, U.int64(self.TN)), name="partial")
         last_kb = b.sub(n_blocks, U.int64(1), name="last_kb")
         if self.one_block:
             partial_rows = U.int64(V)
@@ -527,22 +549,25 @@ class _SpmmEmitter:
             first = b.icmp_signed("==", kb, U.int64(0), name="first_kblock")
             kc = b.select(last, b.sub(K, b.mul(last_kb, KB)), KB, name="kc")
             k0 = b.mul(kb, KB, name="k0")
-            x_rows = U.gep(b, a["x"], b.add(b.mul(a["t0"], K), k0), name="x_block")
-            zeros = b.bitcast(self.zeros, U.f32_ptr, name="zero_row")
-            b.call(
-                self.pack,
-                [
-                    x_rows,
-                    K,
-                    a["tn"],
-                    kc,
-                    panel,
-                    U.int64(tnp),
-                    U.int64(self.TN),
-                    zeros,
-                    a["probe"],
-                ],
-            )
+            panel = b.select(panel_in, U.gep(b, x_panel, b.mul(k0, U.int64(TN))), packed,
+                             name="panel")  # fmt: skip
+            with b.if_then(b.not_(panel_in)):
+                x_rows = U.gep(b, a["x"], b.add(b.mul(a["t0"], K), k0), name="x_block")
+                zeros = b.bitcast(self.zeros, U.f32_ptr, name="zero_row")
+                b.call(
+                    self.pack,
+                    [
+                        x_rows,
+                        K,
+                        a["tn"],
+                        kc,
+                        packed,
+                        U.int64(tnp),
+                        U.int64(self.TN),
+                        zeros,
+                        a["probe"],
+                    ],
+                )
             # this K-block's group pointers, then its member slots (see _CsrBlocks)
             index = U.gep(b, index_body, b.mul(kb, shape["block_stride"]), name="block_index")
             slots = U.gep(b, index, b.add(shape["n_groups"], U.int64(1)), name="block_slots")
@@ -576,12 +601,19 @@ class _SpmmEmitter:
                             groups(False)
                 with b.if_then(last):
                     bias = U.gep(b, a["bias"], rb, name="bias_block")
-                    if self.staged:
-                        self._emit_staged_store(b, a, tile, tnp, rb, nrows, bias, N)
-                    else:
-                        y_block = U.gep(b, a["y"], b.add(b.mul(a["t0"], N), rb), name="y_block")
-                        b.call(self.store_block,
-                               [tile, U.int64(tnp), a["tn"], nrows, bias, y_block, N])  # fmt: skip
+                    with b.if_else(panel_out) as (then, otherwise):
+                        with then:
+                            rows_out = U.gep(b, y_panel, b.mul(rb, U.int64(TN)), name="y_rows")
+                            b.call(self.store_panel, [tile, U.int64(tnp), nrows, bias, rows_out,
+                                                      U.int64(TN), a["probe"]])  # fmt: skip
+                        with otherwise:
+                            if self.staged:
+                                self._emit_staged_store(b, a, tile, tnp, rb, nrows, bias, N)
+                            else:
+                                y_block = U.gep(b, a["y"], b.add(b.mul(a["t0"], N), rb),
+                                                name="y_block")  # fmt: skip
+                                b.call(self.store_block, [tile, U.int64(tnp), a["tn"], nrows,
+                                                          bias, y_block, N])  # fmt: skip
         b.ret_void()
         return fn
 
@@ -805,6 +837,51 @@ def _emit_store_block(module, name, target: Target, activation: str, has_bias: b
     return fn
 
 
+def _emit_store_panel(module, name, target: Target, activation: str, has_bias: bool) -> ir.Function:
+    """store_panel(tile, width, nrows, bias, dst, dst_stride, probe):
+    dst[r * dst_stride + t] = act(tile[r * width + t] + bias[r]) for r < nrows, t < width (a
+    multiple of V): finished rows left untransposed, in the panel layout that a next kernel
+    reads as packed X (LAYOUT_PANEL_OUT). *probe += the sum of the stored values times 0: NaN
+    if one is not finite, which the caller must handle as for an X that is not (the next
+    kernel, reading these as its packed X, does not probe them)."""
+    V = target.vector_width
+    G = _EPILOGUE_GROUP
+    fn, b, a = _new_function(
+        module, name, ("tile", "width", "nrows", "bias", "dst", "dst_stride", "probe"),
+        _HELPER_TYPES["store_panel"], internal=False,
+    )  # fmt: skip
+    wide = U.vec(G * V)
+    with b.goto_entry_block():
+        probe_acc = b.alloca(wide, name="probe_acc")
+    b.store(U.const(wide, 0.0), probe_acc)
+    width_wide = b.mul(b.sdiv(a["width"], U.int64(G * V)), U.int64(G * V), name="width_wide")
+    with U.for_range(b, 0, a["nrows"], name="r") as r:
+        src = U.gep(b, a["tile"], b.mul(r, a["width"]), name="tile_row")
+        dst = U.gep(b, a["dst"], b.mul(r, a["dst_stride"]), name="dst_row")
+        bias = b.load(U.gep(b, a["bias"], r), name="bias") if has_bias else None
+        # G vectors at a time (GELU's dependency chains interleave), then one at a time
+        for lanes, begin, end in ((G * V, U.int64(0), width_wide), (V, width_wide, a["width"])):
+            ty = U.vec(lanes)
+            m = U.Math(b, ty, target.has_fma, target.isa)
+            with U.for_range(b, begin, end, lanes, name=f"t{lanes}") as t:
+                v = U.load_vec(b, U.gep(b, src, t), lanes, 4 * V)
+                if has_bias:
+                    v = b.fadd(v, U.splat(b, bias, lanes))
+                v = m.activation(v, activation)
+                U.store_vec(b, v, U.gep(b, dst, t), 4 * V)
+                zeros = b.fmul(v, U.const(ty, 0.0))
+                if lanes < G * V:
+                    zeros = U.concat(b, [zeros] + [U.const(ty, 0.0)] * (G * V // lanes - 1))
+                b.store(b.fadd(b.load(probe_acc), zeros), probe_acc)
+    acc = b.load(probe_acc)
+    total = b.load(a["probe"])
+    for lane in range(G * V):
+        total = b.fadd(total, b.extract_element(acc, ir.Constant(U.i32, lane)))
+    b.store(total, a["probe"])
+    b.ret_void()
+    return fn
+
+
 def _emit_copy_rows(module, name, target: Target) -> ir.Function:
     """copy_rows(src, src_stride, rows, cols, dst, dst_stride): dst[r * dst_stride + c] =
     src[r * src_stride + c] for r < rows, c < cols (vectors, then a scalar tail)."""
@@ -912,7 +989,10 @@ _HELPER_TYPES = {
     "pack": (U.f32_ptr, U.i64, U.i64, U.i64, U.f32_ptr, U.i64, U.i64, U.f32_ptr, U.f32_ptr),
     "store_block": (U.f32_ptr, U.i64, U.i64, U.i64, U.f32_ptr, U.f32_ptr, U.i64),
     "copy_rows": (U.f32_ptr, U.i64, U.i64, U.i64, U.f32_ptr, U.i64),
+    "store_panel": (U.f32_ptr, U.i64, U.i64, U.f32_ptr, U.f32_ptr, U.i64, U.f32_ptr),
 }
+# helpers compiled in the module of another (one module, one code generation, per epilogue)
+_HELPER_MODULE = {"store_panel": "store_block"}
 
 
 def _target_key(target: Target) -> tuple:
@@ -928,38 +1008,45 @@ def cache_mod_version() -> str:
     return kcache.code_version()
 
 
-def _helper(kind: str, target: Target, activation: str, has_bias: bool):
-    """(JIT module, symbol, function type) of a shared helper ("pack", "store_block" or
-    "copy_rows"), compiled (or loaded from the kernel cache) on first use and exported to the
-    JIT's linker under its symbol."""
+def _helper_name(kind: str, target: Target, activation: str, has_bias: bool) -> str:
     if kind in ("pack", "copy_rows"):
-        key = (kind, target)
-        name = f"sparsednn_{kind}_{target.isa}"
-    else:
-        key = (kind, target, activation, has_bias)
-        name = "sparsednn_" + _kernel_name("store_block", "", target.isa, has_bias, activation)[4:]
+        return f"sparsednn_{kind}_{target.isa}"
+    return "sparsednn_" + _kernel_name(kind, "", target.isa, has_bias, activation)[4:]
+
+
+def _helper(kind: str, target: Target, activation: str, has_bias: bool):
+    """(JIT module, symbol, function type) of a shared helper ("pack", "store_block",
+    "store_panel" or "copy_rows"), compiled (or loaded from the kernel cache) on first use
+    and exported to the JIT's linker under its symbol."""
+    module_kind = _HELPER_MODULE.get(kind, kind)
+    kinds = [module_kind] + [k for k, m in _HELPER_MODULE.items() if m == module_kind]
+    epilogue = module_kind not in ("pack", "copy_rows")
+    key = (module_kind, target) + ((activation, has_bias) if epilogue else ())
+    names = {k: _helper_name(k, target, activation, has_bias) for k in kinds}
     with _helper_lock:
-        hit = _helper_cache.get(key)
-        if hit is None:
+        jm = _helper_cache.get(key)
+        if jm is None:
+            name = names[module_kind]
 
             def emit():
                 module = jit.new_module(name, target)
-                if kind == "pack":
+                if module_kind == "pack":
                     _emit_pack(module, name, target)
-                elif kind == "copy_rows":
+                elif module_kind == "copy_rows":
                     _emit_copy_rows(module, name, target)
                 else:
                     _emit_store_block(module, name, target, activation, has_bias)
+                    _emit_store_panel(module, names["store_panel"], target, activation, has_bias)
                 return module
 
             ckey = _code_key("helper", name, _target_key(target))
             jm = jit.load_cached(ckey, target, source=emit)
             if jm is None:
                 jm = jit.compile_module(emit(), target, cache_key=ckey)
-            jit.export_symbol(name, jm.function_address(name))
-            hit = (jm, name, ir.FunctionType(U.void, _HELPER_TYPES[kind]))
-            _helper_cache[key] = hit
-        return hit
+            for symbol in names.values():
+                jit.export_symbol(symbol, jm.function_address(symbol))
+            _helper_cache[key] = jm
+        return jm, names[kind], ir.FunctionType(U.void, _HELPER_TYPES[kind])
 
 
 # --------------------------------------------------------------------------------------------
@@ -1870,21 +1957,21 @@ class SparseLinearKernel:
         p_addr = _addr(probe)
         if threads == 1:
             self._fn(
-                x_addr, m, y_addr, 0, n, *self._ptrs, thread_scratch(self._scratch_full), p_addr
+                x_addr, m, y_addr, 0, n, *self._ptrs, thread_scratch(self._scratch_full), p_addr, 0
             )
             return out, probe
         if spans:  # the tokens split (see _token_plan)
             sf = self._scratch_full
             fn, ptrs = self._fn, self._ptrs
             rows = [(x_addr + 4 * k * t0, t1 - t0, y_addr + 4 * n * t0, 0, n, *ptrs, 0,
-                     p_addr + 4 * i) for i, (t0, t1) in enumerate(spans)]  # fmt: skip
-            if parallel_native(self._fn_addr, "i" * 10, rows, 8, sf):
+                     p_addr + 4 * i, 0) for i, (t0, t1) in enumerate(spans)]  # fmt: skip
+            if parallel_native(self._fn_addr, _KERNEL_KINDS, rows, 8, sf):
                 return out, probe[: len(spans)]
             tasks = [
                 (
                     lambda t0=t0, t1=t1, i=i: fn(
                         x_addr + 4 * k * t0, t1 - t0, y_addr + 4 * n * t0, 0, n, *ptrs,
-                        thread_scratch(sf), p_addr + 4 * i,
+                        thread_scratch(sf), p_addr + 4 * i, 0,
                     )
                 )
                 for i, (t0, t1) in enumerate(spans)
@@ -1892,16 +1979,16 @@ class SparseLinearKernel:
             used = len(spans)
         else:
             ranges = self.row_ranges(threads)
-            rows = [(x_addr, m, y_addr, s, e, *self._ptrs, 0, p_addr + 4 * i)
+            rows = [(x_addr, m, y_addr, s, e, *self._ptrs, 0, p_addr + 4 * i, 0)
                     for i, (s, e) in enumerate(ranges)]  # fmt: skip
             floats = max(self._scratch_floats(e - s) for s, e in ranges)
-            if parallel_native(self._fn_addr, "i" * 10, rows, 8, floats):
+            if parallel_native(self._fn_addr, _KERNEL_KINDS, rows, 8, floats):
                 return out, probe[: len(ranges)]
             tasks = [
                 (
                     lambda s=s, e=e, i=i: self._fn(
                         x_addr, m, y_addr, s, e, *self._ptrs,
-                        thread_scratch(self._scratch_floats(e - s)), p_addr + 4 * i,
+                        thread_scratch(self._scratch_floats(e - s)), p_addr + 4 * i, 0,
                     )
                 )
                 for i, (s, e) in enumerate(ranges)

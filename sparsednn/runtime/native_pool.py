@@ -202,7 +202,7 @@ def known_kinds() -> tuple:
     attention, layer norm, dense GEMM, chained sparse kernels."""
     from sparsednn.codegen import attention, chain, gemm, norm, spmm
 
-    kinds = ("i" * 10, spmm._SPMV_KINDS, attention._KINDS, norm._KINDS, gemm.GEMM_ARGS,
+    kinds = (spmm._KERNEL_KINDS, spmm._SPMV_KINDS, attention._KINDS, norm._KINDS, gemm.GEMM_ARGS,
              chain._KINDS)  # fmt: skip
     return tuple(dict.fromkeys(kinds))  # one trampoline per signature (two may share one)
 

@@ -533,6 +533,69 @@ def test_panel_code_is_shared_by_every_shape():
     assert len(groups) == 3 and all(len(jits) == 1 for jits in groups.values())
 
 
+def to_panels(a: np.ndarray, tn: int) -> np.ndarray:
+    """[m, c] -> [ceil(m / tn)][c][tn], tokens past m zero: the kernels' panel layout (64-byte
+    aligned, as the kernels load and store panels)."""
+    m, c = a.shape
+    padded = np.zeros((-(-m // tn) * tn, c), np.float32)
+    padded[:m] = a
+    out = spmm.empty_aligned((len(padded) // tn, c, tn))
+    out[:] = padded.reshape(-1, tn, c).transpose(0, 2, 1)
+    return out
+
+
+def empty_panels(m: int, n: int, tn: int, fill: float) -> np.ndarray:
+    out = spmm.empty_aligned((-(-m // tn), n, tn))
+    out.fill(fill)
+    return out
+
+
+def raw_call(kern, x: np.ndarray, m: int, y: np.ndarray, layout: int) -> float:
+    """The kernel's code called directly with a layout flag; returns its probe."""
+    scratch = spmm.empty_aligned(kern._scratch_full)
+    probe = np.zeros(1, np.float32)
+    kern._fn(x.ctypes.data, m, y.ctypes.data, 0, kern.out_features, *kern._ptrs,
+             scratch.ctypes.data, probe.ctypes.data, layout)  # fmt: skip
+    return float(probe[0])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    k=st.integers(1, 300),
+    n=st.one_of(st.integers(1, 300), st.sampled_from([512, 1024])),  # (staged stores too)
+    m=st.one_of(st.sampled_from([1, 9, 16, 63, 64, 65, 129]), st.integers(1, 200)),
+    sparsity=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
+    **{name: s for name, s in EPILOGUE_THREADS_TUNING.items() if name != "num_threads"},
+)
+def test_panel_layouts_match_the_row_major_call(k, n, m, sparsity, has_bias, activation, isa,
+                                                tuning, seed):  # fmt: skip
+    """X given as panels (LAYOUT_PANEL_IN) and Y written as panels (LAYOUT_PANEL_OUT), as
+    chained kernels pass their intermediate: bitwise the row-major call's values, in every
+    panel width, tail and K-blocking; the probe sees a Y that is not finite."""
+    rng = np.random.default_rng(seed)
+    w = random_weight(rng, k, n, sparsity)
+    bias = rng.standard_normal(n).astype(np.float32) if has_bias else None
+    kern = compile_sparse_linear(w, bias, activation, target=host_target(isa), tuning=tuning)
+    tn = kern.tile_tokens
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    want = np.empty((m, n), np.float32)  # the panel kernel's (not the SpMV variant's) bits
+    assert raw_call(kern, x, m, want, 0) == 0.0
+    assert_close(want, x, w, bias, activation)
+    y = np.empty((m, n), np.float32)
+    assert raw_call(kern, to_panels(x, tn), m, y, spmm.LAYOUT_PANEL_IN) == 0.0
+    np.testing.assert_array_equal(y, want)
+    for layout, xs in ((spmm.LAYOUT_PANEL_OUT, x),
+                       (spmm.LAYOUT_PANEL_IN | spmm.LAYOUT_PANEL_OUT, to_panels(x, tn))):  # fmt: skip
+        panels = empty_panels(m, n, tn, np.nan)
+        assert raw_call(kern, xs, m, panels, layout) == 0.0
+        np.testing.assert_array_equal(panels.transpose(0, 2, 1).reshape(-1, n)[:m], want)
+    if w.any():  # packed X is not probed (its producer's store_panel was): Y's probe sees it
+        x[m // 2] = np.inf
+        panels = empty_panels(m, n, tn, 0.0)
+        layout = spmm.LAYOUT_PANEL_IN | spmm.LAYOUT_PANEL_OUT
+        assert math.isnan(raw_call(kern, to_panels(x, tn), m, panels, layout))
+
+
 @pytest.mark.parametrize("group_rows", [1, 2, 4])
 def test_csr_entries_round_trip(group_rows):
     """The grouped, blocked entries decode to the weight's nonzeros, and each group's rows
