@@ -841,19 +841,18 @@ def _emit_store_panel(module, name, target: Target, activation: str, has_bias: b
     """store_panel(tile, width, nrows, bias, dst, dst_stride, probe):
     dst[r * dst_stride + t] = act(tile[r * width + t] + bias[r]) for r < nrows, t < width (a
     multiple of V): finished rows left untransposed, in the panel layout that a next kernel
-    reads as packed X (LAYOUT_PANEL_OUT). *probe += the sum of the stored values times 0: NaN
-    if one is not finite, which the caller must handle as for an X that is not (the next
-    kernel, reading these as its packed X, does not probe them)."""
+    reads as packed X (LAYOUT_PANEL_OUT). *probe += (the sum of the stored values) times 0:
+    NaN if one is not finite (or, harmlessly, if finite ones sum past the float range), which
+    the caller must handle as for an X that is not (the next kernel, reading these as its
+    packed X, does not probe them)."""
     V = target.vector_width
     G = _EPILOGUE_GROUP
     fn, b, a = _new_function(
         module, name, ("tile", "width", "nrows", "bias", "dst", "dst_stride", "probe"),
         _HELPER_TYPES["store_panel"], internal=False,
     )  # fmt: skip
-    wide = U.vec(G * V)
-    with b.goto_entry_block():
-        probe_acc = b.alloca(wide, name="probe_acc")
-    b.store(U.const(wide, 0.0), probe_acc)
+    vty = U.vec(V)
+    sums = U.alloca_once_value(b, U.const(vty, 0.0), name="sums")
     width_wide = b.mul(b.sdiv(a["width"], U.int64(G * V)), U.int64(G * V), name="width_wide")
     with U.for_range(b, 0, a["nrows"], name="r") as r:
         src = U.gep(b, a["tile"], b.mul(r, a["width"]), name="tile_row")
@@ -861,23 +860,23 @@ def _emit_store_panel(module, name, target: Target, activation: str, has_bias: b
         bias = b.load(U.gep(b, a["bias"], r), name="bias") if has_bias else None
         # G vectors at a time (GELU's dependency chains interleave), then one at a time
         for lanes, begin, end in ((G * V, U.int64(0), width_wide), (V, width_wide, a["width"])):
-            ty = U.vec(lanes)
-            m = U.Math(b, ty, target.has_fma, target.isa)
+            m = U.Math(b, U.vec(lanes), target.has_fma, target.isa)
             with U.for_range(b, begin, end, lanes, name=f"t{lanes}") as t:
                 v = U.load_vec(b, U.gep(b, src, t), lanes, 4 * V)
                 if has_bias:
                     v = b.fadd(v, U.splat(b, bias, lanes))
                 v = m.activation(v, activation)
                 U.store_vec(b, v, U.gep(b, dst, t), 4 * V)
-                zeros = b.fmul(v, U.const(ty, 0.0))
-                if lanes < G * V:
-                    zeros = U.concat(b, [zeros] + [U.const(ty, 0.0)] * (G * V // lanes - 1))
-                b.store(b.fadd(b.load(probe_acc), zeros), probe_acc)
-    acc = b.load(probe_acc)
-    total = b.load(a["probe"])
-    for lane in range(G * V):
-        total = b.fadd(total, b.extract_element(acc, ir.Constant(U.i32, lane)))
-    b.store(total, a["probe"])
+                parts = U.split(b, v, V) if lanes > V else [v]
+                while len(parts) > 1:  # (a tree: one dependent add per step into the sums)
+                    parts = [b.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+                b.store(b.fadd(b.load(sums), parts[0]), sums)
+    total = b.load(sums)
+    probe = b.load(a["probe"])
+    for lane in range(V):
+        probe = b.fadd(probe, b.fmul(b.extract_element(total, ir.Constant(U.i32, lane)),
+                                     ir.Constant(U.f32, 0.0)))  # fmt: skip
+    b.store(probe, a["probe"])
     b.ret_void()
     return fn
 
