@@ -1735,7 +1735,7 @@ class SparseLinearKernel:
         )
         self._scratch_full = self._scratch_floats(n)
         self._splits: dict[int, list[tuple[int, int]]] = {}
-        self._token_plans: dict[tuple, tuple[int, tuple]] = {}
+        self._token_plans: dict[tuple, tuple] = {}
         # the SpMV variant (M <= spmv_max_m): its code now (no LLVM while running), its steps
         # on first use (from the cache entry if there)
         self.spmv_max_m = SPMV_MAX_M if target.isa == "avx512" else 0
@@ -1871,20 +1871,36 @@ class SparseLinearKernel:
             per = min(per, per_native or self._NS_PER_EXTRA_THREAD_NATIVE)
         return max(1, min(num_threads, int(est_ns // per)))
 
-    def _token_plan(self, m: int, num_threads: int) -> tuple[int, tuple]:
-        """(threads, token spans) of a call with m rows: with enough panels the threads split
-        the tokens (each packs only its own panels) at multiples of V; no spans: they split
-        the output rows instead. _run keeps them per (m, num_threads, native pool on): the
-        calls of a batch shape repeat them."""
+    def _token_plan(self, m: int, num_threads: int) -> tuple:
+        """(threads, tasks, dispatch) of a call with m rows. tasks: (x offset, tokens, y offset,
+        first row, end row) of each thread's call: with enough panels the threads split the
+        tokens (each packs only its own panels) at multiples of V, else the output rows.
+        dispatch: the native pool's PreparedDispatch of those calls (None without the pool),
+        the addresses of X, Y and the probes written per call. _run keeps plans per (m,
+        num_threads, native pool on): the calls of a batch shape repeat them."""
         threads = self._useful_threads(m, num_threads) if num_threads > 1 else 1
-        spans: tuple = ()
-        tn, V = self.tile_tokens, self.target.vector_width
-        if threads > 1 and m >= tn * threads:
-            bounds = [min(m, round(m * i / threads / V) * V) for i in range(threads)] + [m]
-            spans = tuple((t0, t1) for t0, t1 in itertools.pairwise(bounds) if t1 > t0)
         if len(self._token_plans) > 256:  # (many distinct batch shapes: start over)
             self._token_plans.clear()
-        return threads, spans
+        if threads == 1:
+            return 1, (), None
+        k, n = self.in_features, self.out_features
+        tn, V = self.tile_tokens, self.target.vector_width
+        if m >= tn * threads:
+            bounds = [min(m, round(m * i / threads / V) * V) for i in range(threads)] + [m]
+            tasks = tuple((4 * k * t0, t1 - t0, 4 * n * t0, 0, n)
+                          for t0, t1 in itertools.pairwise(bounds) if t1 > t0)  # fmt: skip
+            floats = self._scratch_full
+        else:
+            tasks = tuple((0, m, 0, s, e) for s, e in self.row_ranges(threads))
+            floats = max(self._scratch_floats(e - s) for _, _, _, s, e in tasks)
+        dispatch = None
+        if native_pool_active():
+            from sparsednn.runtime.native_pool import PreparedDispatch
+
+            rows = [(0, tokens, 0, s, e, *self._ptrs, 0, 0, 0) for _, tokens, _, s, e in tasks]
+            dispatch = PreparedDispatch(self._fn_addr, _KERNEL_KINDS, rows, 8, floats,
+                                        varying=(0, 2, 9))  # fmt: skip
+        return threads, tasks, dispatch
 
     def row_ranges(self, num_threads: int) -> list[tuple[int, int]]:
         """Output rows of each thread, balanced by nonzeros."""
@@ -1951,7 +1967,7 @@ class SparseLinearKernel:
         plan = self._token_plans.get(plan_key)
         if plan is None:
             plan = self._token_plans[plan_key] = self._token_plan(m, num_threads)
-        threads, spans = plan
+        threads, tasks, dispatch = plan
         probe = np.empty(threads, _F32)  # one per task
         p_addr = _addr(probe)
         if threads == 1:
@@ -1959,42 +1975,20 @@ class SparseLinearKernel:
                 x_addr, m, y_addr, 0, n, *self._ptrs, thread_scratch(self._scratch_full), p_addr, 0
             )
             return out, probe
-        if spans:  # the tokens split (see _token_plan)
-            sf = self._scratch_full
-            fn, ptrs = self._fn, self._ptrs
-            rows = [(x_addr + 4 * k * t0, t1 - t0, y_addr + 4 * n * t0, 0, n, *ptrs, 0,
-                     p_addr + 4 * i, 0) for i, (t0, t1) in enumerate(spans)]  # fmt: skip
-            if parallel_native(self._fn_addr, _KERNEL_KINDS, rows, 8, sf):
-                return out, probe[: len(spans)]
-            tasks = [
-                (
-                    lambda t0=t0, t1=t1, i=i: fn(
-                        x_addr + 4 * k * t0, t1 - t0, y_addr + 4 * n * t0, 0, n, *ptrs,
-                        thread_scratch(sf), p_addr + 4 * i, 0,
-                    )
-                )
-                for i, (t0, t1) in enumerate(spans)
-            ]  # fmt: skip
-            used = len(spans)
-        else:
-            ranges = self.row_ranges(threads)
-            rows = [(x_addr, m, y_addr, s, e, *self._ptrs, 0, p_addr + 4 * i, 0)
-                    for i, (s, e) in enumerate(ranges)]  # fmt: skip
-            floats = max(self._scratch_floats(e - s) for s, e in ranges)
-            if parallel_native(self._fn_addr, _KERNEL_KINDS, rows, 8, floats):
-                return out, probe[: len(ranges)]
-            tasks = [
-                (
-                    lambda s=s, e=e, i=i: self._fn(
-                        x_addr, m, y_addr, s, e, *self._ptrs,
-                        thread_scratch(self._scratch_floats(e - s)), p_addr + 4 * i, 0,
-                    )
-                )
-                for i, (s, e) in enumerate(ranges)
-            ]  # fmt: skip
-            used = len(ranges)
-        parallel_for(tasks)
-        return out, probe[:used]
+        used = probe[: len(tasks)]
+        if dispatch is not None and dispatch.run(
+            [v for i, (xo, _, yo, _, _) in enumerate(tasks)
+             for v in (x_addr + xo, y_addr + yo, p_addr + 4 * i)]
+        ):  # fmt: skip
+            return out, used
+        fn, ptrs = self._fn, self._ptrs
+        parallel_for([
+            (lambda xo=xo, tokens=tokens, yo=yo, s=s, e=e, i=i: fn(
+                x_addr + xo, tokens, y_addr + yo, s, e, *ptrs,
+                thread_scratch(self._scratch_floats(e - s)), p_addr + 4 * i, 0))
+            for i, (xo, tokens, yo, s, e) in enumerate(tasks)
+        ])  # fmt: skip
+        return out, used
 
     def _run_spmv(self, x_addr: int, m: int, y_addr: int, num_threads: int) -> None:
         fn, ptrs, n_slices, scratch, layout = (self._spmv or self._spmv_state())[:5]

@@ -136,6 +136,9 @@ def test_kernels_through_the_pool_match_serial(monkeypatch):
     monkeypatch.setattr(
         native_pool, "run_kernel", lambda *a, **k: calls.append(a[1]) or real(*a, **k)
     )
+    real_prepared = native_pool.PreparedDispatch.run
+    monkeypatch.setattr(native_pool.PreparedDispatch, "run",
+                        lambda self, v: calls.append(self._kinds) or real_prepared(self, v))  # fmt: skip
     for threads in (2, 3, 5):
         for s, p in zip(serial, _kernels_outputs(threads)):
             np.testing.assert_array_equal(s, p)
@@ -229,3 +232,37 @@ def test_workers_spin_longer_only_while_sessions_run():
     for t in threads:
         t.join()
     assert pool.state[spin] == short
+
+
+@needs_pool
+def test_prepared_dispatch_follows_scratch_reallocations():
+    """A PreparedDispatch keeps its argument block between calls, scratch addresses included:
+    when another dispatch grows the pool's scratch buffers (freeing the old ones), it must
+    set the block up again, not hand kernels freed memory."""
+    from sparsednn.codegen.spmm import _KERNEL_KINDS, compile_sparse_linear
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    w[rng.random(w.shape) < 0.5] = 0
+    kern = compile_sparse_linear(w, None, "none")
+    x = rng.standard_normal((128, 64)).astype(np.float32)
+    want = kern(x)
+    y = np.zeros((128, 48), np.float32)
+    probe = np.zeros(2, np.float32)
+    rows = [(0, 64, 0, 0, 48, *kern._ptrs, 0, 0, 0)] * 2
+    d = native_pool.PreparedDispatch(kern._fn_addr, _KERNEL_KINDS, rows, 8, kern._scratch_full,
+                                     varying=(0, 2, 9))  # fmt: skip
+
+    def run():
+        y[:] = 0
+        values = [x.ctypes.data, y.ctypes.data, probe.ctypes.data,
+                  x.ctypes.data + 64 * 64 * 4, y.ctypes.data + 64 * 48 * 4, probe.ctypes.data + 4]
+        assert d.run(values)
+        np.testing.assert_array_equal(y, want)
+
+    run()
+    generation = pool.scratch_generation
+    assert native_pool.run_kernel(pool.noop_task, "i", [(0,)] * 2, 0, 1 << 20)  # grows both
+    assert pool.scratch_generation > generation
+    run()
+    assert d._generation == pool.scratch_generation
