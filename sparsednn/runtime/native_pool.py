@@ -294,6 +294,18 @@ def _acquire(n: int) -> _NativePool | None:
     return p
 
 
+def _argument_block(p: _NativePool, head, width: int, scratch_col: int,
+                    scratch_floats: int) -> array.array:
+    """ctx of a dispatch: [kernel address, row 0, row 1, ...] as i64 (array.array: ~1 us for
+    a few rows), with column scratch_col (if >= 0) of each row set to its task's scratch
+    buffer of at least scratch_floats floats."""
+    ctx = array.array("q", head)
+    if scratch_col >= 0:
+        for i in range((len(ctx) - 1) // width):
+            ctx[1 + i * width + scratch_col] = p.scratch(i, scratch_floats)
+    return ctx
+
+
 class PreparedDispatch:
     """run_kernel for rows of arguments that repeat from call to call but for a few columns
     (buffer addresses): the argument block, trampoline and scratch addresses are set up once
@@ -314,11 +326,8 @@ class PreparedDispatch:
         self._generation = -1
 
     def _build(self, p: _NativePool) -> None:
-        ctx = array.array("q", self._head)
-        if self._scratch_col >= 0:
-            w = len(self._kinds)
-            for i in range(self.n):
-                ctx[1 + i * w + self._scratch_col] = p.scratch(i, self._scratch_floats)
+        ctx = _argument_block(p, self._head, len(self._kinds), self._scratch_col,
+                              self._scratch_floats)  # fmt: skip
         self._ctx, self._ctx_addr = ctx, ctx.buffer_info()[0]
         self._tramp = p.trampoline(self._kinds)
         self._pool, self._generation = p, p.scratch_generation
@@ -370,15 +379,10 @@ def run_kernel(fn_addr: int, kinds: str, rows, scratch_col: int = -1,
         return False
     try:
         tramp = p.trampoline(kinds)
-        # ctx: [kernel address, row 0, row 1, ...] as i64 (array.array: ~1 us for a few rows)
-        ctx = array.array("q", [fn_addr])
-        ctx.extend(itertools.chain.from_iterable(rows))
+        ctx = _argument_block(p, itertools.chain([fn_addr], *rows), len(kinds), scratch_col,
+                              scratch_floats)  # fmt: skip
         if len(ctx) != 1 + n * len(kinds):
             raise ValueError(f"run_kernel: rows must have {len(kinds)} arguments each")
-        if scratch_col >= 0:
-            w = len(kinds)
-            for i in range(n):
-                ctx[1 + i * w + scratch_col] = p.scratch(i, scratch_floats)
         p.run(tramp, ctx.buffer_info()[0], n)
         return True
     finally:
