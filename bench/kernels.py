@@ -55,7 +55,7 @@ except ImportError:  # pragma: no cover
     sp = None
 
 from sparsednn.codegen.epilogue import compile_epilogue
-from sparsednn.codegen.spmm import compile_sparse_linear
+from sparsednn.codegen.spmm import compile_sparse_linear, empty_aligned
 from sparsednn.codegen.target import host_target
 from sparsednn.runtime import native_pool
 
@@ -263,8 +263,9 @@ def main(argv=None) -> int:
             w_csr = sp.csr_matrix(w) if use_scipy else None
             for m in ms:
                 x = rng.standard_normal((m, k)).astype(np.float32)
-                y_sparse = np.empty((m, n), np.float32)
-                y_dense = np.empty((m, n), np.float32)
+                # (aligned as the kernel's own outputs and a session's buffers are)
+                y_sparse = empty_aligned((m, n))
+                y_dense = empty_aligned((m, n))
 
                 def dense(x=x, w=w, y=y_dense, epilogue=epilogue, bias=bias):
                     np.matmul(x, w, out=y)

@@ -177,3 +177,25 @@ def available_isas() -> list[str]:
     """ISAs this host can run, best first (for tests and benchmarks)."""
     best = host_isa()
     return list(ISAS[ISAS.index(best) :])
+
+
+_FALLBACK_LAST_LEVEL_CACHE = 8 << 20
+
+
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """Size of the host's largest cache as the OS reports it for CPU 0 (sysfs on Linux: the
+    VM's own view, where getconf can report the host's), 8 MB if unknown."""
+    sizes = []
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(root):
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(root, entry, "size")) as f:
+                text = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+    except (OSError, ValueError):
+        pass
+    return max(sizes, default=_FALLBACK_LAST_LEVEL_CACHE)

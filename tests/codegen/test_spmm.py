@@ -570,8 +570,9 @@ def raw_call(kern, x: np.ndarray, m: int, y: np.ndarray, layout: int) -> float:
 def test_panel_layouts_match_the_row_major_call(k, n, m, sparsity, has_bias, activation, isa,
                                                 tuning, seed):  # fmt: skip
     """X given as panels (LAYOUT_PANEL_IN) and Y written as panels (LAYOUT_PANEL_OUT), as
-    chained kernels pass their intermediate: bitwise the row-major call's values, in every
-    panel width, tail and K-blocking; the probe sees a Y that is not finite."""
+    chained kernels pass their intermediate, and Y written by streaming stores
+    (LAYOUT_STREAM_OUT): bitwise the row-major call's values, in every panel width, tail and
+    K-blocking; the probe sees a Y that is not finite."""
     rng = np.random.default_rng(seed)
     w = random_weight(rng, k, n, sparsity)
     bias = rng.standard_normal(n).astype(np.float32) if has_bias else None
@@ -584,6 +585,11 @@ def test_panel_layouts_match_the_row_major_call(k, n, m, sparsity, has_bias, act
     y = np.empty((m, n), np.float32)
     assert raw_call(kern, to_panels(x, tn), m, y, spmm.LAYOUT_PANEL_IN) == 0.0
     np.testing.assert_array_equal(y, want)
+    # streaming stores: rows starting on a cache line streamed, the others not
+    for offset in (0, 1):
+        y = spmm.empty_aligned(m * n + offset)[offset:].reshape(m, n)
+        assert raw_call(kern, x, m, y, spmm.LAYOUT_STREAM_OUT) == 0.0
+        np.testing.assert_array_equal(y, want)
     for layout, xs in ((spmm.LAYOUT_PANEL_OUT, x),
                        (spmm.LAYOUT_PANEL_IN | spmm.LAYOUT_PANEL_OUT, to_panels(x, tn))):  # fmt: skip
         panels = empty_panels(m, n, tn, np.nan)
@@ -818,6 +824,28 @@ def test_token_split_across_threads(isa, m):
     for threads in (2, 3):
         np.testing.assert_array_equal(kern(x, num_threads=threads), y1)
     assert_close(y1, x, w, bias, "relu")
+
+
+@pytest.mark.parametrize("m", [70, 200])
+def test_large_outputs_are_streamed_bitwise_the_same(monkeypatch, m):
+    """Outputs from stream_out_bytes() on go out by streaming stores (staged layers): the
+    same bits as ordinary stores, on one and several threads (the native pool's prepared
+    calls included), into the kernel's own output and into a misaligned out."""
+    rng = np.random.default_rng(m)
+    w = random_weight(rng, 96, 1024, 0.9)  # (4 KB rows thrash L1 sets: staged)
+    kern = compile_sparse_linear(w, rng.standard_normal(1024).astype(np.float32), "gelu")
+    assert kern._stage_cols
+    if kern.target.isa != "generic":
+        assert "vmovntps" in kern.asm
+    x = rng.standard_normal((m, 96)).astype(np.float32)
+    want = {t: kern(x, num_threads=t) for t in (1, 2)}
+    monkeypatch.setattr(spmm, "stream_out_bytes", lambda: 0)
+    kern._token_plans.clear()
+    for t in (1, 2):
+        assert kern._token_plan(m, t)[3] == spmm.LAYOUT_STREAM_OUT
+        np.testing.assert_array_equal(kern(x, num_threads=t), want[t])
+        out = spmm.empty_aligned(m * 1024 + 1)[1:].reshape(m, 1024)
+        np.testing.assert_array_equal(kern(x, out=out, num_threads=t), want[t])
 
 
 @pytest.mark.parametrize("m", [1, 5, 40, 200])
