@@ -1501,7 +1501,7 @@ def stream_out_bytes() -> int:
     a quarter of the last-level cache. Measured with two 90% 1024x1024 layers, the second
     reading the first's Y (32 MB L3): streaming both outputs cost 12-14% at 1 MB each (Y then
     stays in L2), 1-3% at 4 MB (the second layer reads Y from DRAM, not L3), and gained 4.5% at
-    8 MB; BERT-base end to end at batch 16 (qkv's 9.4 MB per part streamed or not) the same."""
+    8 MB (bench/stream_outputs.py)."""
     return last_level_cache_bytes() // 4
 
 
