@@ -10,8 +10,10 @@ the output is written straight in that layout too, so the head split/merge Resha
 Transpose nodes of the exported graph cost nothing. The optional additive mask broadcasts to
 [B, H, Sq, Skv] (typically [B, 1, 1, Skv] or [B, 1, Sq, Skv]); it is read with per-axis strides.
 
-Code is specialised on (H, D, ISA) only; sequence lengths, strides and the scale are run-time
-arguments. Per (batch, head) pair:
+Code is specialised on (H, D, ISA) and on whether there is a mask (two modules, each compiled
+when a caller first needs it: a session compiles only the one its graph runs, ~200 ms of
+LLVM's code generator less per session without the kernel cache); sequence lengths, strides
+and the scale are run-time arguments. Per (batch, head) pair:
 
 1. Kᵀ of the head is packed into per-thread scratch, `kt[d, 0:Sp]` (Sp = Skv rounded up to a
    vector; padding columns zeroed), with V×V register transposes.
@@ -36,6 +38,8 @@ import ctypes
 import functools
 import itertools
 import math
+import threading
+from typing import Any
 
 import numpy as np
 from llvmlite import ir
@@ -373,16 +377,14 @@ def compile_cached(name: str, emit, target: Target, opt, *key_parts) -> jit.JITM
     return jm
 
 
-def _names(heads: int, head_size: int, target: Target) -> dict[bool, str]:
-    """The functions of a module, with and without a mask."""
-    base = f"f32_attention_h{heads}_d{head_size}_{target.isa}"
-    return {True: base + "_mask", False: base}
+def _name(heads: int, head_size: int, target: Target, has_mask: bool) -> str:
+    return f"f32_attention_h{heads}_d{head_size}_{target.isa}" + ("_mask" if has_mask else "")
 
 
-def _emit_module(heads: int, head_size: int, target: Target) -> ir.Module:
-    mod = jit.new_module(f"attention_h{heads}_d{head_size}_{target.isa}", target)
-    for has_mask, name in _names(heads, head_size, target).items():
-        _Emitter(mod, target, heads, head_size, has_mask).emit(name)
+def _emit_module(heads: int, head_size: int, target: Target, has_mask: bool) -> ir.Module:
+    name = _name(heads, head_size, target, has_mask)
+    mod = jit.new_module(name, target)
+    _Emitter(mod, target, heads, head_size, has_mask).emit(name)
     return mod
 
 
@@ -441,23 +443,43 @@ def _dims(x: np.ndarray, n: int, heads: int, head_size: int):
 
 
 class AttentionKernel(jit.JITKernel):
-    """softmax(q·kᵀ·scale + mask)·v for `num_heads` heads of `head_size`; see the module doc."""
+    """softmax(q·kᵀ·scale + mask)·v for `num_heads` heads of `head_size`; see the module doc.
+
+    The variants with and without a mask are separate modules, each compiled when first
+    needed (compile_attention compiles the ones a caller names up front): a model's attention
+    takes one of them, and each is ~200 ms of LLVM's code generator."""
 
     def __init__(self, num_heads: int, head_size: int, target: Target):
         self.num_heads, self.head_size, self.target = num_heads, head_size, target
-        names = _names(num_heads, head_size, target)
-        self._jm = compile_cached(
-            names[True],
-            lambda: _emit_module(num_heads, head_size, target),
-            target,
-            _OPT,
-            num_heads,
-            head_size,
-        )
-        self.name = names[True]
-        self._fns = {has: _CTYPES(self._jm.function_address(n)) for has, n in names.items()}
+        self.name = _name(num_heads, head_size, target, False)
         self.rows_per_block = block_rows(head_size, target)
-        self.compile_seconds = self._jm.compile_seconds
+        self._variants: dict[bool, tuple[jit.JITModule, Any]] = {}
+        self._variant_lock = threading.Lock()
+
+    def prepare(self, has_mask: bool) -> Any:
+        """The compiled function of one variant (compiled, or loaded from the kernel cache, on
+        first use)."""
+        variant = self._variants.get(has_mask)
+        if variant is None:
+            with self._variant_lock:
+                variant = self._variants.get(has_mask)
+                if variant is None:
+                    H, D, t = self.num_heads, self.head_size, self.target
+                    name = _name(H, D, t, has_mask)
+                    jm = compile_cached(name, lambda: _emit_module(H, D, t, has_mask), t, _OPT,
+                                        H, D)  # fmt: skip
+                    variant = self._variants[has_mask] = (jm, _CTYPES(jm.function_address(name)))
+        return variant[1]
+
+    @property
+    def _jm(self) -> jit.JITModule:  # (for llvm_ir / asm: the masked variant unless only the other)
+        if not self._variants:
+            self.prepare(True)
+        return self._variants.get(True, self._variants.get(False))[0]
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(jm.compile_seconds for jm, _ in self._variants.values())
 
     def __call__(
         self,
@@ -533,7 +555,7 @@ class AttentionKernel(jit.JITKernel):
             m_addr = _addr(mask)
         ldt = _kt_stride(skv, self.target.vector_width)
         floats = (D + self.rows_per_block) * ldt
-        fn = self._fns[has_mask]
+        fn = self.prepare(has_mask)
         pairs = B * H
         args = (qa, ka, va, m_addr, _addr(out))
         common = (sq, skv, *strides, *mstrides, ldt, float(scale), float(masked_row_value))
@@ -603,11 +625,16 @@ def _cached(num_heads: int, head_size: int, target: Target) -> AttentionKernel:
 
 
 def compile_attention(
-    num_heads: int, head_size: int, target: Target | None = None
+    num_heads: int, head_size: int, target: Target | None = None, masks=(True, False)
 ) -> AttentionKernel:
-    """The attention kernel for `num_heads` heads of `head_size` (cached per process)."""
+    """The attention kernel for `num_heads` heads of `head_size` (cached per process), with
+    the variants of `masks` compiled now (True: with a mask; a variant not named here is
+    compiled at its first call)."""
     if num_heads < 1 or head_size < 1:
         raise SparseDNNError(
             f"attention needs heads and head size >= 1, got {num_heads}, {head_size}"
         )
-    return _cached(int(num_heads), int(head_size), target or host_target())
+    kernel = _cached(int(num_heads), int(head_size), target or host_target())
+    for has_mask in masks:
+        kernel.prepare(bool(has_mask))
+    return kernel

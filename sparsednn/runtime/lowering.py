@@ -239,7 +239,9 @@ def lower_attention(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
 
     a = node.attrs
     heads, head_size = a["num_heads"], a["head_size"]
-    kernel = compile_attention(heads, head_size)
+    # (only the variant this node runs: with a mask or without)
+    masked = len(node.inputs) > 3 and node.inputs[3] is not None
+    kernel = compile_attention(heads, head_size, masks=(masked,))
     ctx.kernels[node.name] = kernel
     scale = float(a["scale"])
     masked_row_value = 0.0 if a.get("fully_masked", "nan") == "zero" else float("nan")

@@ -177,6 +177,21 @@ def test_kernel_is_cached_and_specialised_on_heads():
     assert "f32_attention_h4_d32" in compile_attention(4, 32, t).name
 
 
+def test_variants_compile_when_named_or_first_called():
+    """compile_attention compiles the variants it is asked for (a session: the one its node
+    runs); the other one compiles at its first call, and both agree where the mask is zero."""
+    kern = compile_attention(3, 16, masks=(True,))
+    assert True in kern._variants
+    assert compile_attention(3, 16, masks=()) is kern
+    rng = np.random.default_rng(1)
+    qkv = rng.standard_normal((2, 5, 3 * 48)).astype(np.float32)
+    masked = kern(qkv, None, None, np.zeros((2, 1, 1, 5), np.float32), scale=0.25)
+    unmasked = kern(qkv, None, None, scale=0.25)
+    assert set(kern._variants) == {True, False}
+    np.testing.assert_array_equal(masked, unmasked)
+    assert kern.compile_seconds >= 0 and "define" in kern.llvm_ir
+
+
 def test_bad_inputs_raise():
     kern = compile_attention(2, 8)
     q = np.zeros((1, 3, 16), np.float32)
