@@ -179,13 +179,14 @@ def available_isas() -> list[str]:
     return list(ISAS[ISAS.index(best) :])
 
 
-_FALLBACK_LAST_LEVEL_CACHE = 8 << 20
+# (unknown: assume a server's L3, so that outputs are streamed only when they are large)
+_FALLBACK_LAST_LEVEL_CACHE = 32 << 20
 
 
 @functools.cache
 def last_level_cache_bytes() -> int:
     """Size of the host's largest cache as the OS reports it for CPU 0 (sysfs on Linux: the
-    VM's own view, where getconf can report the host's), 8 MB if unknown."""
+    VM's own view, where getconf can report the host's), 32 MB if unknown."""
     sizes = []
     root = "/sys/devices/system/cpu/cpu0/cache"
     try:
