@@ -184,19 +184,20 @@ _FALLBACK_LAST_LEVEL_CACHE = 32 << 20
 
 
 @functools.cache
-def last_level_cache_bytes() -> int:
+def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
     """Size of the host's largest cache as the OS reports it for CPU 0 (sysfs on Linux: the
     VM's own view, where getconf can report the host's), 32 MB if unknown."""
-    sizes = []
-    root = "/sys/devices/system/cpu/cpu0/cache"
     try:
-        for entry in os.listdir(root):
-            if not entry.startswith("index"):
-                continue
+        entries = [e for e in os.listdir(root) if e.startswith("index")]
+    except OSError:
+        entries = []
+    sizes = []
+    for entry in entries:  # (an entry that cannot be read or parsed is skipped)
+        try:
             with open(os.path.join(root, entry, "size")) as f:
                 text = f.read().strip().upper()
             scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
             sizes.append(int(text.rstrip("KMG")) * scale)
-    except (OSError, ValueError):
-        pass
+        except (OSError, ValueError):
+            continue
     return max(sizes, default=_FALLBACK_LAST_LEVEL_CACHE)

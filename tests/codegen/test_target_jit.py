@@ -10,7 +10,12 @@ from llvmlite import ir
 
 from sparsednn.codegen import irutil as U
 from sparsednn.codegen import jit
-from sparsednn.codegen.target import ISA_ENV_VAR, available_isas, host_target
+from sparsednn.codegen.target import (
+    ISA_ENV_VAR,
+    available_isas,
+    host_target,
+    last_level_cache_bytes,
+)
 from sparsednn.errors import CompileError
 
 
@@ -21,6 +26,21 @@ def test_host_target_is_read_once_and_cached():
     assert t.vector_width == {"avx512": 16, "avx2": 8, "generic": 4}[t.isa]
     assert t.features.count(",") > 10  # the explicit host feature list, not ""
     assert "Target(" in repr(t) and t.isa in repr(t)
+
+
+def test_last_level_cache_from_sysfs(tmp_path):
+    """The largest cache CPU 0's sysfs lists (K/M suffixes; entries it cannot parse skipped),
+    32 MB when it lists none."""
+    read = last_level_cache_bytes.__wrapped__  # (uncached)
+    assert read(str(tmp_path / "missing")) == 32 << 20
+    for index, size in enumerate(("48K", "junk", "1024K", "4M", "")):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    (tmp_path / "uevent").write_text("")
+    assert read(str(tmp_path)) == 4 << 20
+    (tmp_path / "index3" / "size").write_text("32768K\n")
+    assert read(str(tmp_path)) == 32 << 20
+    assert last_level_cache_bytes() >= 1 << 20  # this host's
 
 
 @pytest.mark.parametrize("isa", available_isas())
