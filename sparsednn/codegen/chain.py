@@ -40,6 +40,7 @@ from sparsednn.codegen.spmm import (
     _KERNEL_ARG_TYPES,
     LAYOUT_PANEL_IN,
     LAYOUT_PANEL_OUT,
+    LAYOUT_PREFETCH_ENTRIES,
     _code_key,
     _target_key,
 )
@@ -88,8 +89,12 @@ def _emit_driver(module: ir.Module, name: str, two: bool, norm: bool) -> None:
         if two:
             calls.append((second, [mid, tn, out, U.int64(0), a["n_out"], a["b_index"],
                                    a["b_entries"], a["b_bias"]], LAYOUT_PANEL_IN))  # fmt: skip
+        # the first chunk prefetches the weights' entries, which may come from DRAM (later
+        # chunks find them in cache; see spmm.LAYOUT_PREFETCH_ENTRIES)
+        prefetch = b.select(b.icmp_signed("==", t0, U.int64(0)),
+                            U.int64(LAYOUT_PREFETCH_ENTRIES), U.int64(0))  # fmt: skip
         for kernel, args, layout in calls:
-            b.call(kernel, [*args, a["scratch"], a["probe"], U.int64(layout)])
+            b.call(kernel, [*args, a["scratch"], a["probe"], b.or_(U.int64(layout), prefetch)])
             b.store(b.fadd(b.load(seen), b.load(a["probe"])), seen)
         if norm:  # y rows = LayerNorm(out rows + residual rows), the chunk still in L2
             res = U.gep(b, a["res"], b.mul(t0, a["n_out"]))
