@@ -1544,9 +1544,9 @@ _SMALL_OUT_BYTES = 16 * 1024
 def stream_out_bytes() -> int:
     """Outputs of a call from this size on are written by streaming stores (LAYOUT_STREAM_OUT):
     a quarter of the last-level cache. Measured with two 90% 1024x1024 layers, the second
-    reading the first's Y (32 MB L3): streaming both outputs cost 12-14% at 1 MB each (Y then
-    stays in L2), 1-3% at 4 MB (the second layer reads Y from DRAM, not L3), and gained 4.5% at
-    8 MB (bench/stream_outputs.py)."""
+    reading the first's Y (32 MB L3): streaming both outputs cost 6-14% at 1 MB each (Y then
+    stays in L2), -3 to +3% at 4 MB (the second layer reads Y from DRAM, not L3), and gained
+    4.5-5.7% at 8 MB (bench/stream_outputs.py)."""
     return last_level_cache_bytes() // 4
 
 
