@@ -76,7 +76,10 @@ class SpmmTuning:
 
     vectors_per_panel: TN / V, the tokens of one panel in vectors (1..8).
     group_rows: R, rows of Wᵀ run through one inner loop with interleaved entries (R
-    independent accumulator chains per vector hide the FMA latency): 1, 2 or 4.
+    independent accumulator chains per vector hide the FMA latency): 1, 2 or 4 (at most 2
+    with one K-block, whose rows are sorted within tiles: 4 padded more than they saved).
+    sort_span: S, rows sorted by count together before grouping, in all but the last of
+    several K-blocks (_CsrBlocks); a multiple of V.
     k_block_bytes: the most bytes one packed K-block of a full panel may take; K is split in
     near-equal blocks (multiples of V, at most 256 columns) below that. None: chosen by the
     weight's density (block_bytes_for). 40 KB (160 k of 64 tokens on AVX-512, leaving some of
@@ -87,7 +90,8 @@ class SpmmTuning:
 
     vectors_per_panel: int = 4
     k_block_bytes: int | None = None
-    group_rows: int = 2
+    group_rows: int = 4
+    sort_span: int = 128
     use_shared: bool = True  # the shared-rows variant for weights pruned in 1 x R blocks
 
     # Sparser weights have fewer nonzeros per row and block, so the fixed costs of a row pair
@@ -110,11 +114,13 @@ class _CsrBlocks:
     """Wᵀ's nonzeros per K-block, in groups of R rows whose entries are interleaved.
 
     The kernel runs the R rows of a group through one loop (R independent accumulator
-    chains, one loop exit per group instead of one or two per row). Within each tile of V
-    rows the rows of a K-block are sorted by their nonzero count before grouping, so that a
+    chains, one loop exit per group instead of one or two per row). Within each unit of S
+    rows (sort_span; the last K-block: each tile of V rows, finished as soon as its groups are
+    done) the rows of a K-block are sorted by their nonzero count before grouping, so that a
     group's rows are about equally long; the shorter ones are padded with zero entries
     (k 0, weight 0.0), and every group to a whole number of quads. Entry j * R + r of a group
-    is the j-th nonzero of its member r.
+    is the j-th nonzero of its member r. Padding at 90% (random), R = 2 within tiles of 16:
+    6.2% of the entries; R = 4 and S = 128: 2.8% with K = 768, 1.7% with K = 3072.
 
     entries: quads of 4 entries (_QUAD, 20 bytes): their 4 k (relative to the block start,
     uint8), then their 4 weights (float32). One 32-bit load gives the inner loop 4 panel
@@ -123,7 +129,8 @@ class _CsrBlocks:
 
     index (int32), per K-block b at b * block_stride: group_ptr[G + 1] (quads of group g are
     group_ptr[g] .. group_ptr[g + 1]), then slots[G * R] (the row of each member within its
-    tile, 0..V-1). Groups cover ceil(N / V) whole tiles; rows past N are empty members.
+    unit, 0..S-1 or 0..V-1). Groups cover ceil(N / S) whole units; rows past N are empty
+    members.
     """
 
     k_block: int  # KB, columns per K-block (last block may be shorter)
@@ -135,6 +142,15 @@ class _CsrBlocks:
     group_rows: int  # R
     tile_rows: int  # V
     shared: bool = False  # the R rows of every group have the same nonzero columns (below)
+    sort_span: int = 0  # S (0: V), a multiple of V; the last K-block sorts within V rows
+
+    @property
+    def sort_unit(self) -> int:
+        return self.sort_span or self.tile_rows
+
+    def block_unit(self, b: int) -> int:
+        """Rows sorted together in K-block b (see _build_csr)."""
+        return self.tile_rows if b == self.n_blocks - 1 else self.sort_unit
 
     @property
     def quad(self) -> np.dtype:
@@ -142,18 +158,19 @@ class _CsrBlocks:
 
     @property
     def n_groups(self) -> int:
-        return _round_up(max(len(self.row_nnz), 1), self.tile_rows) // self.group_rows
+        return _round_up(max(len(self.row_nnz), 1), self.sort_unit) // self.group_rows
 
     @property
     def block_stride(self) -> int:
-        return _csr_block_stride(len(self.row_nnz), self.tile_rows, self.group_rows)
+        return _csr_block_stride(len(self.row_nnz), self.sort_unit, self.group_rows)
 
     def triplets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(o, k, w) of every nonzero of Wᵀ, sorted by (o, k)."""
-        G, R, V = self.n_groups, self.group_rows, self.tile_rows
+        G, R = self.n_groups, self.group_rows
         idx = self.index.reshape(self.n_blocks, self.block_stride)
         os_, ks, ws = [], [], []
         for b in range(self.n_blocks):
+            V = self.block_unit(b)
             ptr, slots = idx[b, : G + 1].astype(np.int64), idx[b, G + 1 :].reshape(G, R)
             if self.shared:
                 o, kk, w = self._shared_block_triplets(ptr, slots)
@@ -286,15 +303,15 @@ def _build_shared_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes
 
 
 def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
-               tile_rows: int, group_rows: int) -> _CsrBlocks:  # fmt: skip
+               tile_rows: int, group_rows: int, sort_span: int = 0) -> _CsrBlocks:  # fmt: skip
     """Grouped, blocked CSR of weight.T (see _CsrBlocks); row_bytes: bytes between
     consecutive k of a packed panel."""
     k, n = weight.shape
-    V, R = tile_rows, group_rows
-    n_pad = _round_up(max(n, 1), V)
+    R, S = group_rows, sort_span or tile_rows
+    n_pad = _round_up(max(n, 1), S)
     G = n_pad // R
     wt = weight.T  # [N, K], a view: indexing it costs less than a transposed copy (~7 ms)
-    stride = _csr_block_stride(n, V, R)
+    stride = _csr_block_stride(n, S, R)
     index = np.empty((n_blocks, stride), dtype=np.int64)
     parts = []
     row_nnz = np.zeros(n, dtype=np.int64)
@@ -305,8 +322,10 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
         counts = np.zeros(n_pad, np.int64)
         counts[:n] = np.count_nonzero(mask, axis=1)
         row_nnz += counts[:n]
-        # rows of each tile by count, longest first; consecutive R of them form a group
-        order = np.argsort(-counts.reshape(-1, V), axis=1, kind="stable")  # [tiles, V]
+        # rows of each unit of V (last block) or S rows by count, longest first; consecutive
+        # R of them form a group
+        V = tile_rows if b == n_blocks - 1 else S
+        order = np.argsort(-counts.reshape(-1, V), axis=1, kind="stable")  # [units, V]
         rows = (order + (np.arange(n_pad // V) * V)[:, None]).reshape(G, R)
         # the first member is the longest; whole quads
         lengths = _round_up_array(counts[rows[:, 0]] * R, 4)
@@ -345,7 +364,8 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
         row_nnz=row_nnz,
         row_bytes=row_bytes,
         group_rows=R,
-        tile_rows=V,
+        tile_rows=tile_rows,
+        sort_span=S,
     )
 
 
@@ -422,7 +442,8 @@ class _SpmmEmitter:
     STAGE_STRIDE = 272
 
     def __init__(self, module, name, target: Target, activation, has_bias, vectors_per_panel,
-                 group_rows=2, shared=False, staged=False, one_block=False):  # fmt: skip
+                 group_rows=2, shared=False, staged=False, one_block=False,
+                 sort_span=None):  # fmt: skip
         self.module = module
         self.name = name
         self.target = target
@@ -434,6 +455,8 @@ class _SpmmEmitter:
         self.vty = U.vec(self.V)
         self.valign = 4 * self.V
         self.R = group_rows
+        # S, the rows whose groups run before their V-row tiles are finished (_CsrBlocks)
+        self.S = sort_span or self.V
         self.shared = shared
         self.helpers: list = []  # JIT modules of the helpers the kernel calls
         # structure fixed in the code (branches on them measured 1-2% slower at 90%): tiles
@@ -560,7 +583,8 @@ class _SpmmEmitter:
             partial_rows = U.int64(V)
         else:
             rows = b.sub(a["row_end"], a["row_begin"])
-            partial_rows = b.mul(b.sdiv(b.add(rows, U.int64(V - 1)), U.int64(V)), U.int64(V))
+            S = U.int64(self.S)
+            partial_rows = b.mul(b.sdiv(b.add(rows, U.int64(self.S - 1)), S), S)
         self.staging = U.gep(b, partial, b.mul(partial_rows, U.int64(self.TN)), name="staging")
 
         # one loop over the K-blocks: the last block is shorter and finishes the tiles
@@ -591,53 +615,63 @@ class _SpmmEmitter:
             # this K-block's group pointers, then its member slots (see _CsrBlocks)
             index = U.gep(b, index_body, b.mul(kb, shape["block_stride"]), name="block_index")
             slots = U.gep(b, index, b.add(shape["n_groups"], U.int64(1)), name="block_slots")
-            with U.for_range(b, a["row_begin"], a["row_end"], V, name="rb") as rb:
-                nrows = b.sub(a["row_end"], rb)
-                nrows = b.select(
-                    b.icmp_signed("<", nrows, U.int64(V)), nrows, U.int64(V), name="nrows"
-                )
-                if self.one_block:
-                    tile = partial  # just a V x T tile
-                else:  # the partial sums of every row
-                    tile = U.gep(
-                        b, partial, b.mul(b.sub(rb, a["row_begin"]), U.int64(tnp)), name="tile"
-                    )
-                # every group of the tile (members past N are empty; their sums land in tile
-                # rows that are never stored)
-                g0 = b.sdiv(rb, U.int64(self.R), name="tile_group0")
-                with b.if_then(prefetch_entries):
-                    b.call(self.prefetch_tile, [a["entries"], index, g0])
 
-                def groups(first_block: bool):
-                    with U.for_range(b, 0, V // self.R, name="g") as g:
+            def rows(unit: int, first_block: bool, finish: bool):
+                """The groups of each `unit` rows of the range (_CsrBlocks.block_unit), then
+                (finish, unit V) the tile they made."""
+                with U.for_range(b, a["row_begin"], a["row_end"], unit, name="rs") as rs:
+                    if self.one_block:
+                        rows_at = partial  # just a V x T tile
+                    else:  # the partial sums of every row
+                        rows_at = U.gep(b, partial, b.mul(b.sub(rs, a["row_begin"]),
+                                                          U.int64(tnp)), name="rows_at")  # fmt: skip
+                    # every group of the unit (members past N are empty; their sums land in
+                    # rows that are never stored)
+                    g0 = b.sdiv(rs, U.int64(self.R), name="unit_group0")
+                    count = U.int64(unit // self.R)
+                    with b.if_then(prefetch_entries):
+                        b.call(self.prefetch_tile, [a["entries"], index, g0, count])
+                    with U.for_range(b, 0, count, name="g") as g:
                         gi = b.add(g0, g, name="group")
-                        self._emit_group(b, a, nv, panel, index, slots, gi, tile, first_block)
+                        self._emit_group(b, a, nv, panel, index, slots, gi, rows_at, first_block)
+                    if finish:
+                        nrows = b.sub(a["row_end"], rs)
+                        nrows = b.select(b.icmp_signed("<", nrows, U.int64(V)), nrows,
+                                         U.int64(V), name="nrows")  # fmt: skip
+                        self._emit_finish(b, a, rows_at, tnp, rs, nrows, N, y_panel, panel_out)
 
-                if self.one_block:
-                    groups(True)
-                else:  # the first block starts from zero, later ones from the partial sums
-                    with b.if_else(first) as (then, otherwise):
-                        with then:
-                            groups(True)
-                        with otherwise:
-                            groups(False)
-                with b.if_then(last):
-                    bias = U.gep(b, a["bias"], rb, name="bias_block")
-                    with b.if_else(panel_out) as (then, otherwise):
-                        with then:
-                            rows_out = U.gep(b, y_panel, b.mul(rb, U.int64(TN)), name="y_rows")
-                            b.call(self.store_panel, [tile, U.int64(tnp), nrows, bias, rows_out,
-                                                      U.int64(TN), a["probe"]])  # fmt: skip
-                        with otherwise:
-                            if self.staged:
-                                self._emit_staged_store(b, a, tile, tnp, rb, nrows, bias, N)
-                            else:
-                                y_block = U.gep(b, a["y"], b.add(b.mul(a["t0"], N), rb),
-                                                name="y_block")  # fmt: skip
-                                b.call(self.store_block, [tile, U.int64(tnp), a["tn"], nrows,
-                                                          bias, y_block, N])  # fmt: skip
+            if self.one_block:
+                rows(V, True, True)
+            else:  # the first block starts from zero, later ones from the partial sums; the
+                # last sorts its rows within tiles, finished as soon as their groups are done
+                with b.if_else(last) as (then, otherwise):
+                    with then:
+                        rows(V, False, True)
+                    with otherwise:
+                        with b.if_else(first) as (then2, otherwise2):
+                            with then2:
+                                rows(self.S, True, False)
+                            with otherwise2:
+                                rows(self.S, False, False)
         b.ret_void()
         return fn
+
+    def _emit_finish(self, b, a, tile, tnp, rb, nrows, N, y_panel, panel_out):
+        """Bias, activation and store of the finished tile of rows rb .. rb + nrows."""
+        TN = self.TN
+        bias = U.gep(b, a["bias"], rb, name="bias_block")
+        with b.if_else(panel_out) as (then, otherwise):
+            with then:
+                rows_out = U.gep(b, y_panel, b.mul(rb, U.int64(TN)), name="y_rows")
+                b.call(self.store_panel, [tile, U.int64(tnp), nrows, bias, rows_out,
+                                          U.int64(TN), a["probe"]])  # fmt: skip
+            with otherwise:
+                if self.staged:
+                    self._emit_staged_store(b, a, tile, tnp, rb, nrows, bias, N)
+                else:
+                    y_block = U.gep(b, a["y"], b.add(b.mul(a["t0"], N), rb), name="y_block")
+                    b.call(self.store_block, [tile, U.int64(tnp), a["tn"], nrows, bias, y_block,
+                                              N])  # fmt: skip
 
     def _emit_staged_store(self, b, a, tile, tnp, rb, nrows, bias, N):
         """Finish the tile into the staging buffer (row stride STAGE_STRIDE, not N), and copy
@@ -664,8 +698,8 @@ class _SpmmEmitter:
             b.call(self.copy_rows, [staging, U.int64(SC), a["tn"], filled, y_chunk, N, stream])
 
     def _emit_prefetch_entries(self):
-        """prefetch_tile(entries, index, g0): prefetch the entries of the groups g0 .. g0 + V/R
-        (a tile), ENTRY_PREFETCH_BYTES ahead.
+        """prefetch_tile(entries, index, g0, count): prefetch the entries of the groups g0 ..
+        g0 + count (a tile, or S rows), ENTRY_PREFETCH_BYTES ahead.
 
         The entries stream from DRAM when a model's weights exceed the L3 (batch 1), and the
         hardware prefetcher alone left each layer ~20% slower than with its weights in cache.
@@ -676,12 +710,13 @@ class _SpmmEmitter:
         of a call prefetches: in every panel it cost 2-5% with the weights in cache, and a
         branch per group instead of per tile 3-7% at 98% sparsity. Not inlined: inlined into
         the tile loop, the kernel measured 1-7% slower with its weights in cache."""
-        fn, b, a = self._function("prefetch_tile", ("entries", "index", "g0"),
-                                  (_KERNEL_ARG_TYPES[6], U.i32_ptr, U.i64), noinline=True)  # fmt: skip
+        fn, b, a = self._function("prefetch_tile", ("entries", "index", "g0", "count"),
+                                  (_KERNEL_ARG_TYPES[6], U.i32_ptr, U.i64, U.i64),
+                                  noinline=True)  # fmt: skip
         index, g0 = a["index"], a["g0"]
         quad_bytes = _shared_quad(self.R).itemsize if self.shared else _QUAD.itemsize
         first = b.sext(b.load(U.gep(b, index, g0)), U.i64)
-        last = b.sext(b.load(U.gep(b, index, b.add(g0, U.int64(self.V // self.R)))), U.i64)
+        last = b.sext(b.load(U.gep(b, index, b.add(g0, a["count"]))), U.i64)
         ahead = U.int64(ENTRY_PREFETCH_BYTES)
         begin = b.add(b.mul(first, U.int64(quad_bytes)), ahead)
         end = b.add(b.mul(last, U.int64(quad_bytes)), ahead)
@@ -1642,7 +1677,7 @@ def _compiled_code(key, name):
     with _code_cache_lock:
         hit = _code_cache.get(key)
         if hit is None:
-            nv, group_rows, shared, staged, one_block, activation, has_bias, target = key
+            nv, group_rows, sort_span, shared, staged, one_block, activation, has_bias, target = key
             # helpers first: the kernel's code calls them by name
             kinds = ("pack", "store_block") + (("copy_rows",) if staged else ())
             helpers = [_helper(kind, target, activation, has_bias)[0] for kind in kinds]
@@ -1650,7 +1685,7 @@ def _compiled_code(key, name):
             def emit():
                 module = jit.new_module(name, target)
                 _SpmmEmitter(module, name, target, activation, has_bias, nv, group_rows, shared,
-                             staged, one_block).emit()  # fmt: skip
+                             staged, one_block, sort_span).emit()  # fmt: skip
                 return module
 
             ckey = _code_key("spmm", name, key[:-1], _target_key(target))
@@ -1725,8 +1760,9 @@ class SparseLinearKernel:
         # a group's accumulators nv * R (+ broadcasts) must fit the registers: 32 zmm, 16 ymm
         regs = 32 if target.isa == "avx512" else 16
         group_rows = 1
+        most_rows = tuning.group_rows if n_blocks > 1 else min(tuning.group_rows, 2)
         for r in (4, 2):
-            if r <= tuning.group_rows and r * nv <= regs - 4 and V % r == 0:
+            if r <= most_rows and r * nv <= regs - 4 and V % r == 0:
                 group_rows = r
                 break
         # weights pruned in blocks of R outputs sharing their inputs: groups of R rows that
@@ -1743,12 +1779,16 @@ class SparseLinearKernel:
                 group_rows, shared = r, True
                 break
         self.shared_rows = group_rows if shared else 1
-        stride = _csr_block_stride(n, V, group_rows)
+        # rows sorted by count together (_CsrBlocks): S past one tile when K-blocks keep the
+        # partial sums of every row anyway
+        sort_span = V if shared or n_blocks == 1 else max(V, _round_up(tuning.sort_span, V))
+        self.sort_span = sort_span
+        stride = _csr_block_stride(n, sort_span, group_rows)
         self._use_cache = kcache.enabled() if use_cache is None else bool(use_cache)
         self._data_key = None
         if self._use_cache:
             self._data_key = kcache.digest("spmm-data", kcache.code_version(), kb, n_blocks,
-                                           row_bytes, V, group_rows, shared,
+                                           row_bytes, V, sort_span, group_rows, shared,
                                            _weight_digest(weight))  # fmt: skip
         data = None
         qty = _shared_quad(group_rows) if shared else _QUAD
@@ -1766,15 +1806,17 @@ class SparseLinearKernel:
         if data_hit:
             self._csr = _CsrBlocks(kb, n_blocks, np.ascontiguousarray(data["index"]),
                                    np.ascontiguousarray(data["entries"]), data["row_nnz"],
-                                   row_bytes, group_rows, V, shared)  # fmt: skip
+                                   row_bytes, group_rows, V, shared, sort_span)  # fmt: skip
             self._spmv_arrays = {
                 name[5:]: a for name, a in data.items() if name.startswith("spmv_")
             }
         else:
             # panels of every width keep the full panel's row stride, so that the byte offsets
             # in the entries serve them all
-            build = _build_shared_csr if shared else _build_csr
-            self._csr = build(weight, kb, n_blocks, row_bytes, V, group_rows)
+            if shared:
+                self._csr = _build_shared_csr(weight, kb, n_blocks, row_bytes, V, group_rows)
+            else:
+                self._csr = _build_csr(weight, kb, n_blocks, row_bytes, V, group_rows, sort_span)
             self._spmv_arrays = {}
             if self._data_key is not None:
                 kcache.store_arrays(self._data_key, self._csr_arrays())
@@ -1791,7 +1833,7 @@ class SparseLinearKernel:
 
         # stage output tiles when Y's row stride would thrash L1 sets (see _emit_staged_store)
         self._stage_cols = _STAGE_COLS if (n >= 2 * _STAGE_COLS and _row_sets(n) <= 2) else 0
-        key = (nv, group_rows, shared, bool(self._stage_cols), n_blocks == 1, activation,
+        key = (nv, group_rows, sort_span, shared, bool(self._stage_cols), n_blocks == 1, activation,
                bias is not None, target)  # fmt: skip
         with _code_cache_lock:
             code_known = key in _code_cache
@@ -1845,7 +1887,7 @@ class SparseLinearKernel:
     def _scratch_floats(self, rows: int) -> int:
         tn = self.tile_tokens
         partial_rows = (
-            _round_up(rows, self.target.vector_width)
+            _round_up(rows, self.sort_span)
             if self._csr.n_blocks > 1
             else self.target.vector_width
         )
@@ -1988,7 +2030,7 @@ class SparseLinearKernel:
         """Output rows of each thread, balanced by nonzeros."""
         r = self._splits.get(num_threads)
         if r is None:
-            r = _split_rows(self._csr.row_nnz, num_threads, self.target.vector_width)
+            r = _split_rows(self._csr.row_nnz, num_threads, self.sort_span)
             self._splits[num_threads] = r
         return r
 

@@ -96,6 +96,7 @@ TUNINGS = [
     SpmmTuning(vectors_per_panel=1),
     SpmmTuning(vectors_per_panel=3, k_block_bytes=1),  # K-blocks of V columns: many blocks
     SpmmTuning(vectors_per_panel=2, k_block_bytes=16 * 1024),
+    SpmmTuning(group_rows=2, sort_span=32, k_block_bytes=1),  # pairs, rows sorted in 32s
 ]
 
 
@@ -607,14 +608,16 @@ def test_panel_layouts_match_the_row_major_call(k, n, m, sparsity, has_bias, act
 
 
 @pytest.mark.parametrize("group_rows", [1, 2, 4])
-def test_csr_entries_round_trip(group_rows):
+@pytest.mark.parametrize("sort_span", [0, 16])
+def test_csr_entries_round_trip(group_rows, sort_span):
     """The grouped, blocked entries decode to the weight's nonzeros, and each group's rows
-    are padded only up to its longest member (and a whole quad)."""
+    are padded only up to its longest member (and a whole quad); every K-block but the last
+    sorts its rows within units of sort_span rows, the last within tiles."""
     rng = np.random.default_rng(8)
     w = random_weight(rng, 50, 19, 0.7)
     w[3, 2] = -0.0  # a negative zero is a zero
     w[:, 5] = 0.0  # an empty row of Wᵀ
-    csr = spmm._build_csr(w, 16, 4, 256, tile_rows=8, group_rows=group_rows)
+    csr = spmm._build_csr(w, 16, 4, 256, tile_rows=8, group_rows=group_rows, sort_span=sort_span)
     o, k, v = csr.triplets()
     dense = np.zeros((19, 50), np.float32)
     dense[o, k] = v
@@ -623,15 +626,23 @@ def test_csr_entries_round_trip(group_rows):
     assert csr.row_nnz.tolist() == np.count_nonzero(w, axis=0).tolist()
     idx = csr.index.reshape(csr.n_blocks, csr.block_stride)
     G = csr.n_groups
+    padded = 32 if sort_span else 24  # rows: N = 19 in whole units
+    assert G * group_rows == padded
     for b in range(4):
-        counts = np.zeros(24, np.int64)
+        unit = 8 if b == 3 or not sort_span else sort_span
+        assert csr.block_unit(b) == unit
+        counts = np.zeros(padded, np.int64)
         counts[:19] = np.count_nonzero(w[b * 16 : (b + 1) * 16] != 0, axis=0)
         slots = idx[b, G + 1 :].reshape(G, group_rows)
-        rows = slots + (np.arange(G) // (8 // group_rows) * 8)[:, None]
-        assert sorted(rows.ravel().tolist()) == list(range(24))  # every row in one group
+        assert slots.max() < unit
+        rows = slots + (np.arange(G) // (unit // group_rows) * unit)[:, None]
+        assert sorted(rows.ravel().tolist()) == list(range(padded))  # every row in one group
         entries = np.diff(idx[b, : G + 1]) * 4  # whole quads of 4 entries
         longest = counts[rows].max(axis=1) * group_rows
         assert (entries == (longest + 3) // 4 * 4).all()
+        # sorted: within each unit, the groups' longest members never grow
+        per_unit = counts[rows].max(axis=1).reshape(-1, unit // group_rows)
+        assert (np.diff(per_unit, axis=1) <= 0).all()
 
 
 # ---- the SpMV variant (few tokens, AVX-512) --------------------------------------------------
