@@ -647,12 +647,11 @@ class _SpmmEmitter:
                 with b.if_else(last) as (then, otherwise):
                     with then:
                         rows(V, False, True)
-                    with otherwise:
-                        with b.if_else(first) as (then2, otherwise2):
-                            with then2:
-                                rows(self.S, True, False)
-                            with otherwise2:
-                                rows(self.S, False, False)
+                    with otherwise, b.if_else(first) as (then2, otherwise2):
+                        with then2:
+                            rows(self.S, True, False)
+                        with otherwise2:
+                            rows(self.S, False, False)
         b.ret_void()
         return fn
 
@@ -1887,9 +1886,7 @@ class SparseLinearKernel:
     def _scratch_floats(self, rows: int) -> int:
         tn = self.tile_tokens
         partial_rows = (
-            _round_up(rows, self.sort_span)
-            if self._csr.n_blocks > 1
-            else self.target.vector_width
+            _round_up(rows, self.sort_span) if self._csr.n_blocks > 1 else self.target.vector_width
         )
         stage = tn * _SpmmEmitter.STAGE_STRIDE if self._stage_cols else 0  # (see _emit_panel)
         return self._csr.k_block * tn + partial_rows * tn + stage
