@@ -1853,12 +1853,14 @@ class SparseLinearKernel:
         self._scratch_full = self._scratch_floats(n)
         self._splits: dict[int, list[tuple[int, int]]] = {}
         self._token_plans: dict[tuple, tuple] = {}
-        # the SpMV variant (M <= spmv_max_m): its code and its steps on first use (from the
-        # kernel cache if there): ~60-75 ms of LLVM per epilogue that sessions never running
-        # 8 tokens or fewer would spend for nothing
+        # the SpMV variant (M <= spmv_max_m): its code now (no LLVM while running), its steps
+        # on first use (from the cache entry if there)
         self.spmv_max_m = SPMV_MAX_M if target.isa == "avx512" else 0
         self._spmv = None
         self._spmv_lock = threading.Lock()
+        if self.spmv_max_m:
+            self._spmv_code = self._spmv_compiled()
+            self.cache_hit = self.cache_hit and (code_known or self._spmv_code[0].from_cache)
         self.compile_seconds = time.perf_counter() - t_start
 
     @property
@@ -1902,10 +1904,7 @@ class SparseLinearKernel:
         csr = self._csr
         return {"index": csr.index, "entries": csr.entries, "row_nnz": csr.row_nnz}
 
-    @property
-    def spmv_code(self):
-        """(JIT module, C function) of the SpMV variant, compiled (or loaded from the kernel
-        cache) when first asked for: shared by every layer with this epilogue."""
+    def _spmv_compiled(self):
         name = _kernel_name("spmv", f"{SPMV_LANES}x{SPMV_CHUNK}", self.target.isa,
                             self._has_bias, self.activation)  # fmt: skip
         return _compiled_spmv(("spmv", self.activation, self._has_bias, self.target), name)
@@ -1933,7 +1932,7 @@ class SparseLinearKernel:
                         "spmv_idx": layout.idx, "spmv_val": layout.val, "spmv_off": layout.off,
                         "spmv_perm": layout.perm,
                     })  # fmt: skip
-            jm, fn = self.spmv_code
+            jm, fn = self._spmv_code
             n_slices = len(layout.slice_ptr) - 1
             kp = _round_up(max(self.in_features, 1), SPMV_CHUNK)
             bias = np.zeros(len(layout.perm), np.float32)  # in lane order

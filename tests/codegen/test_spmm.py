@@ -775,7 +775,7 @@ def test_spmv_code_is_shared_by_every_shape():
             x = rng.standard_normal((m, k)).astype(np.float32)
             assert_close(kern(x), x, w, bias, "relu")
         kernels.append(kern)
-    assert len({id(kern.spmv_code[0]) for kern in kernels}) == 1
+    assert len({id(kern._spmv_code[0]) for kern in kernels}) == 1
 
 
 @needs_avx512
