@@ -95,7 +95,10 @@ def _reduce_add(b: ir.IRBuilder, v):
     return b.extract_element(v, ir.Constant(i32, 0))
 
 
-def _emit(module: ir.Module, name: str, n: int, residual: bool, target: Target) -> ir.Function:
+def _emit(module: ir.Module, name: str, n: int, residual: bool, target: Target,
+          terms: int = 0) -> ir.Function:  # fmt: skip
+    """The kernel over rows begin..end. terms > 0 (gathered rows, EmbedLayerNorm): `a` is
+    int64 [terms][lda] row addresses, and row r normalises the sum of the terms' rows r."""
     V = target.vector_width
     fn = ir.Function(module, ir.FunctionType(void, [ty for _, ty in _ARGS]), name=name)
     for arg, (an, _) in zip(fn.args, _ARGS):
@@ -115,8 +118,15 @@ def _emit(module: ir.Module, name: str, n: int, residual: bool, target: Target) 
     rest = [(nchunks * chunk + off, w) for off, w in rest]
     sqrt = intrinsic(module, "llvm.sqrt.f32", f32, [f32])
     vty = vec(V)
+    i64p = ir.PointerType(i64)
     with for_range(b, a["begin"], a["end"], name="row") as r:
-        arow = gep(b, a["a"], b.mul(r, a["lda"]), name="arow")
+        if terms:
+            addrs = b.bitcast(a["a"], i64p, name="row_addresses")
+            rows = [b.inttoptr(b.load(gep(b, addrs, b.add(b.mul(int64(j), a["lda"]), r))),
+                               f32_ptr, name=f"term{j}") for j in range(terms)]  # fmt: skip
+            arow = rows[0]
+        else:
+            arow = gep(b, a["a"], b.mul(r, a["lda"]), name="arow")
         brow = None
         if residual:  # b repeats every `brows` rows (broadcast over leading dimensions)
             brow = gep(b, a["b"], b.mul(b.srem(r, a["brows"]), a["ldb"]), name="brow")
@@ -126,6 +136,8 @@ def _emit(module: ir.Module, name: str, n: int, residual: bool, target: Target) 
         first = load_vec(b, arow, w0)
         if residual:
             first = b.fadd(first, load_vec(b, brow, w0))
+        for row in rows[1:] if terms else ():
+            first = b.fadd(first, load_vec(b, row, w0))
         x0 = b.fmul(_reduce_add(b, first), ir.Constant(f32, 1.0 / w0), name="shift")
 
         def load_x(off, w):
@@ -133,6 +145,9 @@ def _emit(module: ir.Module, name: str, n: int, residual: bool, target: Target) 
             x = load_vec(b, gep(b, arow, off), w)
             if residual:
                 x = b.fadd(x, load_vec(b, gep(b, brow, off), w))
+            for row in rows[1:] if terms else ():
+                x = b.fadd(x, load_vec(b, gep(b, row, off), w))
+            if residual or terms:
                 store_vec(b, x, gep(b, orow, off))
             return x
 
@@ -165,7 +180,7 @@ def _emit(module: ir.Module, name: str, n: int, residual: bool, target: Target) 
         var = b.select(b.fcmp_ordered("<", var, zero), zero, var, name="var")
         mean = b.fadd(x0, m1, name="mean")
         rstd = b.fdiv(ir.Constant(f32, 1.0), b.call(sqrt, [b.fadd(var, a["eps"])]), name="rstd")
-        src = orow if residual else arow
+        src = orow if residual or terms else arow
 
         def normalise(off, w):
             x = load_vec(b, gep(b, src, off), w)
@@ -187,21 +202,44 @@ def _emit(module: ir.Module, name: str, n: int, residual: bool, target: Target) 
 class LayerNormKernel(jit.JITKernel):
     """y = LayerNorm(a (+ b)) over the last axis (N features); see the module doc."""
 
-    def __init__(self, n: int, residual: bool, target: Target):
-        self.n, self.residual, self.target = n, residual, target
+    def __init__(self, n: int, residual: bool, target: Target, terms: int = 0):
+        self.n, self.residual, self.target, self.terms = n, residual, target, terms
         self.name = f"f32_layer_norm_n{n}_{target.isa}" + ("_residual" if residual else "")
+        if terms:
+            self.name = f"f32_embed_layer_norm_n{n}_t{terms}_{target.isa}"
 
         def emit():
             mod = jit.new_module(self.name, target)
-            _emit(mod, self.name, n, residual, target)
+            _emit(mod, self.name, n, residual, target, terms)
             return mod
 
-        self._jm = compile_cached(self.name, emit, target, "light", n, residual)
+        self._jm = compile_cached(self.name, emit, target, "light", n, residual, terms)
         self._fn = _CTYPES(self._jm.function_address(self.name))
         self.compile_seconds = self._jm.compile_seconds
         # for sums that broadcast otherwise than over leading dimensions (compiled now: a
         # session never compiles while running)
         self._plain = _cached(n, False, target) if residual else self
+
+    def gathered(self, addresses: np.ndarray, *, scale: np.ndarray, bias: np.ndarray | None,
+                 epsilon: float, num_threads: int = 1, out: np.ndarray) -> np.ndarray:  # fmt: skip
+        """out[r] = LayerNorm(sum over j of the float32 [n] row at addresses[j, r]), for a
+        kernel compiled with `terms` (codegen only: the caller vouches for every address,
+        e.g. runtime/lowering.py's EmbedLayerNorm from checked indices into its tables)."""
+        rows = addresses.shape[1]
+        if (addresses.dtype != np.int64 or addresses.shape[0] != self.terms
+                or not addresses.flags.c_contiguous or out.shape[-1:] != (self.n,)
+                or out.size != rows * self.n or not out.flags.c_contiguous
+                or out.dtype != np.float32 or scale.shape != (self.n,)
+                or scale.dtype != np.float32
+                or (bias is not None and (bias.shape != (self.n,) or bias.dtype != np.float32))):  # fmt: skip
+            raise SparseDNNError("gathered layer norm: inconsistent row addresses or output")
+        if bias is None:
+            bias = _zeros(self.n)
+        if rows:
+            args = (_addr(addresses), 0, _addr(scale), _addr(bias), _addr(out), rows, 0, 1,
+                    self.n, float(epsilon))  # fmt: skip
+            self._run(args, rows, num_threads)
+        return out
 
     def __call__(
         self,
@@ -264,7 +302,6 @@ class LayerNormKernel(jit.JITKernel):
         rows = a.size // n if n else 0
         if rows == 0 or n == 0:
             return out
-        fn = self._fn
         args = (
             _addr(a),
             _addr(b) if self.residual else 0,
@@ -277,6 +314,12 @@ class LayerNormKernel(jit.JITKernel):
             n,
             float(epsilon),
         )
+        self._run(args, rows, num_threads)
+        return out
+
+    def _run(self, args: tuple, rows: int, num_threads: int) -> None:
+        """The kernel over rows 0..rows, split over up to num_threads threads."""
+        fn, n = self._fn, self.n
         threads = 1
         if num_threads > 1:
             from sparsednn.runtime.threads import native_pool_active
@@ -295,11 +338,10 @@ class LayerNormKernel(jit.JITKernel):
             head = (*args[:9], float_bits(args[9]))
             cells = [(*head, lo, hi) for lo, hi in itertools.pairwise(bounds)]
             if parallel_native(ctypes.cast(fn, ctypes.c_void_p).value, _KINDS, cells):
-                return out
+                return
             parallel_for(
                 [functools.partial(fn, *args, lo, hi) for lo, hi in itertools.pairwise(bounds)]
             )
-        return out
 
 
 @functools.cache
@@ -310,8 +352,8 @@ def _zeros(n: int) -> np.ndarray:
 
 
 @functools.cache
-def _cached(n: int, residual: bool, target: Target) -> LayerNormKernel:
-    return LayerNormKernel(n, residual, target)
+def _cached(n: int, residual: bool, target: Target, terms: int = 0) -> LayerNormKernel:
+    return LayerNormKernel(n, residual, target, terms)
 
 
 def compile_layer_norm(
@@ -321,3 +363,11 @@ def compile_layer_norm(
     if n < 1:
         raise SparseDNNError(f"layer norm needs at least one feature, got {n}")
     return _cached(int(n), bool(residual), target or host_target())
+
+
+def compile_embed_layer_norm(n: int, terms: int, target: Target | None = None) -> LayerNormKernel:
+    """The layer-norm kernel for the sum of `terms` gathered rows of `n` features (cached):
+    see LayerNormKernel.gathered."""
+    if n < 1 or not 1 <= terms <= 4:
+        raise SparseDNNError(f"embedding layer norm: {n} features, {terms} tables")
+    return _cached(int(n), False, target or host_target(), int(terms))

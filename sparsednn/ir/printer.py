@@ -31,6 +31,8 @@ def format_attr(value) -> str:
         return format_array(value)
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, (list, tuple)) and any(isinstance(v, np.ndarray) for v in value):
+        return "[" + ", ".join(format_attr(v) for v in value) + "]"
     return repr(value) if isinstance(value, str) else str(value)
 
 

@@ -126,6 +126,64 @@ def AddLayerNorm(a, b, *, scale, bias=None, epsilon=1e-5):
     return _layer_norm(np.add(a, b), scale, bias, epsilon)
 
 
+@register(domain=DOMAIN)
+def EmbedLayerNorm(*indices, tables, term_shapes=None, gathers=None, scale, bias=None,
+                   epsilon=1e-5):  # fmt: skip
+    """LayerNorm(tables[0][i_0] + tables[1][i_1] + ...): a transformer's embeddings (word,
+    token type, position: Gathers of rows of constant tables, summed) and the layer norm after
+    them. The index arrays are the inputs, in order, for the terms whose term_shapes entry is
+    None; a term with a shape there is a constant of that shape (its rows in order). All
+    broadcast against each other."""
+    rows = embedding_rows(indices, tables, term_shapes, gathers)
+    total = None
+    for idx, table in zip(rows, tables):
+        x = np.take(table, idx, axis=0)
+        total = x if total is None else total + x
+    return _layer_norm(total, scale, bias, epsilon)
+
+
+def embedding_rows(indices, tables, term_shapes=None, gathers=None) -> list[np.ndarray]:
+    """The row index arrays of EmbedLayerNorm's terms, checked and broadcast to one shape
+    (gathers: the fused Gathers' names, for errors)."""
+    indices = iter(indices)
+    rows = []
+    for j, (table, shape) in enumerate(zip(tables, term_shapes or [None] * len(tables))):
+        if shape is None:
+            name = gathers[j] if gathers and gathers[j] else f"term {j}"
+            rows.append(_row_indices(next(indices), len(table), f"Gather {name!r}"))
+        else:
+            rows.append(np.arange(len(table)).reshape(shape))
+    shape = np.broadcast_shapes(*(r.shape for r in rows))
+    return [np.broadcast_to(r, shape) for r in rows]
+
+
+def _row_indices(idx, rows: int, what: str) -> np.ndarray:
+    """ONNX Gather's indices into `rows` rows (negative ones count from the end), checked."""
+    from sparsednn.errors import SparseDNNError
+
+    idx = np.asarray(idx)
+    if idx.dtype.kind not in "iu":
+        raise SparseDNNError(f"{what}: indices must be integers, got {idx.dtype}")
+    if idx.size and (idx.min() < -rows or idx.max() >= rows):
+        bad = idx[(idx < -rows) | (idx >= rows)].reshape(-1)[0]
+        raise SparseDNNError(
+            f"{what}: index {int(bad)} is out of range for its table of {rows} rows"
+        )
+    return np.where(idx < 0, idx + rows, idx).astype(np.int64, copy=False)
+
+
+@shape_rule("EmbedLayerNorm")
+def _embed_layer_norm_shape(node):
+    from sparsednn.ir.shapes import broadcast_shapes
+
+    inputs = iter(node.inputs)
+    shapes = [next(inputs).shape if shape is None else tuple(shape)
+              for shape in node.attrs.get("term_shapes") or [None] * len(node.inputs)]  # fmt: skip
+    n = node.attrs["tables"][0].shape[1]
+    shape = broadcast_shapes(*shapes)
+    return [(np.dtype(np.float32), None if shape is None else (*shape, n))]
+
+
 @shape_rule("LayerNorm")
 def _layer_norm_shape(node):
     x = node.inputs[0]

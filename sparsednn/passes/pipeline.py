@@ -13,6 +13,7 @@ from sparsednn.passes.eliminate_common_subexpressions import eliminate_common_su
 from sparsednn.passes.eliminate_dead_code import eliminate_dead_code
 from sparsednn.passes.fold_constants import fold_constants
 from sparsednn.passes.fuse_attention import fuse_attention
+from sparsednn.passes.fuse_embeddings import fuse_embeddings
 from sparsednn.passes.fuse_gelu import fuse_gelu
 from sparsednn.passes.fuse_layer_norm import fuse_layer_norm
 from sparsednn.passes.fuse_linear import fuse_linear
@@ -30,6 +31,7 @@ def passes(sparse_threshold: float = DEFAULT_SPARSE_THRESHOLD) -> list[tuple[str
         ("fuse_linear", fuse_linear),
         ("fuse_attention", fuse_attention),
         ("fuse_layer_norm", fuse_layer_norm),
+        ("fuse_embeddings", fuse_embeddings),
         ("eliminate_common_subexpressions", eliminate_common_subexpressions),
         ("choose_kernels", partial(choose_kernels, sparse_threshold=sparse_threshold)),
         ("infer_shapes_after_fusion", infer_shapes),

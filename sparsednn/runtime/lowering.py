@@ -294,3 +294,41 @@ def lower_layer_norm(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
 def lower_add_layer_norm(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
     """Residual Add + layer norm in one pass (sparsednn/codegen/norm.py)."""
     return _lower_layer_norm(node, ctx, residual=True)
+
+
+@lowering("EmbedLayerNorm")
+def lower_embed_layer_norm(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
+    """Embeddings summed from rows of their tables and normalised, in one pass per row
+    (passes/fuse_embeddings.py; codegen/norm.py). The indices are checked here, in numpy, and
+    become row addresses: the kernel reads only rows of the tables."""
+    from sparsednn.codegen.norm import compile_embed_layer_norm
+    from sparsednn.ops.fused_ops import embedding_rows
+
+    a = node.attrs
+    tables = [np.ascontiguousarray(t, np.float32) for t in a["tables"]]
+    term_shapes = a.get("term_shapes")
+    scale = np.ascontiguousarray(a["scale"], np.float32)
+    bias = None if a.get("bias") is None else np.ascontiguousarray(a["bias"], np.float32)
+    eps = float(a.get("epsilon", 1e-5))
+    n = scale.shape[0]
+    kernel = compile_embed_layer_norm(n, len(tables))
+    ctx.kernels[node.name] = kernel
+    bases = [t.ctypes.data for t in tables]
+    threads = ctx.threads
+    where = f"node {node.name!r} ({node.op}, {len(tables)} tables of {n} features)"
+
+    def run_embed_layer_norm(*indices):
+        try:
+            rows = embedding_rows(indices, tables, term_shapes, a.get("gathers"))
+        except (ValueError, SparseDNNError) as e:
+            raise SparseDNNError(f"{where}: {e}") from None
+        shape = rows[0].shape
+        addresses = np.empty((len(tables), rows[0].size), np.int64)
+        for address, row, base in zip(addresses, rows, bases):
+            np.multiply(row.reshape(-1), 4 * n, out=address)
+            address += base
+        out = np.empty((*shape, n), np.float32)
+        return kernel.gathered(addresses, scale=scale, bias=bias, epsilon=eps,
+                               num_threads=threads(), out=out)  # fmt: skip
+
+    return run_embed_layer_norm

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparsednn.codegen.norm import compile_layer_norm
+from sparsednn.codegen.norm import compile_embed_layer_norm, compile_layer_norm
 from sparsednn.codegen.target import available_isas, host_target
 from sparsednn.errors import SparseDNNError
 from sparsednn.ops.fused_ops import AddLayerNorm, LayerNorm
@@ -71,6 +71,48 @@ def test_matches_float64(isa, lead, n, residual, offset, spread, eps, has_bias, 
     assert got.shape == x.shape and got.dtype == np.float32
     err = np.abs(got - truth(x, scale, bias, eps))
     assert (err <= tolerance(x, scale, eps)).all(), err.max()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    isa=st.sampled_from(ISAS),
+    terms=st.integers(1, 4),
+    n=st.sampled_from([1, 3, 16, 17, 100, 768]),
+    rows=st.integers(0, 70),
+    has_bias=st.booleans(),
+    threads=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_gathered_rows_match_float64(isa, terms, n, rows, has_bias, threads, seed):
+    """EmbedLayerNorm's variant: row r normalises the sum of the terms' rows at the given
+    addresses (rows of tables in any order, repeated), into a given output."""
+    rng = np.random.default_rng(seed)
+    tables = [(rng.standard_normal((int(rng.integers(1, 9)), n)) * 3).astype(np.float32)
+              for _ in range(terms)]  # fmt: skip
+    picks = [rng.integers(0, len(t), rows) for t in tables]
+    addresses = np.array([t.ctypes.data + 4 * n * p for t, p in zip(tables, picks)], np.int64)
+    addresses = addresses.reshape(terms, rows)
+    scale = (1 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if has_bias else None
+    kern = compile_embed_layer_norm(n, terms, host_target(isa))
+    out = np.full((rows, n), np.nan, np.float32)
+    assert kern.gathered(addresses, scale=scale, bias=bias, epsilon=1e-12, num_threads=threads,
+                         out=out) is out  # fmt: skip
+    x = np.zeros((rows, n), np.float32)
+    for t, p in zip(tables, picks):
+        x += t[p]  # (float32, in the kernel's order)
+    err = np.abs(out - truth(x, scale, bias, 1e-12))
+    assert (err <= tolerance(x, scale, 1e-12)).all(), err.max()
+
+
+def test_gathered_rows_check_their_arguments():
+    kern = compile_embed_layer_norm(8, 2)
+    ones = np.ones(8, np.float32)
+    with pytest.raises(SparseDNNError, match="inconsistent"):
+        kern.gathered(np.zeros((3, 4), np.int64), scale=ones, bias=None, epsilon=1e-5,
+                      out=np.empty((4, 8), np.float32))  # fmt: skip
+    with pytest.raises(SparseDNNError, match="tables"):
+        compile_embed_layer_norm(8, 5)
 
 
 @pytest.mark.parametrize("isa", ISAS)
