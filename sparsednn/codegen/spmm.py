@@ -94,16 +94,21 @@ class SpmmTuning:
     sort_span: int = 128
     use_shared: bool = True  # the shared-rows variant for weights pruned in 1 x R blocks
 
-    # Sparser weights have fewer nonzeros per row and block, so the fixed costs of a row pair
-    # and K-block (partial sums, loop exit) weigh more: at <= 8% density 256-column blocks
-    # (64 KB, spilling from L1) measured 3-8% faster at 95% sparsity and 10-12% at 98%
-    # (M = 512, one thread, BERT-base shapes), and 4% slower at 90%.
-    SPARSE_DENSITY = 0.08
+    # Sparser weights have fewer nonzeros per row and block, so the fixed costs of a group
+    # and K-block (partial sums, loop exit) weigh more: deeper blocks, spilling from L1. With
+    # groups of four rows (stop 15; M = 512, one thread, BERT-base shapes, against 48 KB):
+    # 64 KB measured 3.6-4.5% faster at 98%, 1.5-1.7% at 97%, and 0.4-3.7% slower at 94-95%,
+    # 4% slower at 92%; 40 KB 0.5% either way at 92%, 3-4% slower at 97%; at 90%, 48 KB
+    # 0.7-2.4% slower than 40.
+    SPARSE_DENSITY = 0.08  # and below: 48 KB
+    SPARSER_DENSITY = 0.035  # and below: 64 KB
 
     def block_bytes_for(self, density: float) -> int:
         if self.k_block_bytes is not None:
             return self.k_block_bytes
-        return (64 if density <= self.SPARSE_DENSITY else 40) * 1024
+        if density <= self.SPARSER_DENSITY:
+            return 64 * 1024
+        return (48 if density <= self.SPARSE_DENSITY else 40) * 1024
 
 
 DEFAULT_TUNING = SpmmTuning()
