@@ -621,9 +621,15 @@ class _SpmmEmitter:
             index = U.gep(b, index_body, b.mul(kb, shape["block_stride"]), name="block_index")
             slots = U.gep(b, index, b.add(shape["n_groups"], U.int64(1)), name="block_slots")
 
-            def rows(unit: int, first_block: bool, finish: bool):
-                """The groups of each `unit` rows of the range (_CsrBlocks.block_unit), then
-                (finish, unit V) the tile they made."""
+            # rows sorted in units of S (the last K-block: of V, each tile finished as soon
+            # as its groups are done), see _CsrBlocks; one copy of the loop for both units
+            if self.one_block:
+                unit = U.int64(V)
+            else:
+                unit = b.select(last, U.int64(V), U.int64(self.S), name="unit")
+            count = b.sdiv(unit, U.int64(self.R), name="unit_groups")
+
+            def rows(first_block: bool):
                 with U.for_range(b, a["row_begin"], a["row_end"], unit, name="rs") as rs:
                     if self.one_block:
                         rows_at = partial  # just a V x T tile
@@ -633,30 +639,25 @@ class _SpmmEmitter:
                     # every group of the unit (members past N are empty; their sums land in
                     # rows that are never stored)
                     g0 = b.sdiv(rs, U.int64(self.R), name="unit_group0")
-                    count = U.int64(unit // self.R)
                     with b.if_then(prefetch_entries):
                         b.call(self.prefetch_tile, [a["entries"], index, g0, count])
                     with U.for_range(b, 0, count, name="g") as g:
                         gi = b.add(g0, g, name="group")
                         self._emit_group(b, a, nv, panel, index, slots, gi, rows_at, first_block)
-                    if finish:
+                    with b.if_then(last):  # (the unit is then one tile)
                         nrows = b.sub(a["row_end"], rs)
                         nrows = b.select(b.icmp_signed("<", nrows, U.int64(V)), nrows,
                                          U.int64(V), name="nrows")  # fmt: skip
                         self._emit_finish(b, a, rows_at, tnp, rs, nrows, N, y_panel, panel_out)
 
             if self.one_block:
-                rows(V, True, True)
-            else:  # the first block starts from zero, later ones from the partial sums; the
-                # last sorts its rows within tiles, finished as soon as their groups are done
-                with b.if_else(last) as (then, otherwise):
+                rows(True)
+            else:  # the first block starts from zero, later ones from the partial sums
+                with b.if_else(first) as (then, otherwise):
                     with then:
-                        rows(V, False, True)
-                    with otherwise, b.if_else(first) as (then2, otherwise2):
-                        with then2:
-                            rows(self.S, True, False)
-                        with otherwise2:
-                            rows(self.S, False, False)
+                        rows(True)
+                    with otherwise:
+                        rows(False)
         b.ret_void()
         return fn
 
