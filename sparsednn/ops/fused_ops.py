@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from sparsednn.errors import SparseDNNError
 from sparsednn.ops.registry import register, shape_rule
 
 DOMAIN = "sparsednn"
@@ -159,8 +160,6 @@ def embedding_rows(indices, tables, term_shapes=None, gathers=None) -> list[np.n
 
 def _row_indices(idx, rows: int, what: str) -> np.ndarray:
     """ONNX Gather's indices into `rows` rows (negative ones count from the end), checked."""
-    from sparsednn.errors import SparseDNNError
-
     idx = np.asarray(idx)
     if idx.dtype.kind not in "iu":
         raise SparseDNNError(f"{what}: indices must be integers, got {idx.dtype}")
