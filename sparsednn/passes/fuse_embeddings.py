@@ -8,12 +8,12 @@ Adds that nothing else reads, e.g. BERT's
               + Gather(position, position_ids))
 
 becomes EmbedLayerNorm(input_ids, token_type_ids, position_ids) {tables, term_shapes,
-gathers (their names, for errors), scale, bias, epsilon}: one pass over the rows on every thread (runtime: codegen/norm.py's gathered
-variant), where the Gathers, the Adds and the norm each made and read the whole [tokens, N]
-array in numpy, on one thread (BERT-base 90% at batch 16 x 128, 2 threads: the steps before
-the encoder 3.1 -> 1.6 ms a run). A constant
-term [..., N] (static exports fold their position embeddings) is a table whose rows are its
-own positions: term_shapes holds its leading shape (None for a Gather's table, whose rows the
+gathers (their names, for errors), scale, bias, epsilon}: one pass over the rows on every
+thread (runtime: codegen/norm.py's gathered variant), where the Gathers, the Adds and the
+norm each made and read the whole [tokens, N] array in numpy, on one thread (BERT-base 90% at
+batch 16 x 128, 2 threads: the steps before the encoder 3.1 -> 1.6 ms a run). A constant term
+[..., N] (static exports fold their position embeddings) is a table whose rows are its own
+positions: term_shapes holds its leading shape (None for a Gather's table, whose rows the
 node's next input indexes).
 """
 
