@@ -1787,7 +1787,6 @@ class SparseLinearKernel:
         # rows sorted by count together (_CsrBlocks): S past one tile when K-blocks keep the
         # partial sums of every row anyway
         sort_span = V if shared or n_blocks == 1 else max(V, _round_up(tuning.sort_span, V))
-        self.sort_span = sort_span
         stride = _csr_block_stride(n, sort_span, group_rows)
         self._use_cache = kcache.enabled() if use_cache is None else bool(use_cache)
         self._data_key = None
@@ -1892,7 +1891,9 @@ class SparseLinearKernel:
     def _scratch_floats(self, rows: int) -> int:
         tn = self.tile_tokens
         partial_rows = (
-            _round_up(rows, self.sort_span) if self._csr.n_blocks > 1 else self.target.vector_width
+            _round_up(rows, self._csr.sort_unit)
+            if self._csr.n_blocks > 1
+            else self.target.vector_width
         )
         stage = tn * _SpmmEmitter.STAGE_STRIDE if self._stage_cols else 0  # (see _emit_panel)
         return self._csr.k_block * tn + partial_rows * tn + stage
@@ -2033,7 +2034,7 @@ class SparseLinearKernel:
         """Output rows of each thread, balanced by nonzeros."""
         r = self._splits.get(num_threads)
         if r is None:
-            r = _split_rows(self._csr.row_nnz, num_threads, self.sort_span)
+            r = _split_rows(self._csr.row_nnz, num_threads, self._csr.sort_unit)
             self._splits[num_threads] = r
         return r
 
