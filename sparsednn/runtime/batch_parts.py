@@ -32,8 +32,7 @@ SLICE, WHOLE = "slice", "whole"
 # 1.01-1.04x with 1024 (up to 1.1x while the machine ran 2-thread steps slowly). More parts
 # than threads, each thread running its parts one after another (batch 16: 4, 8 or 16 parts
 # on 2 threads, stop 16, alternating processes), measured 1.00x, 0.98-1.03x (median 1.01x)
-# and 0.97-1.00x:
-# halving a thread's working set did not warm the steps' inputs.
+# and 0.97-1.00x: halving a thread's working set did not warm the steps' inputs.
 MIN_PART_ROWS = 512
 
 # Ops whose output row b (axis 0) depends only on row b of their batch-shaped inputs
