@@ -140,6 +140,8 @@ class SparseChain:
         last = second if second is not None else first
         if second is not None and first.out_features != second.in_features:
             raise ValueError("the chained kernels' features do not meet")
+        if second is not None and first.tile_tokens != second.tile_tokens:
+            raise ValueError("the chained kernels' panels differ in width")
         if norm is not None and (not norm[0].residual or norm[0].n != last.out_features):
             raise ValueError("the layer norm does not take the chain's output")
         self.first, self.second = first, second

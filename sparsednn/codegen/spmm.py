@@ -103,12 +103,33 @@ class SpmmTuning:
     SPARSE_DENSITY = 0.08  # and below: 48 KB
     SPARSER_DENSITY = 0.035  # and below: 64 KB
 
+    # At SPARSEST_DENSITY and below on AVX-512 (k_block_bytes None): panels of 2 vectors (32
+    # tokens) in 48 KB K-blocks of 384 k, whose k need 16 bits (_WIDE_QUAD). Per token, half
+    # the partial sums' trips between blocks and fewer blocks, for 11% more loads per FMA
+    # (2 vectors per entry instead of 4), where the fixed costs are much of the time. One
+    # thread, M = 128 and 2048, BERT-base's shapes, against 64-token panels (same process,
+    # alternating): 98% -4 to -17%, 96% -4 to -9%, 95% -1.5 to -7%, 94% +0.1 to -7%, 92% -3.5
+    # to +3%; 98% with 32 KB blocks of 256 k (8-bit k): -8 to +7%. BERT-base at 94% end to end
+    # ran the same either way (batch 1 and 16, 2 threads), so 94% (its quads 4 bytes smaller)
+    # keeps 64-token panels. None: 64-token panels at every density.
+    SPARSEST_DENSITY = 0.055
+    sparsest_vectors_per_panel: int | None = 2
+    sparsest_k_block_bytes: int = 48 * 1024
+
     def block_bytes_for(self, density: float) -> int:
         if self.k_block_bytes is not None:
             return self.k_block_bytes
         if density <= self.SPARSER_DENSITY:
             return 64 * 1024
         return (48 if density <= self.SPARSE_DENSITY else 40) * 1024
+
+    def panel_plan(self, density: float, isa: str) -> tuple[int, int, int]:
+        """(vectors per panel, K-block bytes, the most columns a K-block may take) for a
+        weight of this density."""
+        if (self.k_block_bytes is None and self.sparsest_vectors_per_panel and isa == "avx512"
+                and density <= self.SPARSEST_DENSITY):  # fmt: skip
+            return self.sparsest_vectors_per_panel, self.sparsest_k_block_bytes, _MAX_WIDE_K_BLOCK
+        return self.vectors_per_panel, self.block_bytes_for(density), _MAX_K_BLOCK
 
 
 DEFAULT_TUNING = SpmmTuning()
@@ -131,6 +152,7 @@ class _CsrBlocks:
     uint8), then their 4 weights (float32). One 32-bit load gives the inner loop 4 panel
     rows, and each weight is one broadcast load: 5.25 loads per nonzero with the 4 panel
     vectors, against 6 with one (offset, weight) pair per nonzero (~15% faster inner loop).
+    K-blocks of more than 256 columns (wide) take 24-byte quads with 16-bit k (_WIDE_QUAD).
 
     index (int32), per K-block b at b * block_stride: group_ptr[G + 1] (quads of group g are
     group_ptr[g] .. group_ptr[g + 1]), then slots[G * R] (the row of each member within its
@@ -141,13 +163,14 @@ class _CsrBlocks:
     k_block: int  # KB, columns per K-block (last block may be shorter)
     n_blocks: int
     index: np.ndarray  # int32 [n_blocks * block_stride]
-    entries: np.ndarray  # uint8 [(quads + 1) * 20]: the quads (see _QUAD), one zero quad last
+    entries: np.ndarray  # uint8: the quads (_QUAD or _WIDE_QUAD), then one zero quad
     row_nnz: np.ndarray  # int64 [N] nonzeros of each output row (all blocks)
     row_bytes: int  # bytes between consecutive k of a packed panel
     group_rows: int  # R
     tile_rows: int  # V
     shared: bool = False  # the R rows of every group have the same nonzero columns (below)
     sort_span: int = 0  # S (0: V), a multiple of V; the last K-block sorts within V rows
+    wide: bool = False  # 16-bit k (_WIDE_QUAD): K-blocks of more than 256 columns
 
     @property
     def sort_unit(self) -> int:
@@ -159,7 +182,9 @@ class _CsrBlocks:
 
     @property
     def quad(self) -> np.dtype:
-        return _shared_quad(self.group_rows) if self.shared else _QUAD
+        if self.shared:
+            return _shared_quad(self.group_rows)
+        return _WIDE_QUAD if self.wide else _QUAD
 
     @property
     def n_groups(self) -> int:
@@ -183,7 +208,7 @@ class _CsrBlocks:
                 ks.append(b * self.k_block + kk)
                 ws.append(w)
                 continue
-            quads = self.entries.view(_QUAD)[ptr[0] : ptr[-1]]
+            quads = self.entries.view(self.quad)[ptr[0] : ptr[-1]]
             lengths = np.diff(ptr) * 4
             pos = np.arange(4 * ptr[0], 4 * ptr[-1])
             group = np.repeat(np.arange(G), lengths)
@@ -217,6 +242,10 @@ class _CsrBlocks:
 _QUAD = np.dtype([("k", "u1", (4,)), ("w", "<u4", (4,))])
 assert _QUAD.itemsize == 20
 _MAX_K_BLOCK = 1 << 8  # k within a block is a uint8
+# ... and in K-blocks of more than 256 columns (see SpmmTuning.panel_plan), a uint16
+_WIDE_QUAD = np.dtype([("k", "<u2", (4,)), ("w", "<u4", (4,))])
+assert _WIDE_QUAD.itemsize == 24
+_MAX_WIDE_K_BLOCK = 1 << 10
 
 
 def _stable_order(keys: np.ndarray) -> np.ndarray:
@@ -259,8 +288,9 @@ def _csr_block_stride(n: int, tile_rows: int, group_rows: int) -> int:
     return groups + 1 + groups * group_rows
 
 
-def _k_blocking(k: int, v: int, tn: int, block_bytes: int) -> tuple[int, int]:
-    max_kb = min(max(v, block_bytes // (4 * tn) // v * v), _MAX_K_BLOCK)
+def _k_blocking(k: int, v: int, tn: int, block_bytes: int,
+                most: int = _MAX_K_BLOCK) -> tuple[int, int]:  # fmt: skip
+    max_kb = min(max(v, block_bytes // (4 * tn) // v * v), most)
     n_blocks = max(1, -(-k // max_kb))
     kb = _round_up(-(-k // n_blocks), v)
     kb = min(kb, _round_up(k, v)) if k > 0 else v
@@ -313,6 +343,8 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
     consecutive k of a packed panel."""
     k, n = weight.shape
     R, S = group_rows, sort_span or tile_rows
+    wide = k_block > _MAX_K_BLOCK
+    qty = _WIDE_QUAD if wide else _QUAD
     n_pad = _round_up(max(n, 1), S)
     G = n_pad // R
     wt = weight.T  # [N, K], a view: indexing it costs less than a transposed copy (~7 ms)
@@ -344,11 +376,11 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
         row_start = np.cumsum(counts) - counts
         rank = np.arange(len(o)) - row_start[o]
         pos = ptr[group_of[o]] + rank * R + member_of[o]
-        ks = np.zeros(int(ptr[-1]), np.uint8)  # padding: k 0, weight 0.0
+        ks = np.zeros(int(ptr[-1]), np.uint16 if wide else np.uint8)  # padding: k 0, weight 0.0
         ws = np.zeros(int(ptr[-1]), np.uint32)
         ks[pos] = kk
         ws[pos] = block[o, kk].astype(np.float32).view(np.uint32)
-        quads = np.empty(len(ks) // 4, _QUAD)
+        quads = np.empty(len(ks) // 4, qty)
         quads["k"] = ks.reshape(-1, 4)
         quads["w"] = ws.reshape(-1, 4)
         parts.append(quads)
@@ -357,10 +389,10 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
         start += len(quads)
     if start >= 2**31:
         raise CompileError(f"too many nonzeros for int32 CSR indices: {start} quads")
-    if k_block > _MAX_K_BLOCK:
-        raise CompileError(f"K-block too large for 8-bit k: {k_block} columns")
+    if k_block > _MAX_WIDE_K_BLOCK:
+        raise CompileError(f"K-block too large for 16-bit k: {k_block} columns")
     # at least one quad, so that pointers are always to real memory
-    entries = np.concatenate(parts + [np.zeros(1, _QUAD)]).view(np.uint8)
+    entries = np.concatenate(parts + [np.zeros(1, qty)]).view(np.uint8)
     return _CsrBlocks(
         k_block=k_block,
         n_blocks=n_blocks,
@@ -371,6 +403,7 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
         group_rows=R,
         tile_rows=tile_rows,
         sort_span=S,
+        wide=wide,
     )
 
 
@@ -448,7 +481,7 @@ class _SpmmEmitter:
 
     def __init__(self, module, name, target: Target, activation, has_bias, vectors_per_panel,
                  group_rows=2, shared=False, staged=False, one_block=False,
-                 sort_span=None):  # fmt: skip
+                 sort_span=None, wide=False):  # fmt: skip
         self.module = module
         self.name = name
         self.target = target
@@ -468,8 +501,10 @@ class _SpmmEmitter:
         # staged on their way out (_emit_staged_store); K in one block, the partial sums one tile
         self.staged = staged
         self.one_block = one_block
+        self.wide = wide  # 16-bit k (_WIDE_QUAD)
+        self.quad_type = _shared_quad(group_rows) if shared else _WIDE_QUAD if wide else _QUAD
         # A page of zeros standing in for the rows of X past M when packing a tail panel.
-        zty = ir.ArrayType(U.f32, _MAX_K_BLOCK)
+        zty = ir.ArrayType(U.f32, _MAX_WIDE_K_BLOCK if wide else _MAX_K_BLOCK)
         self.zeros = ir.GlobalVariable(module, zty, name="zero_rows")
         self.zeros.global_constant = True
         self.zeros.linkage = "internal"
@@ -719,7 +754,7 @@ class _SpmmEmitter:
                                   (_KERNEL_ARG_TYPES[6], U.i32_ptr, U.i64, U.i64),
                                   noinline=True)  # fmt: skip
         index, g0 = a["index"], a["g0"]
-        quad_bytes = _shared_quad(self.R).itemsize if self.shared else _QUAD.itemsize
+        quad_bytes = self.quad_type.itemsize
         first = b.sext(b.load(U.gep(b, index, g0)), U.i64)
         last = b.sext(b.load(U.gep(b, index, b.add(g0, a["count"]))), U.i64)
         ahead = U.int64(ENTRY_PREFETCH_BYTES)
@@ -761,18 +796,24 @@ class _SpmmEmitter:
         quads = b.bitcast(a["entries"], i8p, name="quads")
         row_bytes = U.int64(self.TN * 4)  # every panel width keeps the full panel's row stride
 
+        bits = 16 if self.wide else 8  # of each k in the quad's k word
+
         def panel_row(ks, step):
-            k = b.and_(b.lshr(ks, U.int64(8 * step)), U.int64(0xFF), name=f"k{step}")
+            k = b.and_(b.lshr(ks, U.int64(bits * step)), U.int64((1 << bits) - 1),
+                       name=f"k{step}")  # fmt: skip
             return b.bitcast(
                 b.gep(panel_bytes, [b.mul(k, row_bytes)], inbounds=True), U.f32_ptr, name="row"
             )
 
-        quad_bytes = U.int64((_shared_quad(R) if self.shared else _QUAD).itemsize)
+        quad_bytes = U.int64(self.quad_type.itemsize)
         lanes = self._weight_lanes(b)  # (before the loop: built once, not per quad)
         with U.for_range(b, begin, end, name="quad") as q:
             qp = b.gep(quads, [b.mul(q, quad_bytes)], inbounds=True)
-            ks = b.zext(b.load(b.bitcast(qp, U.i32_ptr), name="ks"), U.i64)
-            weights = b.bitcast(b.gep(qp, [U.int64(4)], inbounds=True), U.f32_ptr)
+            if self.wide:  # (see _WIDE_QUAD) four 16-bit k, then the weights
+                ks = b.load(b.bitcast(qp, ir.PointerType(U.i64)), name="ks")
+            else:
+                ks = b.zext(b.load(b.bitcast(qp, U.i32_ptr), name="ks"), U.i64)
+            weights = b.bitcast(b.gep(qp, [U.int64(bits // 2)], inbounds=True), U.f32_ptr)
             if self.shared:
                 # 4 steps (see _shared_quad): each loads its panel row once, for all R rows
                 for step in range(4):
@@ -1682,7 +1723,8 @@ def _compiled_code(key, name):
     with _code_cache_lock:
         hit = _code_cache.get(key)
         if hit is None:
-            nv, group_rows, sort_span, shared, staged, one_block, activation, has_bias, target = key
+            (nv, group_rows, sort_span, shared, wide, staged, one_block, activation, has_bias,
+             target) = key
             # helpers first: the kernel's code calls them by name
             kinds = ("pack", "store_block") + (("copy_rows",) if staged else ())
             helpers = [_helper(kind, target, activation, has_bias)[0] for kind in kinds]
@@ -1690,7 +1732,7 @@ def _compiled_code(key, name):
             def emit():
                 module = jit.new_module(name, target)
                 _SpmmEmitter(module, name, target, activation, has_bias, nv, group_rows, shared,
-                             staged, one_block, sort_span).emit()  # fmt: skip
+                             staged, one_block, sort_span, wide).emit()  # fmt: skip
                 return module
 
             ckey = _code_key("spmm", name, key[:-1], _target_key(target))
@@ -1757,32 +1799,42 @@ class SparseLinearKernel:
         self.target = target
         self.tuning = tuning
         V = target.vector_width
-        nv = max(1, min(8, tuning.vectors_per_panel))
-        self.tile_tokens = nv * V
         density = np.count_nonzero(weight) / max(weight.size, 1)
-        kb, n_blocks = _k_blocking(k, V, self.tile_tokens, tuning.block_bytes_for(density))
-        row_bytes = 4 * self.tile_tokens
         # a group's accumulators nv * R (+ broadcasts) must fit the registers: 32 zmm, 16 ymm
         regs = 32 if target.isa == "avx512" else 16
+        shares: dict[int, bool] = {}
+
+        def shared_rows_for(nv: int) -> int:
+            """R of the shared-rows variant (weights pruned in blocks of R outputs sharing
+            their inputs: groups of R rows that load each panel row once for all of them; R *
+            nv accumulators, nv panel vectors and R weights in registers), or 0."""
+            for r in (4, 2):
+                if tuning.use_shared and r * nv + nv + r <= regs and V % r == 0:
+                    if r not in shares:
+                        shares[r] = _shares_rows(weight, r)
+                    if shares[r]:
+                        return r
+            return 0
+
+        plan_nv, block_bytes, most = tuning.panel_plan(density, target.isa)
+        if most > _MAX_K_BLOCK and shared_rows_for(max(1, min(8, plan_nv))):
+            # the shared-rows quads keep 8-bit k: their weights take the default panels
+            plan_nv, most = tuning.vectors_per_panel, _MAX_K_BLOCK
+            block_bytes = tuning.block_bytes_for(density)
+        nv = max(1, min(8, plan_nv))
+        self.tile_tokens = nv * V
+        kb, n_blocks = _k_blocking(k, V, self.tile_tokens, block_bytes, most)
+        row_bytes = 4 * self.tile_tokens
         group_rows = 1
         most_rows = tuning.group_rows if n_blocks > 1 else min(tuning.group_rows, 2)
         for r in (4, 2):
             if r <= most_rows and r * nv <= regs - 4 and V % r == 0:
                 group_rows = r
                 break
-        # weights pruned in blocks of R outputs sharing their inputs: groups of R rows that
-        # load each panel row once for all of them (R * nv accumulators, nv panel vectors and
-        # R weights in registers)
-        shared = False
-        for r in (4, 2):
-            if (
-                tuning.use_shared
-                and r * nv + nv + r <= regs
-                and V % r == 0
-                and _shares_rows(weight, r)
-            ):
-                group_rows, shared = r, True
-                break
+        shared_r = shared_rows_for(nv)
+        shared = shared_r > 0
+        if shared:
+            group_rows = shared_r
         self.shared_rows = group_rows if shared else 1
         # rows sorted by count together (_CsrBlocks): S past one tile when K-blocks keep the
         # partial sums of every row anyway
@@ -1795,7 +1847,8 @@ class SparseLinearKernel:
                                            row_bytes, V, sort_span, group_rows, shared,
                                            _weight_digest(weight))  # fmt: skip
         data = None
-        qty = _shared_quad(group_rows) if shared else _QUAD
+        wide = not shared and kb > _MAX_K_BLOCK
+        qty = _shared_quad(group_rows) if shared else _WIDE_QUAD if wide else _QUAD
         if self._data_key is not None:
             data = kcache.load_arrays(self._data_key, {"index": np.int32, "entries": np.uint8,
                                                        "row_nnz": np.int64})  # fmt: skip
@@ -1810,7 +1863,7 @@ class SparseLinearKernel:
         if data_hit:
             self._csr = _CsrBlocks(kb, n_blocks, np.ascontiguousarray(data["index"]),
                                    np.ascontiguousarray(data["entries"]), data["row_nnz"],
-                                   row_bytes, group_rows, V, shared, sort_span)  # fmt: skip
+                                   row_bytes, group_rows, V, shared, sort_span, wide)  # fmt: skip
             self._spmv_arrays = {
                 name[5:]: a for name, a in data.items() if name.startswith("spmv_")
             }
@@ -1837,8 +1890,8 @@ class SparseLinearKernel:
 
         # stage output tiles when Y's row stride would thrash L1 sets (see _emit_staged_store)
         self._stage_cols = _STAGE_COLS if (n >= 2 * _STAGE_COLS and _row_sets(n) <= 2) else 0
-        key = (nv, group_rows, sort_span, shared, bool(self._stage_cols), n_blocks == 1, activation,
-               bias is not None, target)  # fmt: skip
+        key = (nv, group_rows, sort_span, shared, wide, bool(self._stage_cols), n_blocks == 1,
+               activation, bias is not None, target)  # fmt: skip
         with _code_cache_lock:
             code_known = key in _code_cache
         self._jit, self._fn, self._helpers = _compiled_code(key, self.name)

@@ -465,6 +465,8 @@ def _chain_sparse_linears(steps: list[Step], outputs: set[int], ctx,
             or id(first) in chained
             or not _is_sparse_linear(first, ctx)
             or not _is_sparse_linear(second, ctx)
+            # (the intermediate passes in the kernels' panel layout: panels of one width)
+            or ctx.kernels[first.node.name].tile_tokens != ctx.kernels[second.node.name].tile_tokens
             or readers.get(second.inputs[0]) != 1
             or second.inputs[0] in outputs
         ):

@@ -51,6 +51,22 @@ def test_chain_equals_the_two_kernels(shape, m, threads, activation, isa, seed):
     np.testing.assert_array_equal(y, second(first(x)))
 
 
+def test_panels_of_different_widths_do_not_chain():
+    """A 98% layer runs 32-token panels (AVX-512), a 90% one 64: their panel layouts differ,
+    so they do not chain; two 98% layers do, bitwise as the two kernels."""
+    rng = np.random.default_rng(11)
+    first, second = pair(rng, 600, 512, 96, ISAS[0], sparsity=0.98)
+    x = rng.standard_normal((150, 600)).astype(np.float32)
+    y, _ = SparseChain(first, second)(x, 2)
+    np.testing.assert_array_equal(y, second(first(x)))
+    w = rng.standard_normal((512, 96)).astype(np.float32)
+    w[rng.random((512, 96)) < 0.9] = 0.0
+    other = compile_sparse_linear(w, target=host_target(ISAS[0]))
+    if other.tile_tokens != first.tile_tokens:
+        with pytest.raises(ValueError, match="panels differ"):
+            SparseChain(first, other)
+
+
 def test_block_pruned_weights_and_shared_rows():
     rng = np.random.default_rng(3)
     first, second = pair(rng, 128, 256, 64, ISAS[0], block=4)

@@ -97,6 +97,7 @@ TUNINGS = [
     SpmmTuning(vectors_per_panel=3, k_block_bytes=1),  # K-blocks of V columns: many blocks
     SpmmTuning(vectors_per_panel=2, k_block_bytes=16 * 1024),
     SpmmTuning(group_rows=2, sort_span=32, k_block_bytes=1),  # pairs, rows sorted in 32s
+    SpmmTuning(sparsest_vectors_per_panel=None),  # 64-token panels at every density
 ]
 
 
@@ -164,6 +165,44 @@ def test_sparse_k_blocked_large_k():
     x = rng.standard_normal((70, 3072)).astype(np.float32)
     assert_close(kern(x), x, w, bias, "relu")
     assert_close(kern(x, num_threads=2), x, w, bias, "relu")
+
+
+@pytest.mark.parametrize("k,n", [(1000, 70), (3072, 96), (700, 33)])
+def test_sparsest_weights_take_narrow_panels_and_deep_k_blocks(k, n):
+    """At <= 3.5% density on AVX-512, 32-token panels in K-blocks of more than 256 columns
+    (16-bit k): several blocks, tails of tokens and rows, both thread counts, every epilogue."""
+    rng = np.random.default_rng(k + n)
+    w = random_weight(rng, k, n, 0.98, empty_cols=0.1)
+    bias = rng.standard_normal(n).astype(np.float32)
+    for activation in ("none", "gelu"):
+        kern = compile_sparse_linear(w, bias, activation)
+        if host_target().isa == "avx512":
+            assert kern.tile_tokens == 32 and kern._csr.wide
+            assert 256 < kern.k_block < k and kern._csr.n_blocks > 1
+        np.testing.assert_array_equal(kern.dense_weight(), w)
+        for m in (1, 9, 31, 32, 33, 100, 257):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            for threads in (1, 2):
+                assert_close(kern(x, num_threads=threads), x, w, bias, activation)
+
+
+def test_sparsest_plan_only_below_its_density_and_without_shared_rows():
+    """90% keeps 64-token panels of 8-bit k; weights pruned in 1x4 blocks keep the shared-rows
+    variant (8-bit k) at any density; an explicit K-block size keeps the caller's panels."""
+    rng = np.random.default_rng(5)
+    if host_target().isa != "avx512":
+        pytest.skip("the narrow-panel plan is AVX-512 only")
+    dense90 = compile_sparse_linear(random_weight(rng, 600, 64, 0.9))
+    assert dense90.tile_tokens == 64 and not dense90._csr.wide
+    blocks = rng.standard_normal((600, 64)).astype(np.float32)
+    blocks[rng.random((600, 16)).repeat(4, axis=1) < 0.98] = 0.0
+    shared = compile_sparse_linear(blocks)
+    assert shared.shared_rows == 4 and shared.tile_tokens == 64 and not shared._csr.wide
+    x = rng.standard_normal((70, 600)).astype(np.float32)
+    assert_close(shared(x), x, blocks, None, "none")
+    explicit = compile_sparse_linear(random_weight(rng, 600, 64, 0.99),
+                                     tuning=SpmmTuning(k_block_bytes=40 * 1024))  # fmt: skip
+    assert explicit.tile_tokens == 64 and not explicit._csr.wide
 
 
 def test_sparse_all_zero_weight_gives_activation_of_bias():
@@ -643,6 +682,19 @@ def test_csr_entries_round_trip(group_rows, sort_span):
         # sorted: within each unit, the groups' longest members never grow
         per_unit = counts[rows].max(axis=1).reshape(-1, unit // group_rows)
         assert (np.diff(per_unit, axis=1) <= 0).all()
+
+
+def test_wide_csr_entries_round_trip():
+    """K-blocks of more than 256 columns store 16-bit k (24-byte quads) and decode back."""
+    rng = np.random.default_rng(9)
+    w = random_weight(rng, 700, 21, 0.9)
+    csr = spmm._build_csr(w, 320, 3, 128, tile_rows=16, group_rows=4, sort_span=32)
+    assert csr.wide and csr.quad.itemsize == 24 and len(csr.entries) % 24 == 0
+    o, k, v = csr.triplets()
+    dense = np.zeros((21, 700), np.float32)
+    dense[o, k] = v
+    np.testing.assert_array_equal(dense, w.T)
+    assert not spmm._build_csr(w, 256, 3, 128, tile_rows=16, group_rows=4).wide
 
 
 # ---- the SpMV variant (few tokens, AVX-512) --------------------------------------------------

@@ -165,12 +165,12 @@ def test_profiling_reports_time_per_node():
     assert linear.useful_flops == 2 * 2 * np.count_nonzero(W) * 3
 
 
-def feed_forward_model(k=32, n_mid=128, n=24, seed=1):
+def feed_forward_model(k=32, n_mid=128, n=24, seed=1, sparsity=(0.9, 0.9)):
     """y = relu(x @ W1 + B1) @ W2 + B2, both weights 90% zeros: a chain of sparse Linears."""
     r = np.random.default_rng(seed)
     w1, w2 = r.standard_normal((k, n_mid)), r.standard_normal((n_mid, n))
-    w1[r.random(w1.shape) < 0.9] = 0
-    w2[r.random(w2.shape) < 0.9] = 0
+    w1[r.random(w1.shape) < sparsity[0]] = 0
+    w2[r.random(w2.shape) < sparsity[1]] = 0
     consts = {"W1": w1, "B1": r.standard_normal(n_mid), "W2": w2, "B2": r.standard_normal(n)}
     nodes = [
         helper.make_node("MatMul", ["x", "W1"], ["h1"]),
@@ -213,6 +213,24 @@ def test_chained_sparse_linears_match_the_steps_apart():
         and np.isnan(y[150]).all()
         and np.isfinite(np.delete(y, [7, 150], 0)).all()
     )
+
+
+def test_sparse_linears_of_different_panel_widths_run_apart():
+    """A 99% layer (32-token panels on AVX-512) before a 90% one (64): not chained, since
+    their panel layouts differ; the run still matches the reference."""
+    model, c = feed_forward_model(k=600, n_mid=256, n=40, sparsity=(0.99, 0.9))
+    session = sparsednn.InferenceSession(model.SerializeToString(),
+                                         sparsednn.SessionOptions(intra_op_num_threads=2))  # fmt: skip
+    first, second = (session.kernels[n.name] for n in session.graph.nodes if n.op == "Linear")
+    chained = any(len(step.inputs) == 1 and step.node.op == "Linear" and step.inputs[0] ==
+                  session._input_slots["x"] and step.outputs[0] == session._output_slots_by_name["y"]
+                  for step in session._steps)  # fmt: skip
+    assert chained == (first.tile_tokens == second.tile_tokens)
+    for batch in (1, 70, 300):
+        x = rng.standard_normal((batch, 600)).astype(np.float32)
+        y = session.run(None, {"x": x})[0]
+        ref = np.maximum(x @ c["W1"] + c["B1"], 0) @ c["W2"] + c["B2"]
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
 
 
 def residual_norm_model(two=True, k=32, seed=2):
