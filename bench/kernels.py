@@ -244,8 +244,9 @@ def main(argv=None) -> int:
             print(f"# warning: {var}={os.environ[var]} is set: numpy's BLAS may run a slow kernel")
     print(
         f"# epilogue: {'bias + ' if args.bias else ''}{args.activation}; weights: {args.weights}; "
-        f"times are medians (the first {args.settle * 1e3:g} ms of each burst untimed); GF/s = useful 2*nnz*M/time of the sparse kernel; %peak = that over "
-        "the dense GEMM peak with the same threads; dense = numpy matmul (+ epilogue)"
+        f"times are medians (the first {args.settle * 1e3:g} ms of each burst untimed); GF/s = "
+        "useful 2*nnz*M/time of the sparse kernel; %peak = that over the dense GEMM peak with "
+        "the same threads; dense = numpy matmul (+ epilogue)"
     )
     peaks = {nt: dense_peak_gflops(nt) for nt in threads}
     print(

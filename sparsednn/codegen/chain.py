@@ -47,7 +47,7 @@ from sparsednn.codegen.spmm import (
 from sparsednn.codegen.target import Target
 from sparsednn.runtime.threads import parallel_for, parallel_native, thread_scratch
 
-CHUNK = 64  # tokens per chunk: one panel of the AVX-512 kernels
+CHUNK = 64  # tokens per chunk: one panel of the AVX-512 kernels (two of the sparsest weights')
 
 _ARGS = ("x", "m", "y", "k", "n_mid", "n_out", "a_fn", "a_index", "a_entries", "a_bias",
          "b_fn", "b_index", "b_entries", "b_bias", "scratch", "mid_offset", "probe",
