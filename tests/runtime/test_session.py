@@ -166,7 +166,8 @@ def test_profiling_reports_time_per_node():
 
 
 def feed_forward_model(k=32, n_mid=128, n=24, seed=1, sparsity=(0.9, 0.9)):
-    """y = relu(x @ W1 + B1) @ W2 + B2, both weights 90% zeros: a chain of sparse Linears."""
+    """y = relu(x @ W1 + B1) @ W2 + B2, the weights 90% zeros unless told: a chain of sparse
+    Linears."""
     r = np.random.default_rng(seed)
     w1, w2 = r.standard_normal((k, n_mid)), r.standard_normal((n_mid, n))
     w1[r.random(w1.shape) < sparsity[0]] = 0
