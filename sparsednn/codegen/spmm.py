@@ -170,7 +170,6 @@ class _CsrBlocks:
     tile_rows: int  # V
     shared: bool = False  # the R rows of every group have the same nonzero columns (below)
     sort_span: int = 0  # S (0: V), a multiple of V; the last K-block sorts within V rows
-    wide: bool = False  # 16-bit k (_WIDE_QUAD): K-blocks of more than 256 columns
 
     @property
     def sort_unit(self) -> int:
@@ -181,10 +180,13 @@ class _CsrBlocks:
         return self.tile_rows if b == self.n_blocks - 1 else self.sort_unit
 
     @property
+    def wide(self) -> bool:
+        """16-bit k (_WIDE_QUAD): K-blocks of more than 256 columns."""
+        return not self.shared and self.k_block > _MAX_K_BLOCK
+
+    @property
     def quad(self) -> np.dtype:
-        if self.shared:
-            return _shared_quad(self.group_rows)
-        return _WIDE_QUAD if self.wide else _QUAD
+        return _quad_type(self.group_rows, self.shared, self.wide)
 
     @property
     def n_groups(self) -> int:
@@ -246,6 +248,13 @@ _MAX_K_BLOCK = 1 << 8  # k within a block is a uint8
 _WIDE_QUAD = np.dtype([("k", "<u2", (4,)), ("w", "<u4", (4,))])
 assert _WIDE_QUAD.itemsize == 24
 _MAX_WIDE_K_BLOCK = 1 << 10
+
+
+def _quad_type(group_rows: int, shared: bool, wide: bool) -> np.dtype:
+    """The dtype of one quad of entries (see _CsrBlocks)."""
+    if shared:
+        return _shared_quad(group_rows)
+    return _WIDE_QUAD if wide else _QUAD
 
 
 def _stable_order(keys: np.ndarray) -> np.ndarray:
@@ -344,7 +353,7 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
     k, n = weight.shape
     R, S = group_rows, sort_span or tile_rows
     wide = k_block > _MAX_K_BLOCK
-    qty = _WIDE_QUAD if wide else _QUAD
+    qty = _quad_type(group_rows, False, wide)
     n_pad = _round_up(max(n, 1), S)
     G = n_pad // R
     wt = weight.T  # [N, K], a view: indexing it costs less than a transposed copy (~7 ms)
@@ -403,7 +412,6 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
         group_rows=R,
         tile_rows=tile_rows,
         sort_span=S,
-        wide=wide,
     )
 
 
@@ -502,7 +510,7 @@ class _SpmmEmitter:
         self.staged = staged
         self.one_block = one_block
         self.wide = wide  # 16-bit k (_WIDE_QUAD)
-        self.quad_type = _shared_quad(group_rows) if shared else _WIDE_QUAD if wide else _QUAD
+        self.quad_type = _quad_type(group_rows, shared, wide)
         # A page of zeros standing in for the rows of X past M when packing a tail panel.
         zty = ir.ArrayType(U.f32, _MAX_WIDE_K_BLOCK if wide else _MAX_K_BLOCK)
         self.zeros = ir.GlobalVariable(module, zty, name="zero_rows")
@@ -1847,8 +1855,8 @@ class SparseLinearKernel:
                                            row_bytes, V, sort_span, group_rows, shared,
                                            _weight_digest(weight))  # fmt: skip
         data = None
-        wide = not shared and kb > _MAX_K_BLOCK
-        qty = _shared_quad(group_rows) if shared else _WIDE_QUAD if wide else _QUAD
+        wide = not shared and kb > _MAX_K_BLOCK  # (as _CsrBlocks.wide)
+        qty = _quad_type(group_rows, shared, wide)
         if self._data_key is not None:
             data = kcache.load_arrays(self._data_key, {"index": np.int32, "entries": np.uint8,
                                                        "row_nnz": np.int64})  # fmt: skip
@@ -1863,7 +1871,7 @@ class SparseLinearKernel:
         if data_hit:
             self._csr = _CsrBlocks(kb, n_blocks, np.ascontiguousarray(data["index"]),
                                    np.ascontiguousarray(data["entries"]), data["row_nnz"],
-                                   row_bytes, group_rows, V, shared, sort_span, wide)  # fmt: skip
+                                   row_bytes, group_rows, V, shared, sort_span)  # fmt: skip
             self._spmv_arrays = {
                 name[5:]: a for name, a in data.items() if name.startswith("spmv_")
             }
