@@ -84,7 +84,7 @@ def code_version() -> str:
         h = hashlib.sha256()
         # (attention.py and norm.py key their code with their own digest, pool.py too)
         sources = ("spmm.py", "epilogue.py", "irutil.py", "jit.py", "target.py", "cache.py",
-                   "elf_loader.py", "gemm.py", "chain.py", "gelu_table.py")  # fmt: skip
+                   "elf_loader.py", "gemm.py", "chain.py", "gelu_table.py", "pyentry.py")  # fmt: skip
         for name in sources:
             try:
                 h.update((here / name).read_bytes())

@@ -14,6 +14,8 @@ Pool state: an array of i64, fields on separate cache lines (indices below).
     done    tasks finished in the current dispatch (its low 32 bits: the dispatcher's futex)
     dwait   1 while the dispatcher sleeps on `done` (after spinning SPIN cycles for it): a
             worker finishing a task then wakes it
+    busy    1 while a dispatcher owns the pool (pool_try_lock): Python's dispatches and the
+            native entry points (codegen/pyentry.py) take turns through it
 
 A claim succeeds only while the claim word still carries the generation the claimer saw, so a
 worker late from one dispatch can never take a task of the next; fn and ctx are read after a
@@ -27,9 +29,9 @@ from llvmlite import ir
 
 from sparsednn.codegen.irutil import i32, i64, void
 
-GEN, DONE, SLEEPERS, STOP, FN, CTX, NWORKERS, SYSCALL, SPIN, CLAIM, DWAIT = (
-    0, 8, 16, 24, 32, 33, 34, 35, 36, 40, 48)  # fmt: skip
-STATE_WORDS = 56
+GEN, DONE, SLEEPERS, STOP, FN, CTX, NWORKERS, SYSCALL, SPIN, CLAIM, DWAIT, BUSY = (
+    0, 8, 16, 24, 32, 33, 34, 35, 36, 40, 48, 56)  # fmt: skip
+STATE_WORDS = 64
 MAX_TASKS = 255
 
 SYS_FUTEX, SYS_GETTID = 202, 186
@@ -120,7 +122,10 @@ def _emit_run_claimed(mod: ir.Module) -> ir.Function:
 
 
 def emit_pool(mod: ir.Module) -> None:
-    """worker_loop(state*, w), pool_run(state*, task, ctx, n), read_tsc(), gettid_task(ctx, i)."""
+    """worker_loop(state*, w); pool_run(state*, task, ctx, n) -> 1, or 0 (nothing run) while
+    another dispatch owns the pool or it is stopped; pool_try_lock(state*) -> 1/0,
+    pool_dispatch(state*, task, ctx, n) (the lock held), pool_unlock(state*); pool_stop;
+    read_tsc(); gettid_task(ctx, i); noop_task(ctx, i)."""
     run_claimed = _emit_run_claimed(mod)
 
     # ---- worker_loop -----------------------------------------------------------------------
@@ -189,8 +194,9 @@ def emit_pool(mod: ir.Module) -> None:
     b.position_at_end(exit_)
     b.ret_void()
 
-    # ---- pool_run ----------------------------------------------------------------------------
-    f = ir.Function(mod, ir.FunctionType(void, [i64p, i64, i64, i64]), "pool_run")
+    # ---- pool_dispatch: publish, wake, run a share, wait for the rest (the lock held) -------
+    f = ir.Function(mod, ir.FunctionType(void, [i64p, i64, i64, i64]), "pool_dispatch")
+    dispatch = f
     state, task_addr, ctx_addr, n = f.args
     b = ir.IRBuilder(f.append_basic_block("entry"))
     c = _Ctx(b, state)
@@ -240,6 +246,47 @@ def emit_pool(mod: ir.Module) -> None:
     b.branch(spin)
     b.position_at_end(out)
     b.ret_void()
+
+    # ---- pool_try_lock / pool_unlock -----------------------------------------------------------
+    f = ir.Function(mod, ir.FunctionType(i64, [i64p]), "pool_try_lock")
+    try_lock = f
+    b = ir.IRBuilder(f.append_basic_block("entry"))
+    c = _Ctx(b, f.args[0])
+    got = b.extract_value(b.cmpxchg(c.field(BUSY), _c(0), _c(1), "acquire", "monotonic"), 1)
+    locked = f.append_basic_block("locked")
+    fail = f.append_basic_block("fail")
+    b.cbranch(got, locked, fail)
+    b.position_at_end(locked)
+    stopped = b.icmp_unsigned("!=", b.load_atomic(c.field(STOP), "acquire", 8), _c(0))
+    release = f.append_basic_block("release")
+    ok = f.append_basic_block("ok")
+    b.cbranch(stopped, release, ok)
+    b.position_at_end(release)
+    b.store_atomic(_c(0), c.field(BUSY), "release", 8)
+    b.branch(fail)
+    b.position_at_end(ok)
+    b.ret(_c(1))
+    b.position_at_end(fail)
+    b.ret(_c(0))
+
+    f = ir.Function(mod, ir.FunctionType(void, [i64p]), "pool_unlock")
+    unlock = f
+    b = ir.IRBuilder(f.append_basic_block("entry"))
+    b.store_atomic(_c(0), _Ctx(b, f.args[0]).field(BUSY), "release", 8)
+    b.ret_void()
+
+    # ---- pool_run: the three above in one call ---------------------------------------------------
+    f = ir.Function(mod, ir.FunctionType(i64, [i64p, i64, i64, i64]), "pool_run")
+    b = ir.IRBuilder(f.append_basic_block("entry"))
+    run = f.append_basic_block("run")
+    busy = f.append_basic_block("busy")
+    b.cbranch(b.icmp_unsigned("!=", b.call(try_lock, [f.args[0]]), _c(0)), run, busy)
+    b.position_at_end(run)
+    b.call(dispatch, list(f.args))
+    b.call(unlock, [f.args[0]])
+    b.ret(_c(1))
+    b.position_at_end(busy)
+    b.ret(_c(0))
 
     # ---- pool_stop: stop flag, new generation, wake all ---------------------------------------
     f = ir.Function(mod, ir.FunctionType(void, [i64p]), "pool_stop")

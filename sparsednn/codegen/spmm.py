@@ -38,7 +38,7 @@ import numpy as np
 from llvmlite import ir
 
 from sparsednn.codegen import cache as kcache
-from sparsednn.codegen import gemm, jit
+from sparsednn.codegen import gemm, jit, pyentry
 from sparsednn.codegen import irutil as U
 from sparsednn.codegen.epilogue import Epilogue
 from sparsednn.codegen.jit import llvm
@@ -1927,6 +1927,7 @@ class SparseLinearKernel:
         if self.spmv_max_m:
             self._spmv_code = self._spmv_compiled()
             self.cache_hit = self.cache_hit and (code_known or self._spmv_code[0].from_cache)
+        self._entry = self._entry_point()
         self.compile_seconds = time.perf_counter() - t_start
 
     @property
@@ -1958,6 +1959,36 @@ class SparseLinearKernel:
         )
         stage = tn * _SpmmEmitter.STAGE_STRIDE if self._stage_cols else 0  # (see _emit_panel)
         return self._csr.k_block * tn + partial_rows * tn + stage
+
+    # -- the native entry point (codegen/pyentry.py) -----------------------------------------
+
+    def _entry_point(self):
+        """The kernel's native entry point, or None (not available in this process): its
+        scratch holds the panel kernel's or the SpMV kernel's, then the probe of a call."""
+        spmv = max(_SPMV_GROUPS) * _round_up(max(self.in_features, 1), SPMV_CHUNK) + 64
+        self._entry_floats = max(self._scratch_full, spmv if self.spmv_max_m else 0) + 16
+        self._entry_keys: set = set()
+        if not (self.in_features and self.out_features and pyentry.available()):
+            return None
+        return pyentry.SpmmEntry(self.in_features, self.out_features, self._fn_addr,
+                                 self._ptrs, 4 * (self._entry_floats - 16), self.spmv_max_m)  # fmt: skip
+
+    def _add_entry_plan(self, key, m: int, num_threads: int, plan) -> None:
+        """Teach the entry point a call shape the Python path has just planned."""
+        threads, tasks, dispatch, layout = plan
+        if threads == 1:
+            done = self._entry.add_plan(m, num_threads, layout)
+        elif dispatch is None:  # (no native pool: the Python path splits the call)
+            done = True
+        else:
+            prepared = dispatch.native_copy()
+            if prepared is None:
+                return  # (the pool was busy: the next call of this shape tries again)
+            pool, tramp, ctx = prepared
+            offsets = [(xo, yo) for xo, _, yo, _, _ in tasks]
+            done = self._entry.add_plan(m, num_threads, layout, offsets, pool, ctx, tramp)
+        if done:
+            self._entry_keys.add(key)
 
     # -- the SpMV variant (few tokens) --------------------------------------------------------
 
@@ -2013,6 +2044,8 @@ class SparseLinearKernel:
             ptrs = (params.ctypes.data,)
             self._spmv = sp = (fn, ptrs, n_slices, max(_SPMV_GROUPS) * kp + 64, layout, jm, bias,
                                params)  # fmt: skip
+            if self._entry is not None:
+                self._entry.set_spmv(_fn_address(fn), params.ctypes.data, n_slices)
             return sp
 
     @property
@@ -2102,6 +2135,13 @@ class SparseLinearKernel:
     def __call__(
         self, x: np.ndarray, out: np.ndarray | None = None, num_threads: int = 1
     ) -> np.ndarray:
+        entry = self._entry  # the native entry point runs the call shapes it knows
+        if entry is not None:
+            if out is None:
+                out = self._new_output(x)
+            if out is not None and entry.call(x, out, num_threads,
+                                              thread_scratch(self._entry_floats)) is not None:  # fmt: skip
+                return out
         # One thread and a few tokens: the SpMV call without the general path's layers (it
         # takes ~5 us at M = 1, where those cost ~1 us); a given output only when it is what
         # the full checks would accept, and apart from x.
@@ -2132,9 +2172,23 @@ class SparseLinearKernel:
     ) -> tuple[np.ndarray, bool | None]:
         """(the product, whether X held a NaN or an infinity): the panel kernel finds out while
         packing X, for free; None when the call did not look (the SpMV variant, M <= 8)."""
+        entry = self._entry
+        if entry is not None:
+            if out is None:
+                out = self._new_output(x)
+            if out is not None:
+                ran = entry.call(x, out, num_threads, thread_scratch(self._entry_floats))
+                if ran is not None:
+                    return out, (None if ran == 2 else ran == 0)
         y, probe = self._run(x, out, num_threads)
         # (a task's probe is NaN when its part of X was not finite; a list beats numpy here)
         return y, (None if probe is None else any(map(math.isnan, probe.tolist())))
+
+    def _new_output(self, x) -> np.ndarray | None:
+        """A new output for x when x looks like a valid input (else None: the checks say why)."""
+        if type(x) is np.ndarray and x.ndim == 2 and x.shape[0]:
+            return _new_out(x.shape[0], self.out_features)[0]
+        return None
 
     def _run(self, x, out, num_threads) -> tuple[np.ndarray, np.ndarray | None]:
         k, n = self.in_features, self.out_features
@@ -2156,6 +2210,8 @@ class SparseLinearKernel:
         plan = self._token_plans.get(plan_key)
         if plan is None:
             plan = self._token_plans[plan_key] = self._token_plan(m, num_threads)
+        if self._entry is not None and plan_key not in self._entry_keys:
+            self._add_entry_plan(plan_key, m, num_threads, plan)
         threads, tasks, dispatch, layout = plan
         probe = np.empty(threads, _F32)  # one per task
         p_addr = _addr(probe)

@@ -102,14 +102,22 @@ class _NativePool:
         self._hz = self._tsc_hz()
         self.set_spin_us(SPIN_US)
         self._run = ctypes.CFUNCTYPE(
-            None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64
+            ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64
         )(addr("pool_run"))
+        # for native callers that hold the pool across their own steps (codegen/pyentry.py)
+        self.try_lock_addr = addr("pool_try_lock")
+        self.dispatch_addr = addr("pool_dispatch")
+        self.unlock_addr = addr("pool_unlock")
+        self._try_lock = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(self.try_lock_addr)
         self._stop = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(addr("pool_stop"))
         self._loop = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(addr("worker_loop"))
         self.noop_task = addr("noop_task")
         self.gettid_task = addr("gettid_task")
         self._tramps: dict = dict(self._tramps_init)
         self._scratch: list = []
+        # buffers a slot outgrew: native entry points may still hold their addresses (their
+        # plans are built once), so they stay allocated
+        self._retired: list = []
         self.scratch_generation = 0  # counts reallocations of the slots' buffers
         self.threads = [
             threading.Thread(
@@ -182,18 +190,25 @@ class _NativePool:
             self._scratch.append(None)
         s = self._scratch[slot]
         if s is None or s[1] < n_floats:
+            if s is not None:
+                self._retired.append(s)
             s = self._scratch[slot] = aligned_floats(n_floats)
             self.scratch_generation += 1
         return s[0]
 
-    def run(self, task_addr: int, ctx_addr: int, n: int) -> None:
-        self._run(self.state_addr, task_addr, ctx_addr, n)
+    def run(self, task_addr: int, ctx_addr: int, n: int) -> bool:
+        """task(ctx, i) for i in [0, n) on the pool; False (nothing run) while a native entry
+        point's dispatch owns it."""
+        return bool(self._run(self.state_addr, task_addr, ctx_addr, n))
 
     def shutdown(self) -> None:
         if self.stopped:
             return
         self.stopped = True
-        self._stop(self.state_addr)
+        deadline = time.monotonic() + 5.0  # let a native dispatch in flight finish first
+        while not self._try_lock(self.state_addr) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        self._stop(self.state_addr)  # (the lock stays held: no dispatch after this)
         for t in self.threads:
             t.join(timeout=5.0)
 
@@ -332,6 +347,21 @@ class PreparedDispatch:
         self._tramp = p.trampoline(self._kinds)
         self._pool, self._generation = p, p.scratch_generation
 
+    def native_copy(self):
+        """(pool, trampoline address, a new argument block of these rows) for a native caller
+        that dispatches them itself (codegen/pyentry.py: it owns the pool through
+        pool_try_lock while it writes the varying columns and runs), or None: the pool is off
+        or busy now."""
+        p = _acquire(self.n)
+        if p is None:
+            return None
+        try:
+            ctx = _argument_block(p, self._head, len(self._kinds), self._scratch_col,
+                                  self._scratch_floats)  # fmt: skip
+            return p, p.trampoline(self._kinds), ctx
+        finally:
+            _dispatch_lock.release()
+
     def run(self, values) -> bool:
         """The kernel over every row, the varying columns set to `values` (task by task);
         False (nothing run) if the pool is disabled or busy."""
@@ -344,8 +374,7 @@ class PreparedDispatch:
             ctx = self._ctx
             for i, v in zip(self.positions, values):
                 ctx[i] = v
-            p.run(self._tramp, self._ctx_addr, self.n)
-            return True
+            return p.run(self._tramp, self._ctx_addr, self.n)
         finally:
             _dispatch_lock.release()
 
@@ -356,8 +385,7 @@ def run_tasks(task_addr: int, ctx_addr: int, n: int) -> bool:
     if p is None:
         return False
     try:
-        p.run(task_addr, ctx_addr, n)
-        return True
+        return p.run(task_addr, ctx_addr, n)
     finally:
         _dispatch_lock.release()
 
@@ -383,7 +411,6 @@ def run_kernel(fn_addr: int, kinds: str, rows, scratch_col: int = -1,
                               scratch_floats)  # fmt: skip
         if len(ctx) != 1 + n * len(kinds):
             raise ValueError(f"run_kernel: rows must have {len(kinds)} arguments each")
-        p.run(tramp, ctx.buffer_info()[0], n)
-        return True
+        return p.run(tramp, ctx.buffer_info()[0], n)
     finally:
         _dispatch_lock.release()
