@@ -45,12 +45,11 @@ DESC_WORDS = D_TABLE + TABLE
 
 # a plan: int64 words, then per task its X and Y byte offsets
 (P_M, P_THREADS, P_TASKS, P_LAYOUT, P_TRAMP, P_CTX, P_WIDTH, P_PROBES, P_POOL, P_TRY_LOCK,
- P_DISPATCH, P_UNLOCK) = range(12)  # fmt: skip
-P_OFFSETS = 12
+ P_DISPATCH, P_UNLOCK, P_COL_X, P_COL_Y, P_COL_PROBE) = range(15)  # fmt: skip
+P_OFFSETS = 16
 
-# the panel kernel's arguments (codegen/spmm.py _KERNEL_ARGS): the columns a call sets
+# the panel kernel's arguments (codegen/spmm.py _KERNEL_ARGS)
 KERNEL_ARGS = 11
-COL_X, COL_Y, COL_PROBE = 0, 2, 9
 
 _i8p = ir.PointerType(ir.IntType(8))
 _i64p = ir.PointerType(i64)
@@ -197,13 +196,14 @@ def _emit(mod: ir.Module) -> None:
     save = fn(word(desc, D_SAVE), _i8p, [])
     restore = fn(word(desc, D_RESTORE), ir.VoidType(), [_i8p])
 
-    # few tokens: the SpMV kernel, one thread
+    # few tokens (the SpMV kernel) on one thread: no plan needed
     spmv_bb = f.append_basic_block("spmv")
-    panel_bb = f.append_basic_block("panel")
-    b.cbranch(b.icmp_signed("<=", m, word(desc, D_SPMV_MAX_M)), spmv_bb, panel_bb)
+    panel_bb = f.append_basic_block("plans")
+    few = b.icmp_signed("<=", m, word(desc, D_SPMV_MAX_M))
+    b.cbranch(b.and_(few, b.icmp_signed("==", nt, c(1))), spmv_bb, panel_bb)
     b.position_at_end(spmv_bb)
     spmv = word(desc, D_SPMV_FN)
-    check(b.and_(b.icmp_signed("==", nt, c(1)), b.icmp_signed("!=", spmv, c(0))), "spmv_ready")
+    check(b.icmp_signed("!=", spmv, c(0)), "spmv_ready")
     spmv_fn = fn(spmv, ir.VoidType(), [i64] * 7)
     ts = b.call(save, [])
     b.call(spmv_fn, [xa, m, ya, c(0), word(desc, D_SPMV_SLICES), word(desc, D_SPMV_PARAMS),
@@ -211,7 +211,8 @@ def _emit(mod: ir.Module) -> None:
     b.call(restore, [ts])
     returning(D_RET2)
 
-    # the panel kernel: the plan of (m, nt) from the table (open addressing, never deleted)
+    # else the plan of (m, nt) from the table (open addressing, never deleted): one task (the
+    # SpMV or the panel kernel, as m says) on this thread, or several on the pool
     b.position_at_end(panel_bb)
     table = b.gep(desc, [c(D_TABLE)], inbounds=True)
     start = b.urem(b.add(b.mul(m, c(31)), nt), c(TABLE))  # (as in SpmmEntry.add_plan)
@@ -236,9 +237,12 @@ def _emit(mod: ir.Module) -> None:
     b.position_at_end(hit_bb)
     kernel = fn(word(desc, D_FN), ir.VoidType(), [i64] * KERNEL_ARGS)
     tasks = word(rec, P_TASKS)
+    direct_bb = f.append_basic_block("direct")
     one_bb = f.append_basic_block("one_thread")
     pool_bb = f.append_basic_block("pool")
-    b.cbranch(b.icmp_signed("==", tasks, c(1)), one_bb, pool_bb)
+    b.cbranch(b.icmp_signed("==", tasks, c(1)), direct_bb, pool_bb)
+    b.position_at_end(direct_bb)
+    b.cbranch(few, spmv_bb, one_bb)
 
     def finite_result(probes, count):  # 1 if no probe is NaN, else 0
         loop = f.append_basic_block("probes")
@@ -296,15 +300,27 @@ def _emit(mod: ir.Module) -> None:
     row = b.add(b.mul(t, width), c(1))
     xo = word(rec, b.add(c(P_OFFSETS), b.mul(t, c(2))))
     yo = word(rec, b.add(c(P_OFFSETS + 1), b.mul(t, c(2))))
-    b.store(b.add(xa, xo), b.gep(ctx_p, [b.add(row, c(COL_X))], inbounds=True))
-    b.store(b.add(ya, yo), b.gep(ctx_p, [b.add(row, c(COL_Y))], inbounds=True))
-    b.store(b.add(probes, b.mul(t, c(4))), b.gep(ctx_p, [b.add(row, c(COL_PROBE))],
-                                                 inbounds=True))  # fmt: skip
-    t.add_incoming(b.add(t, c(1)), row_bb)
+    b.store(b.add(xa, xo), b.gep(ctx_p, [b.add(row, word(rec, P_COL_X))], inbounds=True))
+    b.store(b.add(ya, yo), b.gep(ctx_p, [b.add(row, word(rec, P_COL_Y))], inbounds=True))
+    probe_col_bb, row_end_bb = f.append_basic_block("probe_col"), f.append_basic_block("row_end")
+    b.cbranch(b.icmp_signed("!=", probes, c(0)), probe_col_bb, row_end_bb)  # (SpMV: none)
+    b.position_at_end(probe_col_bb)
+    b.store(b.add(probes, b.mul(t, c(4))),
+            b.gep(ctx_p, [b.add(row, word(rec, P_COL_PROBE))], inbounds=True))  # fmt: skip
+    b.branch(row_end_bb)
+    b.position_at_end(row_end_bb)
+    t.add_incoming(b.add(t, c(1)), row_end_bb)
     b.branch(rows_bb)
     b.position_at_end(rows_done)
     b.call(fn(word(rec, P_DISPATCH), ir.VoidType(), [i64] * 4),
            [state, word(rec, P_TRAMP), ctx, tasks])  # fmt: skip
+    probed_bb, unprobed_bb = f.append_basic_block("probed"), f.append_basic_block("unprobed")
+    b.cbranch(b.icmp_signed("==", probes, c(0)), unprobed_bb, probed_bb)
+    b.position_at_end(unprobed_bb)
+    b.call(fn(word(rec, P_UNLOCK), ir.VoidType(), [i64]), [state])
+    b.call(restore, [ts])
+    returning(D_RET2)
+    b.position_at_end(probed_bb)
     nan = finite_result(b.inttoptr(probes, ir.PointerType(f32)), tasks)
     b.call(fn(word(rec, P_UNLOCK), ir.VoidType(), [i64]), [state])  # (probes read first)
     b.call(restore, [ts])
@@ -379,12 +395,13 @@ class SpmmEntry:
         d[D_SPMV_PARAMS], d[D_SPMV_SLICES] = params_addr, n_slices
         d[D_SPMV_FN] = fn_addr  # last: the entry point takes it as the sign that all is set
 
-    def add_plan(self, m: int, num_threads: int, layout: int, tasks=(), pool=None,
-                 ctx=None, tramp: int = 0) -> bool:  # fmt: skip
-        """Make calls of m tokens with num_threads known: one direct call (no tasks), or
-        `tasks` ((x offset, y offset) each, in bytes) dispatched on `pool` through trampoline
-        `tramp` with argument block `ctx` (array('q'): [kernel, one row per task], the rows'
-        x, y and probe columns written per call). False: the table is full."""
+    def add_plan(self, m: int, num_threads: int, layout: int = 0, tasks=(), dispatch=None,
+                 columns: tuple = (0, 2, 9)) -> bool:  # fmt: skip
+        """Make calls of m tokens with num_threads known: one direct call of the panel kernel
+        (no tasks), or `tasks` ((x offset, y offset) each, in bytes) on the pool, dispatch =
+        (pool, trampoline address, argument block: array('q') [kernel, one row per task]),
+        each call writing the rows' columns (x, y, probe): the probe None for a kernel without
+        one (SpMV). False: the table is full."""
         d = self.desc
         slot = None
         for i in range(TABLE):
@@ -403,10 +420,15 @@ class SpmmEntry:
         rec[P_M], rec[P_THREADS], rec[P_TASKS], rec[P_LAYOUT] = m, num_threads, n_tasks, layout
         keep = [rec]
         if tasks:
-            probes = np.zeros(n_tasks, np.float32)
-            keep += [probes, ctx, pool]
-            rec[P_TRAMP], rec[P_CTX], rec[P_WIDTH] = tramp, ctx.buffer_info()[0], KERNEL_ARGS
-            rec[P_PROBES] = probes.ctypes.data
+            pool, tramp, ctx = dispatch
+            keep += [pool, ctx]
+            rec[P_TRAMP], rec[P_CTX] = tramp, ctx.buffer_info()[0]
+            rec[P_WIDTH] = (len(ctx) - 1) // n_tasks
+            rec[P_COL_X], rec[P_COL_Y] = columns[0], columns[1]
+            if columns[2] is not None:
+                probes = np.zeros(n_tasks, np.float32)
+                keep.append(probes)
+                rec[P_PROBES], rec[P_COL_PROBE] = probes.ctypes.data, columns[2]
             rec[P_POOL], rec[P_TRY_LOCK] = pool.state_addr, pool.try_lock_addr
             rec[P_DISPATCH], rec[P_UNLOCK] = pool.dispatch_addr, pool.unlock_addr
             rec[P_OFFSETS:] = np.asarray(tasks, np.int64).reshape(-1)

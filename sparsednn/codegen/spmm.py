@@ -1984,9 +1984,29 @@ class SparseLinearKernel:
             prepared = dispatch.native_copy()
             if prepared is None:
                 return  # (the pool was busy: the next call of this shape tries again)
-            pool, tramp, ctx = prepared
             offsets = [(xo, yo) for xo, _, yo, _, _ in tasks]
-            done = self._entry.add_plan(m, num_threads, layout, offsets, pool, ctx, tramp)
+            done = self._entry.add_plan(m, num_threads, layout, offsets, prepared,
+                                        columns=(0, 2, 9))  # fmt: skip
+        if done:
+            self._entry_keys.add(key)
+
+    def _add_entry_spmv_plan(self, key, m: int, num_threads: int, spans) -> None:
+        """Teach the entry point how the Python path splits an SpMV call over threads."""
+        if not spans:
+            done = self._entry.add_plan(m, num_threads)  # (one thread after all)
+        elif not native_pool_active():
+            done = True  # (the Python path splits the call)
+        else:
+            from sparsednn.runtime.native_pool import PreparedDispatch
+
+            fn, ptrs, _, scratch = self._spmv_state()[:4]
+            rows = [(0, m, 0, s, e, *ptrs, 0) for s, e in spans]
+            prepared = PreparedDispatch(_fn_address(fn), _SPMV_KINDS, rows, len(_SPMV_KINDS) - 1,
+                                        scratch).native_copy()  # fmt: skip
+            if prepared is None:
+                return  # (the pool was busy: the next call of this shape tries again)
+            done = self._entry.add_plan(m, num_threads, 0, [(0, 0)] * len(rows), prepared,
+                                        columns=(0, 2, None))  # fmt: skip
         if done:
             self._entry_keys.add(key)
 
@@ -2242,6 +2262,8 @@ class SparseLinearKernel:
             spans = self._token_plans.get(plan_key)
             if spans is None:
                 spans = self._token_plans[plan_key] = self._spmv_plan(m, num_threads)
+            if self._entry is not None and plan_key not in self._entry_keys:
+                self._add_entry_spmv_plan(plan_key, m, num_threads, spans)
         if not spans:
             fn(x_addr, m, y_addr, 0, n_slices, *ptrs, thread_scratch(scratch))
             return

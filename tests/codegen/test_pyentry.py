@@ -81,8 +81,7 @@ def test_entry_point_gives_the_python_paths_bits(k, n, m, sparsity, activation, 
     assert probe == want_probe
     out = np.full((m, n), np.nan, np.float32)
     ran = entry_ran(kernel, x, out, num_threads)
-    if num_threads == 1 or (m > kernel.spmv_max_m and native_pool_active()):  # (SpMV on the
-        # pool: the Python path)
+    if num_threads == 1 or native_pool_active():
         assert ran is not None
         assert np.array_equal(out, want, equal_nan=True)
     assert np.array_equal(kernel(x, num_threads=num_threads), want, equal_nan=True)
