@@ -2088,6 +2088,13 @@ class SparseLinearKernel:
     # The SpMV variant split by slices: 2 threads measured 1.05-1.13x from ~7 us of estimated
     # work (768x768 at 80% and M = 1: 1.05x; 768x3072 at 98%, 6.9 us: 1.11x; 4.5 us: 0.87x).
     _NS_PER_EXTRA_SPMV_THREAD_NATIVE = 7_000
+    # ... and through the kernel's native entry point (codegen/pyentry.py), which dispatches
+    # in ~1 us with no Python (stop 17, one thread against two, alternating in one process,
+    # the workers spinning as in a run): panels faster on two from ~5 us of work (768x768 at
+    # 98%, M = 9: 8.7 -> 5.0 us), SpMV from ~0.8 us estimated (768x768 at 99.5%, M = 1: 1.44
+    # -> 1.20 us; at 95%, 3.2 -> 2.1 us; 256x256 at 98%, 0.2 us estimated: 0.70 -> 0.72 us).
+    _NS_PER_EXTRA_THREAD_ENTRY = 1_500
+    _NS_PER_EXTRA_SPMV_THREAD_ENTRY = 400
 
     def _estimate_ns(self, m: int) -> float:
         V, tn = self.target.vector_width, self.tile_tokens
@@ -2104,7 +2111,8 @@ class SparseLinearKernel:
             est_ns = self._estimate_ns(m)
         per = self._NS_PER_EXTRA_THREAD
         if native_pool_active():
-            per = min(per, per_native or self._NS_PER_EXTRA_THREAD_NATIVE)
+            per = min(per, per_native or (self._NS_PER_EXTRA_THREAD_NATIVE if self._entry is None
+                                          else self._NS_PER_EXTRA_THREAD_ENTRY))  # fmt: skip
         return max(1, min(num_threads, int(est_ns // per)))
 
     def _token_plan(self, m: int, num_threads: int) -> tuple:
@@ -2281,7 +2289,8 @@ class SparseLinearKernel:
         state = self._spmv_state()
         n_slices, layout = state[2], state[4]
         est = layout.steps * m * self._NS_PER_SPMV_STEP
-        per_native = self._NS_PER_EXTRA_SPMV_THREAD_NATIVE
+        per_native = (self._NS_PER_EXTRA_SPMV_THREAD_NATIVE if self._entry is None
+                      else self._NS_PER_EXTRA_SPMV_THREAD_ENTRY)  # fmt: skip
         threads = min(self._useful_threads(m, num_threads, est, per_native), n_slices)
         if threads <= 1:
             return ()
