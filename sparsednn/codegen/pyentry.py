@@ -82,6 +82,8 @@ def _layout_holds() -> bool:
     ro = np.ones((4, 2), np.float32)
     ro.flags.writeable = False
     cases.append(ro)
+    if np.ndarray.__basicsize__ < A_FLAGS + 4:
+        return False
     for a in cases:
         o = id(a)
         if _read(o + OB_TYPE, ctypes.c_void_p) != id(np.ndarray):
@@ -90,10 +92,10 @@ def _layout_holds() -> bool:
             return False
         if _read(o + A_ND, ctypes.c_int32) != a.ndim:
             return False
-        dims = _read(o + A_DIMS, ctypes.c_void_p)
-        if tuple((ctypes.c_int64 * a.ndim).from_address(dims)) != a.shape:
-            return False
         if _read(o + A_DESCR, ctypes.c_void_p) != id(a.dtype):
+            return False
+        dims = _read(o + A_DIMS, ctypes.c_void_p)  # (dereferenced once the rest matched)
+        if not dims or tuple((ctypes.c_int64 * a.ndim).from_address(dims)) != a.shape:
             return False
         flags = _read(o + A_FLAGS, ctypes.c_int32)
         if bool(flags & C_CONTIGUOUS) != a.flags.c_contiguous:
@@ -182,16 +184,19 @@ def _emit(mod: ir.Module) -> None:
     overlap = b.and_(b.icmp_unsigned("<", xa, y_end), b.icmp_unsigned("<", ya, x_end))
     check(b.not_(overlap), "apart")
     as_ssize = fn(word(desc, D_AS_SSIZE), i64, [_i8p])
-    nt = b.call(as_ssize, [nt_obj])
-    scratch = b.call(as_ssize, [scratch_obj])
-    bad = b.or_(b.icmp_signed("<", nt, c(1)), b.icmp_signed("<", scratch, c(1)))
     cleared = f.append_basic_block("clear_error")
-    ints_ok = f.append_basic_block("ints")
-    b.cbranch(bad, cleared, ints_ok)
+    ints = []
+    for name, obj in (("threads", nt_obj), ("scratch", scratch_obj)):
+        ints.append(b.call(as_ssize, [obj]))  # (each checked before the next call)
+        ok_bb = f.append_basic_block(name)
+        b.cbranch(b.icmp_signed("<", ints[-1], c(1)), cleared, ok_bb)
+        b.position_at_end(ok_bb)
+    nt, scratch = ints
+    ints_bb = b.block
     b.position_at_end(cleared)  # (-1 may come with an OverflowError set: drop it)
     b.call(fn(word(desc, D_ERR_CLEAR), ir.VoidType(), []), [])
     b.branch(none_bb)
-    b.position_at_end(ints_ok)
+    b.position_at_end(ints_bb)
 
     save = fn(word(desc, D_SAVE), _i8p, [])
     restore = fn(word(desc, D_RESTORE), ir.VoidType(), [_i8p])
@@ -334,9 +339,28 @@ def _emit(mod: ir.Module) -> None:
     returning(D_NONE)
 
 
+def _immortal_method(jm) -> int:
+    """The address of a PyMethodDef for spmm_entry in memory never freed, its code kept alive
+    for good: the builtin functions read it on every call and when they are freed, which can
+    be after this module's globals are cleared at exit (or after a reload)."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(jm))  # (never released: the code stays)
+    malloc = ctypes.CDLL(None).malloc
+    malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    name = b"spmm_entry\0"
+    block = malloc(ctypes.sizeof(_MethodDef) + len(name))
+    if not block:
+        raise MemoryError("no memory for the entry point's method definition")
+    ctypes.memmove(block + ctypes.sizeof(_MethodDef), name, len(name))
+    method = _MethodDef.from_address(block)
+    method.ml_name = ctypes.cast(block + ctypes.sizeof(_MethodDef), ctypes.c_char_p)
+    method.ml_meth = jm.function_address("spmm_entry")
+    method.ml_flags, method.ml_doc = _METH_FASTCALL, None
+    return block
+
+
 def _compiled():
-    """(api, module, method definition), compiled once per process through the kernel cache; None if the
-    layout checks fail or anything else does (there are then no entry points)."""
+    """(api, address of the method definition), compiled once per process through the kernel
+    cache; None if the layout checks fail or anything else does (no entry points then)."""
     with _lock:
         if "entry" not in _state:
             _state["entry"] = None
@@ -358,25 +382,39 @@ def _compiled():
                     jm = jit.load_cached(key, t, source=emit)
                     if jm is None:
                         jm = jit.compile_module(emit(), t, cache_key=key)
-                    method = _MethodDef(b"spmm_entry", jm.function_address("spmm_entry"),
-                                        _METH_FASTCALL, None)  # fmt: skip
-                    _state["entry"] = (api, jm, method)
+                    _state["entry"] = (api, _immortal_method(jm))
             except Exception:  # no entry points: the Python path runs every call
                 _state["entry"] = None
         return _state["entry"]
 
 
+class _Descriptor(np.ndarray):
+    """The int64 words an entry point reads (its `self`), holding in `owners` everything they
+    point at: the function object keeps it, so a kept entry point never calls into freed
+    memory. (A subclass adds no field before the array's data pointer.)"""
+
+    owners: list
+
+
 class SpmmEntry:
     """The entry point of one sparse linear kernel, `call`, and the plans it knows. Plans are
     added by the Python path (add_plan) and kept for the kernel's life: the table only fills,
-    so the entry point reads it without a lock (under the GIL, before it releases it)."""
+    so the entry point reads it without a lock (under the GIL, before it releases it).
 
-    def __init__(self, k: int, n: int, fn_addr: int, ptrs, probe_offset: int, spmv_max_m: int):
+    The entry point trusts its `scratch` argument (a positive int) as the address of a
+    writable buffer of the kernel's `_entry_floats` floats: it is private to the kernel."""
+
+    def __init__(self, k: int, n: int, fn_addr: int, ptrs, probe_offset: int, spmv_max_m: int,
+                 owners=()):  # fmt: skip
+        """owners: what fn_addr and ptrs point into (kept as long as the entry point is)."""
         compiled = _compiled()
         if compiled is None:
             raise RuntimeError("native entry points are not available here")
-        api, self._jm, method = compiled
-        d = self.desc = np.zeros(DESC_WORDS, np.int64)
+        api, method = compiled
+        d = self.desc = np.zeros(DESC_WORDS, np.int64).view(_Descriptor)
+        d.owners = [np.dtype(np.float32), *owners]
+        self._lock = threading.Lock()
+        self._known: set = set()  # (m, num_threads) of the plans in the table
         d[D_K], d[D_N], d[D_FN] = k, n, fn_addr
         d[D_P0], d[D_P1], d[D_P2] = ptrs
         d[D_PROBE_OFF], d[D_SPMV_MAX_M] = probe_offset, spmv_max_m
@@ -385,13 +423,17 @@ class SpmmEntry:
         d[D_INCREF], d[D_AS_SSIZE] = api["Py_IncRef"], api["PyLong_AsSsize_t"]
         d[D_ERR_CLEAR] = api["PyErr_Clear"]
         d[D_NONE], d[D_RET0], d[D_RET1], d[D_RET2] = id(None), id(0), id(1), id(2)
-        self._keep = [np.dtype(np.float32)]  # what the descriptor points at stays alive
-        self._plans: list = []
-        self.call = api["new_function"](ctypes.addressof(method), d, None)
+        self.call = api["new_function"](method, d, None)
         d[D_VALID] = 1
 
-    def set_spmv(self, fn_addr: int, params_addr: int, n_slices: int) -> None:
+    @property
+    def full(self) -> bool:
+        return len(self._known) >= TABLE
+
+    def set_spmv(self, fn_addr: int, params_addr: int, n_slices: int, owner) -> None:
+        """owner: what fn_addr and params_addr point into."""
         d = self.desc
+        d.owners.append(owner)
         d[D_SPMV_PARAMS], d[D_SPMV_SLICES] = params_addr, n_slices
         d[D_SPMV_FN] = fn_addr  # last: the entry point takes it as the sign that all is set
 
@@ -401,20 +443,21 @@ class SpmmEntry:
         (no tasks), or `tasks` ((x offset, y offset) each, in bytes) on the pool, dispatch =
         (pool, trampoline address, argument block: array('q') [kernel, one row per task]),
         each call writing the rows' columns (x, y, probe): the probe None for a kernel without
-        one (SpMV). False: the table is full."""
-        d = self.desc
-        slot = None
-        for i in range(TABLE):
-            j = (m * 31 + num_threads + i) % TABLE
-            addr = int(d[D_TABLE + j])
-            if addr == 0:
-                slot = j
-                break
-            rec = np.frombuffer((ctypes.c_int64 * 2).from_address(addr), np.int64)
-            if rec[P_M] == m and rec[P_THREADS] == num_threads:
-                return True
-        if slot is None:
+        one (SpMV). False: not taken (the table is full, or num_threads is no plain int the
+        entry point would take)."""
+        if type(num_threads) is not int or not 0 < num_threads < 1 << 31:
             return False
+        with self._lock:
+            if (m, num_threads) in self._known:
+                return True
+            if self.full:
+                return False
+            return self._add(m, num_threads, layout, tasks, dispatch, columns)
+
+    def _add(self, m, num_threads, layout, tasks, dispatch, columns) -> bool:
+        d = self.desc
+        slot = next(j for j in ((m * 31 + num_threads + i) % TABLE for i in range(TABLE))
+                    if d[D_TABLE + j] == 0)  # (the entry point looks in the same order)
         n_tasks = max(1, len(tasks))
         rec = np.zeros(P_OFFSETS + 2 * n_tasks, np.int64)
         rec[P_M], rec[P_THREADS], rec[P_TASKS], rec[P_LAYOUT] = m, num_threads, n_tasks, layout
@@ -432,8 +475,9 @@ class SpmmEntry:
             rec[P_POOL], rec[P_TRY_LOCK] = pool.state_addr, pool.try_lock_addr
             rec[P_DISPATCH], rec[P_UNLOCK] = pool.dispatch_addr, pool.unlock_addr
             rec[P_OFFSETS:] = np.asarray(tasks, np.int64).reshape(-1)
-        self._plans.append(keep)
+        d.owners.append(keep)
         d[D_TABLE + slot] = rec.ctypes.data  # last: the entry point finds it complete
+        self._known.add((m, num_threads))
         return True
 
 

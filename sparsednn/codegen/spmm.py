@@ -1971,32 +1971,37 @@ class SparseLinearKernel:
         if not (self.in_features and self.out_features and pyentry.available()):
             return None
         return pyentry.SpmmEntry(self.in_features, self.out_features, self._fn_addr,
-                                 self._ptrs, 4 * (self._entry_floats - 16), self.spmv_max_m)  # fmt: skip
+                                 self._ptrs, 4 * (self._entry_floats - 16), self.spmv_max_m,
+                                 (self._kernel_index, self._csr.entries, self._bias, self._jit))  # fmt: skip
+
+    def _entry_takes(self, num_threads) -> bool:
+        """Whether the entry point will run calls with num_threads of a shape not planned yet."""
+        entry = self._entry
+        return entry is not None and not entry.full and type(num_threads) is int
 
     def _add_entry_plan(self, key, m: int, num_threads: int, plan) -> None:
-        """Teach the entry point a call shape the Python path has just planned."""
+        """Teach the entry point a call shape the Python path has just planned (once: with the
+        table full, or a num_threads it does not take, the shape is not tried again)."""
         threads, tasks, dispatch, layout = plan
-        if threads == 1:
-            done = self._entry.add_plan(m, num_threads, layout)
-        elif dispatch is None:  # (no native pool: the Python path splits the call)
-            done = True
-        else:
+        if not self._entry_takes(num_threads):
+            pass
+        elif threads == 1:
+            self._entry.add_plan(m, num_threads, layout)
+        elif dispatch is not None:  # (without the native pool the Python path splits it)
             prepared = dispatch.native_copy()
             if prepared is None:
                 return  # (the pool was busy: the next call of this shape tries again)
             offsets = [(xo, yo) for xo, _, yo, _, _ in tasks]
-            done = self._entry.add_plan(m, num_threads, layout, offsets, prepared,
-                                        columns=(0, 2, 9))  # fmt: skip
-        if done:
-            self._entry_keys.add(key)
+            self._entry.add_plan(m, num_threads, layout, offsets, prepared, columns=(0, 2, 9))
+        self._entry_keys.add(key)
 
     def _add_entry_spmv_plan(self, key, m: int, num_threads: int, spans) -> None:
-        """Teach the entry point how the Python path splits an SpMV call over threads."""
-        if not spans:
-            done = self._entry.add_plan(m, num_threads)  # (one thread after all)
-        elif not native_pool_active():
-            done = True  # (the Python path splits the call)
-        else:
+        """Teach the entry point how the Python path splits an SpMV call over threads (once)."""
+        if not self._entry_takes(num_threads):
+            pass
+        elif not spans:
+            self._entry.add_plan(m, num_threads)  # (one thread after all)
+        elif native_pool_active():  # (else the Python path splits the call)
             from sparsednn.runtime.native_pool import PreparedDispatch
 
             fn, ptrs, _, scratch = self._spmv_state()[:4]
@@ -2005,10 +2010,9 @@ class SparseLinearKernel:
                                         scratch).native_copy()  # fmt: skip
             if prepared is None:
                 return  # (the pool was busy: the next call of this shape tries again)
-            done = self._entry.add_plan(m, num_threads, 0, [(0, 0)] * len(rows), prepared,
-                                        columns=(0, 2, None))  # fmt: skip
-        if done:
-            self._entry_keys.add(key)
+            self._entry.add_plan(m, num_threads, 0, [(0, 0)] * len(rows), prepared,
+                                 columns=(0, 2, None))  # fmt: skip
+        self._entry_keys.add(key)
 
     # -- the SpMV variant (few tokens) --------------------------------------------------------
 
@@ -2065,7 +2069,7 @@ class SparseLinearKernel:
             self._spmv = sp = (fn, ptrs, n_slices, max(_SPMV_GROUPS) * kp + 64, layout, jm, bias,
                                params)  # fmt: skip
             if self._entry is not None:
-                self._entry.set_spmv(_fn_address(fn), params.ctypes.data, n_slices)
+                self._entry.set_spmv(_fn_address(fn), params.ctypes.data, n_slices, (sp, jm))
             return sp
 
     @property
@@ -2111,8 +2115,9 @@ class SparseLinearKernel:
             est_ns = self._estimate_ns(m)
         per = self._NS_PER_EXTRA_THREAD
         if native_pool_active():
-            per = min(per, per_native or (self._NS_PER_EXTRA_THREAD_NATIVE if self._entry is None
-                                          else self._NS_PER_EXTRA_THREAD_ENTRY))  # fmt: skip
+            per = min(per, per_native or (self._NS_PER_EXTRA_THREAD_ENTRY
+                                          if self._entry_takes(num_threads)
+                                          else self._NS_PER_EXTRA_THREAD_NATIVE))  # fmt: skip
         return max(1, min(num_threads, int(est_ns // per)))
 
     def _token_plan(self, m: int, num_threads: int) -> tuple:
@@ -2214,7 +2219,8 @@ class SparseLinearKernel:
 
     def _new_output(self, x) -> np.ndarray | None:
         """A new output for x when x looks like a valid input (else None: the checks say why)."""
-        if type(x) is np.ndarray and x.ndim == 2 and x.shape[0]:
+        if (type(x) is np.ndarray and x.dtype is _F32 and x.ndim == 2 and x.shape[0]
+                and x.shape[1] == self.in_features):  # fmt: skip
             return _new_out(x.shape[0], self.out_features)[0]
         return None
 
@@ -2289,8 +2295,8 @@ class SparseLinearKernel:
         state = self._spmv_state()
         n_slices, layout = state[2], state[4]
         est = layout.steps * m * self._NS_PER_SPMV_STEP
-        per_native = (self._NS_PER_EXTRA_SPMV_THREAD_NATIVE if self._entry is None
-                      else self._NS_PER_EXTRA_SPMV_THREAD_ENTRY)  # fmt: skip
+        per_native = (self._NS_PER_EXTRA_SPMV_THREAD_ENTRY if self._entry_takes(num_threads)
+                      else self._NS_PER_EXTRA_SPMV_THREAD_NATIVE)  # fmt: skip
         threads = min(self._useful_threads(m, num_threads, est, per_native), n_slices)
         if threads <= 1:
             return ()

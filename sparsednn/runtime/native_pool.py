@@ -208,7 +208,9 @@ class _NativePool:
         deadline = time.monotonic() + 5.0  # let a native dispatch in flight finish first
         while not self._try_lock(self.state_addr) and time.monotonic() < deadline:
             time.sleep(0.0005)
-        self._stop(self.state_addr)  # (the lock stays held: no dispatch after this)
+        # (the lock, if taken, stays held; and pool_try_lock fails from now on either way:
+        # no dispatch starts after this, and one still running finishes its own tasks)
+        self._stop(self.state_addr)
         for t in self.threads:
             t.join(timeout=5.0)
 

@@ -95,6 +95,9 @@ def test_entry_point_probes_the_input(m, num_threads):
     x = rng.standard_normal((m, 96)).astype(np.float32)
     plan(kernel, x, num_threads)
     spmv = m <= kernel.spmv_max_m
+    taken = num_threads == 1 or native_pool_active()  # (else the Python path splits calls)
+    ran = entry_ran(kernel, x, np.empty((m, 80), np.float32), num_threads)
+    assert ran == ((2 if spmv else 1) if taken else None)
     assert kernel.call_and_probe(x, num_threads=num_threads)[1] is (None if spmv else False)
     for bad in (np.nan, np.inf, -np.inf):
         for row in (0, m - 1):
@@ -102,6 +105,8 @@ def test_entry_point_probes_the_input(m, num_threads):
             x2[row, 7] = bad
             y, probe = kernel.call_and_probe(x2, num_threads=num_threads)
             assert probe is (None if spmv else True)
+            ran = entry_ran(kernel, x2, np.empty((m, 80), np.float32), num_threads)
+            assert ran == ((2 if spmv else 0) if taken else None)
     assert kernel.call_and_probe(x, num_threads=num_threads)[1] is (None if spmv else False)
 
 
@@ -109,7 +114,9 @@ class Subclass(np.ndarray):
     pass
 
 
-def test_calls_it_should_not_take_reach_the_checks():
+def test_calls_it_should_not_take_reach_the_checks(monkeypatch):
+    # (the real "worth another thread" rule: split always, 2**70 threads would be asked for)
+    monkeypatch.setattr(SparseLinearKernel, "_NS_PER_EXTRA_THREAD", 100_000)
     rng = np.random.default_rng(1)
     kernel = compile_sparse_linear(sparse_weight(rng, 64, 48, 0.9))
     x = rng.standard_normal((70, 64)).astype(np.float32)
@@ -147,8 +154,15 @@ def test_calls_it_should_not_take_reach_the_checks():
         kernel(x, num_threads=0)
     with pytest.raises(InvalidInputError, match="dtype"):
         kernel(x.astype(np.float64))
-    assert np.array_equal(kernel(x[:, :].copy(order="F").copy(), num_threads=True), want)
+    assert np.array_equal(kernel(x, num_threads=True), want)
+    assert np.array_equal(kernel(x, num_threads=np.int64(2)), want)
     assert np.array_equal(kernel(np.asfortranarray(x)), want)  # (copied by the checks)
+    for _ in range(2):  # (a num_threads the entry point does not take: the Python path)
+        assert np.array_equal(kernel(x, num_threads=2**70), want)
+    with pytest.raises(InvalidInputError, match="input shape"):  # (no output allocated first)
+        kernel(np.broadcast_to(np.float32(0), (10**12, 63)))
+    with pytest.raises(InvalidInputError, match="dtype"):
+        kernel(np.broadcast_to(np.float64(0), (10**12, 64)))
 
 
 def test_references_are_neither_leaked_nor_lost():
@@ -166,16 +180,51 @@ def test_references_are_neither_leaked_nor_lost():
     assert all(abs(a - b) < 50 for a, b in zip(after[3:], before[3:]))  # (not +2000)
 
 
-def test_more_call_shapes_than_the_table_holds():
+def test_more_call_shapes_than_the_table_holds(monkeypatch):
     rng = np.random.default_rng(3)
     w = sparse_weight(rng, 40, 24, 0.8)
     kernel = compile_sparse_linear(w)
-    for m in range(9, 9 + 2 * pyentry.TABLE):
+    tries = []
+    add_plan = kernel._entry.add_plan
+    monkeypatch.setattr(kernel._entry, "add_plan", lambda *a, **k: tries.append(a) or add_plan(*a, **k))
+    shapes = range(9, 9 + 2 * pyentry.TABLE)
+    for m in shapes:
         x = rng.standard_normal((m, 40)).astype(np.float32)
         want = x.astype(np.float64) @ w.astype(np.float64)
-        for _ in range(2):
+        for _ in range(3):
             np.testing.assert_allclose(kernel(x), want, rtol=1e-5, atol=1e-4)
     assert np.count_nonzero(kernel._entry.desc[pyentry.D_TABLE :]) == pyentry.TABLE
+    assert kernel._entry.full
+    assert len(tries) == pyentry.TABLE  # (a shape past a full table is not tried again)
+
+
+def test_entry_points_outlive_the_module_state():
+    """Builtin functions read their method definition on every call: it must outlive the
+    module's globals (cleared at exit, replaced by a reload)."""
+    code = textwrap.dedent("""
+        import gc, importlib, ctypes
+        import numpy as np
+        from sparsednn.codegen import pyentry
+        from sparsednn.codegen.spmm import compile_sparse_linear
+        rng = np.random.default_rng(0)
+        w = rng.standard_normal((64, 48)).astype(np.float32)
+        k = compile_sparse_linear(w)
+        x = rng.standard_normal((20, 64)).astype(np.float32)
+        want = k(x)
+        call = k._entry.call
+        importlib.reload(pyentry)
+        del k
+        gc.collect()
+        junk = [ctypes.create_string_buffer(b"A" * 31) for _ in range(20000)]
+        out = np.empty((20, 48), np.float32)
+        from sparsednn.runtime.threads import thread_scratch
+        assert call(x, out, 1, thread_scratch(1 << 16)) == 1  # (its plan, arrays and code too)
+        assert np.array_equal(out, want)
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
 
 
 def test_threads_calling_one_kernel_on_the_pool_at_once():
