@@ -17,11 +17,14 @@ running anything (pool disabled or busy): the caller then uses threads.parallel_
 Concurrency: one dispatch at a time. A second Python thread that wants the pool while it is
 in use does not wait: run_kernel returns False and that caller runs its tasks through the
 Python pool (no deadlock, no convoy behind a long kernel). All validation happens in Python
-before the dispatch (exceptions cannot cross native code).
+before the dispatch (exceptions cannot cross native code). Python's dispatches hold
+_dispatch_lock while they set up, and the pool's own lock word (pool_try_lock, in pool_run)
+while they run; the kernels' native entry points (codegen/pyentry.py) take only the latter.
 
 Scratch: kernels that take a per-thread scratch buffer get, in column `scratch_col`, the
 address of the pool's buffer for the task's slot (task i uses slot i); slots are only used
-while the dispatch lock is held.
+while the pool's lock is held, and a buffer a slot outgrows is kept (an entry point's plan may
+still point at it).
 
 Enabled on x86-64 Linux unless SPARSEDNN_NATIVE_POOL=0; any failure to start leaves it off.
 Workers stop at interpreter exit (atexit: stop flag, futex wake, join).
