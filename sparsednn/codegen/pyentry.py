@@ -383,7 +383,7 @@ def _compiled():
                     if jm is None:
                         jm = jit.compile_module(emit(), t, cache_key=key)
                     _state["entry"] = (api, _immortal_method(jm))
-            except Exception:  # no entry points: the Python path runs every call
+            except Exception:  # noqa: BLE001 - no entry points: the Python path runs every call
                 _state["entry"] = None
         return _state["entry"]
 
@@ -456,8 +456,11 @@ class SpmmEntry:
 
     def _add(self, m, num_threads, layout, tasks, dispatch, columns) -> bool:
         d = self.desc
-        slot = next(j for j in ((m * 31 + num_threads + i) % TABLE for i in range(TABLE))
-                    if d[D_TABLE + j] == 0)  # (the entry point looks in the same order)
+        slot = next(
+            j
+            for j in ((m * 31 + num_threads + i) % TABLE for i in range(TABLE))
+            if d[D_TABLE + j] == 0
+        )  # (the entry point looks in the same order)
         n_tasks = max(1, len(tasks))
         rec = np.zeros(P_OFFSETS + 2 * n_tasks, np.int64)
         rec[P_M], rec[P_THREADS], rec[P_TASKS], rec[P_LAYOUT] = m, num_threads, n_tasks, layout
