@@ -1,5 +1,6 @@
 """The native worker pool (runtime.native_pool) and the kernels dispatched through it."""
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -45,6 +46,22 @@ def test_tasks_run_on_several_os_threads():
 def test_too_many_tasks_is_refused():
     assert not native_pool.run_tasks(pool.noop_task, 0, 256)
     assert not native_pool.run_kernel(0, "i", np.zeros((0, 1), np.int64))
+
+
+@needs_pool
+def test_a_dispatch_waits_for_nothing_while_the_pool_is_owned():
+    """While a native caller owns the pool (pool_try_lock, as the kernels' entry points do),
+    Python's dispatches run nothing and say so; once it lets go, they run again."""
+    assert pool._try_lock(pool.state_addr) == 1
+    try:
+        assert pool._try_lock(pool.state_addr) == 0  # (one owner at a time)
+        ctx = np.zeros(3, np.int64)
+        ctx[0] = pool.syscall_addr
+        assert not native_pool.run_tasks(pool.gettid_task, ctx.ctypes.data, 2)
+        assert (ctx[1:] == 0).all()
+    finally:
+        ctypes.CFUNCTYPE(None, ctypes.c_void_p)(pool.unlock_addr)(pool.state_addr)
+    assert (_gettids(2) > 0).all()
 
 
 @needs_pool
