@@ -41,11 +41,17 @@ from sparsednn.codegen.spmm import (
     LAYOUT_PANEL_IN,
     LAYOUT_PANEL_OUT,
     LAYOUT_PREFETCH_ENTRIES,
+    _addr,
     _code_key,
     _target_key,
 )
 from sparsednn.codegen.target import Target
-from sparsednn.runtime.threads import parallel_for, parallel_native, thread_scratch
+from sparsednn.runtime.threads import (
+    native_pool_active,
+    parallel_for,
+    parallel_native,
+    thread_scratch,
+)
 
 CHUNK = 64  # tokens per chunk: one panel of the AVX-512 kernels (two of the sparsest weights')
 
@@ -150,6 +156,7 @@ class SparseChain:
         target = target or first.target
         self.address = _driver_address(target, second is not None, norm is not None)
         self._fn = _SIGNATURE(self.address)
+        self._plans: dict = {}  # (m, num_threads) -> (spans, PreparedDispatch or None)
         kernel_floats = max(first._scratch_full, second._scratch_full if second else 0)
         self.mid_offset = -(-kernel_floats // 16) * 16  # the intermediate, 64-byte aligned
         self.last_offset = self.mid_offset + CHUNK * -(-self.n_mid // 16) * 16
@@ -174,6 +181,31 @@ class SparseChain:
                      self.second.spmv_max_m if self.second is not None else 0) + 1  # fmt: skip
         return self.k > 0 and m >= max(fewest, CHUNK * num_threads if num_threads > 1 else 0)
 
+    def _plan(self, m: int, num_threads: int) -> tuple:
+        """(token spans of the threads, the native pool's PreparedDispatch of their rows or
+        None), kept per call shape: X, Y, the probe and the residual are written per call."""
+        plan = self._plans.get((m, num_threads))
+        if plan is None:
+            threads = max(1, min(num_threads, m // CHUNK))
+            v = self.first.target.vector_width  # spans of whole vectors, as the kernels split
+            bounds = [min(m, round(m * i / threads / v) * v) for i in range(threads)] + [m]
+            spans = [(t0, t1) for t0, t1 in itertools.pairwise(bounds) if t1 > t0]
+            dispatch = None
+            if len(spans) > 1 and native_pool_active():
+                from sparsednn.runtime.native_pool import PreparedDispatch
+
+                fn_addr, g, be, eps_bits = self._norm_args
+                rows = [(0, t1 - t0, 0, self.k, self.n_mid, self.n_out, *self._args, 0,
+                         self.mid_offset, 0, fn_addr, 0, g, be, eps_bits, self.last_offset)
+                        for t0, t1 in spans]  # fmt: skip
+                varying = tuple(_ARGS.index(a) for a in ("x", "y", "probe", "res"))
+                dispatch = PreparedDispatch(self.address, _KINDS, rows, _ARGS.index("scratch"),
+                                            self.scratch_floats, varying)  # fmt: skip
+            if len(self._plans) > 256:  # (many distinct batch shapes: start over)
+                self._plans.clear()
+            plan = self._plans[(m, num_threads)] = (spans, dispatch)
+        return plan
+
     def __call__(self, x: np.ndarray, num_threads: int = 1,
                  residual: np.ndarray | None = None) -> tuple[np.ndarray, bool]:  # fmt: skip
         """(Y, whether X or the intermediate held a NaN or an infinity: Y is then not to be
@@ -181,15 +213,17 @@ class SparseChain:
         float32 [m, N] (both checked by the caller)."""
         m = x.shape[0]
         out = np.empty((m, self.n_out), np.float32)
-        threads = max(1, min(num_threads, m // CHUNK))
-        v = self.first.target.vector_width  # spans of whole vectors, as the kernels split
-        bounds = [min(m, round(m * i / threads / v) * v) for i in range(threads)] + [m]
-        spans = [(t0, t1) for t0, t1 in itertools.pairwise(bounds) if t1 > t0]
+        spans, dispatch = self._plan(m, num_threads)
         probe = np.zeros(len(spans), np.float32)
-        xa, ya, pa = x.ctypes.data, out.ctypes.data, probe.ctypes.data
+        xa, ya, pa = _addr(x), _addr(out), _addr(probe)
         k, n = self.k, self.n_out
+        ra = _addr(residual) if self.norm is not None else 0
+        if dispatch is not None and dispatch.run(
+            [v for i, (t0, _) in enumerate(spans)
+             for v in (xa + 4 * k * t0, ya + 4 * n * t0, pa + 4 * i, ra and ra + 4 * n * t0)]
+        ):  # fmt: skip
+            return out, any(map(math.isnan, probe.tolist()))
         fn_addr, g, be, eps_bits = self._norm_args
-        ra = residual.ctypes.data if self.norm is not None else 0
         rows = [(xa + 4 * k * t0, t1 - t0, ya + 4 * n * t0, k, self.n_mid, n, *self._args, 0,
                  self.mid_offset, pa + 4 * i, fn_addr, ra and ra + 4 * n * t0, g, be, eps_bits,
                  self.last_offset) for i, (t0, t1) in enumerate(spans)]  # fmt: skip
