@@ -53,7 +53,6 @@ KERNEL_ARGS = 11
 
 _i8p = ir.PointerType(ir.IntType(8))
 _i64p = ir.PointerType(i64)
-_i32p = ir.PointerType(i32)
 _ENTRY_TY = ir.FunctionType(_i8p, [_i8p, ir.PointerType(_i8p), i64])
 
 _lock = threading.Lock()
@@ -276,7 +275,8 @@ def _emit(mod: ir.Module) -> None:
     b.call(kernel, [xa, m, ya, c(0), n, word(desc, D_P0), word(desc, D_P1), word(desc, D_P2),
                     scratch, probe, word(rec, P_LAYOUT)])  # fmt: skip
     b.call(restore, [ts])
-    nan = finite_result(b.inttoptr(probe, ir.PointerType(f32)), c(1))
+    v = b.load(b.inttoptr(probe, ir.PointerType(f32)))
+    nan = b.fcmp_unordered("uno", v, v)
     nan_bb, fin_bb = f.append_basic_block("nan"), f.append_basic_block("finite")
     b.cbranch(nan, nan_bb, fin_bb)
 
