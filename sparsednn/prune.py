@@ -35,6 +35,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from sparsednn.ir.storage import zero_fraction
+
 __all__ = ["prune_model", "weight_sparsity"]
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
@@ -215,8 +217,7 @@ def _prune_masks(scores: list[np.ndarray], sparsity: float) -> list[np.ndarray]:
 
 def weight_sparsity(array: np.ndarray) -> float:
     """Fraction of exact zeros in an array."""
-    array = np.asarray(array)
-    return 1.0 - np.count_nonzero(array) / max(array.size, 1)
+    return zero_fraction(array)
 
 
 def _copy_model(model, base_dir) -> onnx.ModelProto:

@@ -44,6 +44,7 @@ from sparsednn.codegen.epilogue import Epilogue
 from sparsednn.codegen.jit import llvm
 from sparsednn.codegen.target import Target, host_target, last_level_cache_bytes
 from sparsednn.errors import CompileError, InvalidInputError
+from sparsednn.ir.storage import zero_fraction
 from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
 from sparsednn.runtime.threads import (
     native_pool_active,
@@ -1807,7 +1808,7 @@ class SparseLinearKernel:
         self.target = target
         self.tuning = tuning
         V = target.vector_width
-        density = np.count_nonzero(weight) / max(weight.size, 1)
+        density = 1.0 - zero_fraction(weight)
         # a group's accumulators nv * R (+ broadcasts) must fit the registers: 32 zmm, 16 ymm
         regs = 32 if target.isa == "avx512" else 16
         shares: dict[int, bool] = {}
@@ -2536,7 +2537,7 @@ def compile_linear(weight: np.ndarray, bias: np.ndarray | None = None, activatio
     """The sparse kernel if the weight is sparse enough, else the dense one."""
     weight, bias = _check_weight(weight, bias, activation)
     threshold = SPARSE_MIN_SPARSITY if min_sparsity is None else min_sparsity
-    sparsity = 1.0 - np.count_nonzero(weight) / weight.size if weight.size else 1.0
+    sparsity = zero_fraction(weight)
     if sparsity >= threshold:
         return SparseLinearKernel(weight, bias, activation, target or host_target(), DEFAULT_TUNING)
     return DenseLinearKernel(weight, bias, activation, target or host_target())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from sparsednn.ir.graph import Graph, Node, Value
+from sparsednn.ir.storage import zero_fraction
 
 
 def format_array(array: np.ndarray) -> str:
@@ -14,7 +15,7 @@ def format_array(array: np.ndarray) -> str:
         return f"{array.dtype.name}{list(array.shape)}{{{body}}}"
     text = f"{array.dtype.name}{list(array.shape)}"
     if array.dtype.kind == "f":
-        text += f" {100.0 * (1.0 - np.count_nonzero(array) / array.size):.1f}% zeros"
+        text += f" {100.0 * zero_fraction(array):.1f}% zeros"
     return text
 
 

@@ -84,6 +84,14 @@ def mapping_of(array: Any) -> MappedFile | None:
     return base if isinstance(base, MappedFile) else None
 
 
+def zero_fraction(array: Any) -> float:
+    """The fraction of exact zeros (±0.0) in an array (1.0 if it is empty).
+
+    Counts `array != 0`: numpy counts a float32 array's nonzeros ~2x slower than a bool's."""
+    a = np.asarray(array)
+    return 1.0 - np.count_nonzero(a != 0) / max(a.size, 1)
+
+
 def release(array: Any) -> None:
     """Give back the memory of the pages a mapped array was read from (no-op otherwise)."""
     mapped = mapping_of(array)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from sparsednn.ir import Graph
-from sparsednn.ir.storage import release
+from sparsednn.ir.storage import release, zero_fraction
 
 # Below this fraction of zeros the dense kernel (codegen/gemm.py) beats the sparse one. Measured
 # on BERT shapes, unstructured zeros, 1 and 2 threads, 128 and 2048 rows (AVX-512): sparse is
@@ -18,7 +16,7 @@ def choose_kernels(graph: Graph, sparse_threshold: float = DEFAULT_SPARSE_THRESH
         if node.op != "Linear":
             continue
         weight = node.attrs["weight"]
-        sparsity = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
+        sparsity = zero_fraction(weight)
         release(weight)  # a weight still in the model file: give back the pages just read
         node.attrs["sparsity"] = round(float(sparsity), 4)
         node.attrs["kernel"] = "sparse" if sparsity >= sparse_threshold else "dense"

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsednn.ir import Graph, Node, Value
-from sparsednn.ir.storage import release
+from sparsednn.ir.storage import release, zero_fraction
 from sparsednn.ops.fused_ops import DOMAIN
 from sparsednn.passes.infer_shapes import infer_shapes
 from sparsednn.passes.matching import Uses, const_scalar
@@ -606,7 +606,7 @@ def merge_qkv_projections(graph: Graph) -> Graph:
             for n, w in zip(linears, weights)
         ):
             continue
-        sparsity = [1.0 - np.count_nonzero(w) / max(w.size, 1) for w in weights]
+        sparsity = [zero_fraction(w) for w in weights]
         if max(sparsity) - min(sparsity) > MAX_SPARSITY_SPREAD:
             continue
         merged_weight = np.ascontiguousarray(np.concatenate(weights, axis=1))

@@ -13,7 +13,7 @@ import sparsednn
 from sparsednn.errors import InvalidGraphError, ModelLoadError
 from sparsednn.frontend.onnx_import import _read_model, import_onnx, to_array
 from sparsednn.frontend.onnx_wire import WireFormatError, strip_raw_data
-from sparsednn.ir.storage import mapping_of, own, release
+from sparsednn.ir.storage import mapping_of, own, release, zero_fraction
 
 K, N = 64, 48  # a 12 KB weight: above the 4 KB from which raw_data is mapped
 
@@ -233,3 +233,10 @@ def test_mapped_external_data_stays_in_the_models_folder(tmp_path):
         _read_model(path)
     with pytest.raises(ModelLoadError, match="outside the model's folder"):
         sparsednn.InferenceSession(str(path))
+
+
+def test_zero_fraction_counts_signed_zeros_not_nans():
+    a = np.array([0.0, -0.0, np.nan, 1.0, -np.inf, 0.0, 2.0, -0.0], np.float32)
+    assert zero_fraction(a) == 0.5
+    assert zero_fraction(np.zeros((0, 4), np.float32)) == 1.0
+    assert zero_fraction(np.arange(6, dtype=np.int64).reshape(2, 3)) == pytest.approx(1 / 6)

@@ -44,3 +44,26 @@ def test_shape_chain_stays_for_symbolic_shapes_and_dead_code_goes():
     ops = [n.op for n in g.nodes]
     assert "Shape" in ops and "Reshape" in ops
     assert "Mul" not in ops
+
+
+def test_folded_chains_reach_every_reader_and_the_graph_outputs():
+    """A chain of foldable nodes folds in one walk: each constant reaches the next node of the
+    chain, a node reading it twice, and a graph output that is one of them."""
+    nodes = [
+        helper.make_node("Add", ["c", "c"], ["c2"]),
+        helper.make_node("Mul", ["c2", "c2"], ["c4"]),  # reads the folded c2 twice
+        helper.make_node("Add", ["x", "c4"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3]),
+         helper.make_tensor_value_info("c2", TensorProto.FLOAT, [3])],  # fmt: skip
+        [numpy_helper.from_array(np.array([1, 2, 3], np.float32), "c")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    g = run_pipeline(import_onnx(model))
+    assert [n.op for n in g.nodes] == ["Add"]
+    np.testing.assert_array_equal(g.nodes[0].inputs[1].const, [4, 16, 36])
+    np.testing.assert_array_equal(g.outputs[1].const, [2, 4, 6])
