@@ -14,6 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -263,7 +264,7 @@ class InferenceSession:
         sparse = [n for n in nodes if _compressed_from_file(n, "weight")]
         ordered = sparse + [n for n in nodes if not _compressed_from_file(n, "weight")]
         bar = iter(progress_bar(ordered, "compiling", self.options.show_progress, unit="node"))
-        lowered = {id(n): lower(n, ctx) for n in itertools.islice(bar, len(sparse))}
+        lowered = {id(n): fn for fn, n in zip(_lower_sparse(sparse, ctx), bar)}
         own_constants(self.graph)
         lowered.update((id(n), lower(n, ctx)) for n in bar)
         steps: list[Step] = []
@@ -513,6 +514,20 @@ def _fuse_layer_norms(steps: list[Step], outputs: set[int], ctx,
 def _is_sparse_linear(step: Step, ctx) -> bool:
     kernel = ctx.kernels.get(step.node.name)
     return step.node.op == "Linear" and type(kernel).__name__ == "SparseLinearKernel"
+
+
+def _lower_sparse(nodes: list[Node], ctx: LoweringContext):
+    """lower(node, ctx) of each of the nodes, in order; with several threads, on as many
+    threads at once: a kernel's compression (numpy), digest (hashlib) and LLVM's code
+    generation each let go of the GIL, so one layer's compression runs beside the other's."""
+    if ctx.num_threads < 2 or len(nodes) < 2:
+        yield from (lower(n, ctx) for n in nodes)
+        return
+    pool = ThreadPoolExecutor(ctx.num_threads, thread_name_prefix="sparsednn-compile")
+    try:
+        yield from pool.map(lambda n: lower(n, ctx), nodes)
+    finally:  # (on an error: the layers not started yet are not compiled)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _compressed_from_file(node: Node, key: str) -> bool:

@@ -1,6 +1,7 @@
 """InferenceSession's API and its checks of run()'s inputs."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -289,3 +290,65 @@ def test_layer_norm_after_sparse_linears_runs_fused_and_matches(two):
     y = fused.run(None, {"x": x})[0]
     np.testing.assert_array_equal(y, apart.run(None, {"x": x})[0])
     assert np.isnan(y[7]).all() and np.isfinite(np.delete(y, 7, 0)).all()
+
+
+def deep_model(layers=6, k=48, seed=3):
+    """x -> `layers` sparse Linears (90% zeros) with ReLUs between: several layers to compile."""
+    r = np.random.default_rng(seed)
+    nodes, inits, x, weights = [], [], "x", []
+    for i in range(layers):
+        w = r.standard_normal((k, k)).astype(np.float32)
+        w[r.random(w.shape) < 0.9] = 0
+        weights.append(w)
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"W{i}"], [f"h{i}"]))
+        x = f"h{i}"
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
+            x = f"r{i}"
+    graph = helper.make_graph(
+        nodes, "deep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", k])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), weights
+
+
+def test_sparse_layers_compile_on_the_session_threads_alike():
+    model, weights = deep_model()
+    bytes_ = model.SerializeToString()
+    one, two = (sparsednn.InferenceSession(bytes_, sparsednn.SessionOptions(
+        intra_op_num_threads=t, chain_sparse_linears=False)) for t in (1, 2))  # fmt: skip
+    assert not [t for t in threading.enumerate() if t.name.startswith("sparsednn-compile")]
+    assert sorted(one.kernels) == sorted(two.kernels) and len(one.kernels) == len(weights)
+    for name, kernel in one.kernels.items():
+        assert (kernel.name, kernel.nnz) == (two.kernels[name].name, two.kernels[name].nnz)
+    x = rng.standard_normal((37, 48)).astype(np.float32)
+    ref = x.astype(np.float64)
+    for i, w in enumerate(weights):
+        ref = ref @ w if i == len(weights) - 1 else np.maximum(ref @ w, 0)
+    y = two.run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, one.run(None, {"x": x})[0])
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_layer_failing_to_compile_stops_the_others(monkeypatch):
+    from sparsednn.codegen import spmm
+    from sparsednn.errors import CompileError
+
+    compiled = []
+    real = spmm.compile_sparse_linear
+
+    def third_fails(weight, *args, **kwargs):
+        compiled.append(weight.shape)
+        if len(compiled) == 3:
+            raise CompileError("the third layer does not compile")
+        if len(compiled) > 3:  # (slow enough for the session to see the error first)
+            time.sleep(0.3)
+        return real(weight, *args, **kwargs)
+
+    monkeypatch.setattr(spmm, "compile_sparse_linear", third_fails)
+    model, _ = deep_model(layers=12)
+    with pytest.raises(CompileError, match="third layer"):
+        sparsednn.InferenceSession(model.SerializeToString(),
+                                   sparsednn.SessionOptions(intra_op_num_threads=2))  # fmt: skip
+    assert 3 <= len(compiled) <= 5  # the failing one, and at most those already running
