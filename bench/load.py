@@ -1,0 +1,91 @@
+"""Session creation of pruned BERT-base, cold and warm, each in a fresh process.
+
+    python bench/load.py                                # 90%, 5 rounds, all cores
+    python bench/load.py --sparsity 0.9,0.98 --rounds 7 --threads 1
+
+Each round creates the session in a fresh process with an empty kernel cache (cold: LLVM
+generates every code variant the model needs, once per process, and every sparse layer is
+compressed), then in another fresh process with the cache the first one filled (warm: machine
+code and compressed weights come from the cache, and LLVM is never loaded). Prints, for each,
+the median and range over the rounds: the seconds to create the session, the seconds of it in
+LLVM (`jit.compile_module`: verifying, optimising and generating code), per linear layer,
+and the peak RSS. The model is built and pruned as in bench/e2e.py (needs the `models` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import pruned_model
+
+PROBE = r"""
+import json, sys, time
+from sparsednn.codegen import jit
+llvm_seconds = [0.0]
+compile_module = jit.compile_module
+def timed(*args, **kwargs):
+    t = time.perf_counter()
+    try:
+        return compile_module(*args, **kwargs)
+    finally:
+        llvm_seconds[0] += time.perf_counter() - t
+jit.compile_module = timed
+import sparsednn
+def peak_mb():  # this process's own: ru_maxrss counts the parent's RSS at the fork too
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+t = time.perf_counter()
+s = sparsednn.InferenceSession(sys.argv[1], sparsednn.SessionOptions(intra_op_num_threads=int(sys.argv[2])))
+seconds = time.perf_counter() - t
+print(json.dumps({"seconds": seconds, "llvm_seconds": llvm_seconds[0],
+                  "linear": sum(n.op == "Linear" for n in s.graph.nodes),
+                  "peak_mb": peak_mb()}))
+"""
+
+
+def create(path: Path, threads: int, cache: str) -> dict:
+    env = dict(os.environ, SPARSEDNN_CACHE_DIR=cache)
+    env.pop("SPARSEDNN_KERNEL_CACHE", None)
+    out = subprocess.run([sys.executable, "-c", PROBE, str(path), str(threads)], env=env,
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def spread(values) -> str:
+    return f"{np.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sparsity", default="0.9", help="comma list, e.g. 0.9,0.98")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    for sparsity in (float(s) for s in args.sparsity.split(",")):
+        path = pruned_model(sparsity)
+        runs: dict[str, list[dict]] = {"cold": [], "warm": []}
+        for _ in range(args.rounds):
+            with tempfile.TemporaryDirectory(prefix="sparsednn-load-") as cache:
+                runs["cold"].append(create(path, args.threads, cache))
+                runs["warm"].append(create(path, args.threads, cache))
+        print(f"== BERT-base {sparsity:.0%}, {args.threads} thread(s), {args.rounds} rounds "
+              f"(median, range)")  # fmt: skip
+        for kind, rs in runs.items():
+            seconds = [r["seconds"] for r in rs]
+            layers = rs[0]["linear"]
+            print(f"   {kind}: {spread(seconds)} s, of it LLVM {spread([r['llvm_seconds'] for r in rs])} s;"
+                  f" {layers} linear layers: {1e3 * np.median(seconds) / layers:.1f} ms a layer"
+                  f" in all; peak RSS {np.median([r['peak_mb'] for r in rs]):.0f} MB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
