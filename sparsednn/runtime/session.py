@@ -8,7 +8,6 @@ every input before any native code sees it, then walks the plan.
 from __future__ import annotations
 
 import gc
-import itertools
 import os
 import threading
 import time

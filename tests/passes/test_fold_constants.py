@@ -58,8 +58,10 @@ def test_folded_chains_reach_every_reader_and_the_graph_outputs():
         nodes,
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3]),
-         helper.make_tensor_value_info("c2", TensorProto.FLOAT, [3])],  # fmt: skip
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("c2", TensorProto.FLOAT, [3]),
+        ],
         [numpy_helper.from_array(np.array([1, 2, 3], np.float32), "c")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
