@@ -517,12 +517,14 @@ def _is_sparse_linear(step: Step, ctx) -> bool:
 
 def _lower_sparse(nodes: list[Node], ctx: LoweringContext):
     """lower(node, ctx) of each of the nodes, in order; with several threads, on as many
-    threads at once: a kernel's compression (numpy), digest (hashlib) and LLVM's code
-    generation each let go of the GIL, so one layer's compression runs beside the other's."""
-    if ctx.num_threads < 2 or len(nodes) < 2:
+    threads at once (at most one per core: each holds a layer's weight): a kernel's
+    compression (numpy), digest (hashlib) and LLVM's code generation each let go of the GIL,
+    so one layer's compression runs beside the other's."""
+    threads = min(ctx.num_threads, default_num_threads(), len(nodes))
+    if threads < 2:
         yield from (lower(n, ctx) for n in nodes)
         return
-    pool = ThreadPoolExecutor(ctx.num_threads, thread_name_prefix="sparsednn-compile")
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="sparsednn-compile")
     try:
         yield from pool.map(lambda n: lower(n, ctx), nodes)
     finally:  # (on an error: the layers not started yet are not compiled)

@@ -352,3 +352,21 @@ def test_a_layer_failing_to_compile_stops_the_others(monkeypatch):
         sparsednn.InferenceSession(model.SerializeToString(),
                                    sparsednn.SessionOptions(intra_op_num_threads=2))  # fmt: skip
     assert 3 <= len(compiled) <= 5  # the failing one, and at most those already running
+
+
+def test_compile_threads_stay_within_the_cores(monkeypatch):
+    from sparsednn.runtime import session as session_module
+
+    workers = []
+    real = session_module.ThreadPoolExecutor
+
+    def recording(max_workers, **kwargs):
+        workers.append(max_workers)
+        return real(max_workers, **kwargs)
+
+    monkeypatch.setattr(session_module, "ThreadPoolExecutor", recording)
+    monkeypatch.setattr(session_module, "default_num_threads", lambda: 2)
+    model, _ = deep_model()
+    sparsednn.InferenceSession(model.SerializeToString(),
+                               sparsednn.SessionOptions(intra_op_num_threads=64))  # fmt: skip
+    assert workers == [2]
