@@ -44,7 +44,7 @@ from sparsednn.codegen.epilogue import Epilogue
 from sparsednn.codegen.jit import llvm
 from sparsednn.codegen.target import Target, host_target, last_level_cache_bytes
 from sparsednn.errors import CompileError, InvalidInputError
-from sparsednn.ir.storage import zero_fraction
+from sparsednn.ir.storage import nonzero_count, zero_fraction
 from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
 from sparsednn.runtime.threads import (
     native_pool_active,
@@ -1799,7 +1799,7 @@ class SparseLinearKernel:
     weight_format = "compressed"
 
     def __init__(self, weight, bias, activation, target: Target, tuning: SpmmTuning,
-                 use_cache: bool | None = None):  # fmt: skip
+                 use_cache: bool | None = None, nonzeros: int | None = None):  # fmt: skip
         t_start = time.perf_counter()
         k, n = weight.shape
         self.in_features = int(k)
@@ -1808,7 +1808,7 @@ class SparseLinearKernel:
         self.target = target
         self.tuning = tuning
         V = target.vector_width
-        density = 1.0 - zero_fraction(weight)
+        density = (nonzero_count(weight) if nonzeros is None else nonzeros) / max(weight.size, 1)
         # a group's accumulators nv * R (+ broadcasts) must fit the registers: 32 zmm, 16 ymm
         regs = 32 if target.isa == "avx512" else 16
         shares: dict[int, bool] = {}
@@ -2320,12 +2320,13 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
 
 
 def compile_sparse_linear(weight: np.ndarray, bias: np.ndarray | None = None, activation: str = "none",
-                          target: Target | None = None, tuning: SpmmTuning | None = None) -> SparseLinearKernel:  # fmt: skip
-    """Compile Y = act(X @ weight + bias) for a sparse weight [K, N] into a native kernel."""
+                          target: Target | None = None, tuning: SpmmTuning | None = None,
+                          nonzeros: int | None = None) -> SparseLinearKernel:  # fmt: skip
+    """Compile Y = act(X @ weight + bias) for a sparse weight [K, N] into a native kernel.
+    nonzeros: the weight's count of nonzeros, if known (not counted again)."""
     weight, bias = _check_weight(weight, bias, activation)
-    return SparseLinearKernel(
-        weight, bias, activation, target or host_target(), tuning or DEFAULT_TUNING
-    )
+    return SparseLinearKernel(weight, bias, activation, target or host_target(),
+                              tuning or DEFAULT_TUNING, nonzeros=nonzeros)  # fmt: skip
 
 
 _CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS = 101, 111

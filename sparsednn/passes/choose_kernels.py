@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sparsednn.ir import Graph
-from sparsednn.ir.storage import release, zero_fraction
+from sparsednn.ir.storage import nonzero_count, release
 
 # Below this fraction of zeros the dense kernel (codegen/gemm.py) beats the sparse one. Measured
 # on BERT shapes, unstructured zeros, 1 and 2 threads, 128 and 2048 rows (AVX-512): sparse is
@@ -16,8 +16,10 @@ def choose_kernels(graph: Graph, sparse_threshold: float = DEFAULT_SPARSE_THRESH
         if node.op != "Linear":
             continue
         weight = node.attrs["weight"]
-        sparsity = zero_fraction(weight)
+        nonzeros = nonzero_count(weight)
         release(weight)  # a weight still in the model file: give back the pages just read
-        node.attrs["sparsity"] = round(float(sparsity), 4)
+        sparsity = 1.0 - nonzeros / max(weight.size, 1)
+        node.attrs["nonzeros"] = nonzeros  # (for the sparse kernel: not counted again)
+        node.attrs["sparsity"] = round(sparsity, 4)
         node.attrs["kernel"] = "sparse" if sparsity >= sparse_threshold else "dense"
     return graph

@@ -89,8 +89,11 @@ def lower_linear(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
 
     a = node.attrs
     sparse = a["kernel"] == "sparse"
-    compile_kernel = compile_sparse_linear if sparse else compile_dense_linear
-    kernel = compile_kernel(a["weight"], a["bias"], a["activation"])
+    if sparse:  # (choose_kernels counted the nonzeros)
+        kernel = compile_sparse_linear(a["weight"], a["bias"], a["activation"],
+                                       nonzeros=a.get("nonzeros"))  # fmt: skip
+    else:
+        kernel = compile_dense_linear(a["weight"], a["bias"], a["activation"])
     ctx.kernels[node.name] = kernel
     a["kernel"] = kernel.name
     k, n = a["weight"].shape

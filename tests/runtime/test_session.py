@@ -370,3 +370,17 @@ def test_compile_threads_stay_within_the_cores(monkeypatch):
     sparsednn.InferenceSession(model.SerializeToString(),
                                sparsednn.SessionOptions(intra_op_num_threads=64))  # fmt: skip
     assert workers == [2]
+
+
+def test_sparse_kernels_take_the_nonzeros_counted_by_choose_kernels(monkeypatch):
+    from sparsednn.codegen import spmm
+
+    def counted_again(weight):
+        raise AssertionError("a sparse kernel counted its weight's nonzeros again")
+
+    monkeypatch.setattr(spmm, "nonzero_count", counted_again)
+    model, weights = deep_model(layers=2)
+    session = sparsednn.InferenceSession(model.SerializeToString())
+    nodes = [n for n in session.graph.nodes if n.op == "Linear"]
+    assert [n.attrs["nonzeros"] for n in nodes] == [int(np.count_nonzero(w)) for w in weights]
+    assert [session.kernels[n.name].nnz for n in nodes] == [n.attrs["nonzeros"] for n in nodes]
