@@ -436,10 +436,10 @@ LAYOUT_PANEL_OUT = 2  # Y goes out as panels [m / TN][N][TN], untransposed (all 
 # stores then skip reading each line first (768x3072 at 90% and 2048 tokens: 7-11% faster)
 LAYOUT_STREAM_OUT = 4
 # The call's first panel prefetches the weights' entries (LAYOUT_PREFETCH_ENTRIES): they may
-# come from DRAM, and later panels find them in cache. Each tile prefetches its groups' entries
-# this far ahead (_SpmmEmitter._emit_prefetch_entries); llvm.prefetch's arguments: read, keep
-# in all levels, data. (A prefetch reads nothing: past the end of the entries it is a no-op,
-# never a fault.)
+# come from DRAM, and later panels find them in cache. Each group prefetches the entries this
+# far past its own (_SpmmEmitter._emit_group); llvm.prefetch's arguments: read, keep in all
+# levels, data. (A prefetch reads nothing: past the end of the entries it is a no-op, never a
+# fault.)
 LAYOUT_PREFETCH_ENTRIES = 8
 ENTRY_PREFETCH_BYTES = 1536
 _PREFETCH_READ = (ir.Constant(U.i32, 0), ir.Constant(U.i32, 3), ir.Constant(U.i32, 1))
@@ -542,7 +542,6 @@ class _SpmmEmitter:
     def emit(self) -> ir.Function:
         self.prefetch = U.intrinsic(self.module, "llvm.prefetch.p0", U.void,
                                     [ir.PointerType(ir.IntType(8)), U.i32, U.i32, U.i32])  # fmt: skip
-        self.prefetch_tile = self._emit_prefetch_entries()
         # packing and the epilogue + transposed stores are compiled once per process (see
         # _helper) and linked by name, so that each kernel compiles only its own loops
         self.pack = self._helper_callee("pack")
@@ -683,11 +682,10 @@ class _SpmmEmitter:
                     # every group of the unit (members past N are empty; their sums land in
                     # rows that are never stored)
                     g0 = b.sdiv(rs, U.int64(self.R), name="unit_group0")
-                    with b.if_then(prefetch_entries):
-                        b.call(self.prefetch_tile, [a["entries"], index, g0, count])
                     with U.for_range(b, 0, count, name="g") as g:
                         gi = b.add(g0, g, name="group")
-                        self._emit_group(b, a, nv, panel, index, slots, gi, rows_at, first_block)
+                        self._emit_group(b, a, nv, panel, index, slots, gi, rows_at, first_block,
+                                         prefetch_entries)  # fmt: skip
                     with b.if_then(last):  # (the unit is then one tile)
                         nrows = b.sub(a["row_end"], rs)
                         nrows = b.select(b.icmp_signed("<", nrows, U.int64(V)), nrows,
@@ -746,39 +744,23 @@ class _SpmmEmitter:
             y_chunk = U.gep(b, a["y"], b.add(b.mul(a["t0"], N), first_col))
             b.call(self.copy_rows, [staging, U.int64(SC), a["tn"], filled, y_chunk, N, stream])
 
-    def _emit_prefetch_entries(self):
-        """prefetch_tile(entries, index, g0, count): prefetch the entries of the groups g0 ..
-        g0 + count (a tile, or S rows), ENTRY_PREFETCH_BYTES ahead.
-
-        The entries stream from DRAM when a model's weights exceed the L3 (batch 1), and the
-        hardware prefetcher alone left each layer ~20% slower than with its weights in cache.
-        Measured (90%, one thread, alternating processes): 16 768x3072 layers in turn at 128
-        tokens, 0.58-0.60 -> 0.535-0.54 ms a layer; BERT-base at batch 1 on 2 threads, 14.9-15.3
-        -> 13.8-14.1 ms; batch 16 the same. With the weights in cache, 128 tokens (the first
-        of two panels prefetching) cost 2-4% more, 2048 tokens the same. Only the first panel
-        of a call prefetches: in every panel it cost 2-5% with the weights in cache, and a
-        branch per group instead of per tile 3-7% at 98% sparsity. Not inlined: inlined into
-        the tile loop, the kernel measured 1-7% slower with its weights in cache."""
-        fn, b, a = self._function("prefetch_tile", ("entries", "index", "g0", "count"),
-                                  (_KERNEL_ARG_TYPES[6], U.i32_ptr, U.i64, U.i64),
-                                  noinline=True)  # fmt: skip
-        index, g0 = a["index"], a["g0"]
-        quad_bytes = self.quad_type.itemsize
-        first = b.sext(b.load(U.gep(b, index, g0)), U.i64)
-        last = b.sext(b.load(U.gep(b, index, b.add(g0, a["count"]))), U.i64)
-        ahead = U.int64(ENTRY_PREFETCH_BYTES)
-        begin = b.add(b.mul(first, U.int64(quad_bytes)), ahead)
-        end = b.add(b.mul(last, U.int64(quad_bytes)), ahead)
-        quads = b.bitcast(a["entries"], ir.PointerType(ir.IntType(8)))
-        with U.for_range(b, begin, end, 64, name="prefetch_at") as at:
-            b.call(self.prefetch, [b.gep(quads, [at]), *_PREFETCH_READ])
-        b.ret_void()
-        return fn
-
-    def _emit_group(self, b, a, nv, panel, index, slots, gi, tile, first):
+    def _emit_group(self, b, a, nv, panel, index, slots, gi, tile, first, prefetch):
         """For each member r of group gi: tile[slot_r, 0:T] = (first ? 0 : tile[slot_r, 0:T])
         + sum of w * panel[k, 0:T] over the nonzeros (k, w) of its row in this K-block
-        (first: a Python bool, code for the first K-block)."""
+        (first: a Python bool, code for the first K-block); prefetch (i1): prefetch the entries
+        ENTRY_PREFETCH_BYTES past the group's own first.
+
+        The entries stream from DRAM when a model's weights exceed the L3 (batch 1). Until stop
+        18 each tile of rows prefetched its groups' entries in one burst (stop 14: 16 768x3072
+        layers at 90% in turn at 128 tokens, 0.58-0.60 -> 0.535-0.54 ms a layer against none),
+        which stalls on the miss buffers (farther ahead, 4-64 KB, did no better). A few lines
+        per group, interleaved with the work (stop 18, alternating processes): the 48 sparse
+        layers of BERT-base at 90% in turn at 128 tokens ran 6-9% slower than each repeated
+        warm, against 10-13% with the bursts (one thread); BERT-base 90% at batch 1 on 2
+        threads 12.5-12.7 -> 12.1 ms a run (the machine's slow stretches 16.0-16.3 -> 14.9-15.5),
+        batch 16 the same. With the weights in cache, 128 tokens (the first of two panels
+        prefetching) measured the same (bench/kernels.py, 90 and 98%, ±2%). Only a call's first
+        panel prefetches: in every panel it cost 2-5%."""
         V, R = self.V, self.R
         m = U.Math(b, self.vty, self.target.has_fma, self.target.isa)
         zero = U.const(self.vty, 0.0)
@@ -815,6 +797,12 @@ class _SpmmEmitter:
             )
 
         quad_bytes = U.int64(self.quad_type.itemsize)
+        with b.if_then(prefetch):
+            ahead = U.int64(ENTRY_PREFETCH_BYTES)
+            first_byte = b.add(b.mul(begin, quad_bytes), ahead)
+            end_byte = b.add(b.mul(end, quad_bytes), ahead)
+            with U.for_range(b, first_byte, end_byte, 64, name="prefetch_at") as at:
+                b.call(self.prefetch, [b.gep(quads, [at]), *_PREFETCH_READ])
         lanes = self._weight_lanes(b)  # (before the loop: built once, not per quad)
         with U.for_range(b, begin, end, name="quad") as q:
             qp = b.gep(quads, [b.mul(q, quad_bytes)], inbounds=True)
