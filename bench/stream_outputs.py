@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             for streamed in (False, True, False, True):  # alternating, both see the same load
                 spmm.stream_out_bytes = (lambda: 0) if streamed else (lambda: 1 << 62)
                 for layer in layers:
-                    layer._token_plans.clear()  # (plans keep the flag of their output size)
+                    layer.forget_plans()  # (plans keep the flag of their output size)
                 runs = []
                 for _ in range(args.runs):
                     t = time.perf_counter()
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     finally:
         spmm.stream_out_bytes = default
         for layer in layers:
-            layer._token_plans.clear()
+            layer.forget_plans()
     return 0
 
 

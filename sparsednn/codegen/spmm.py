@@ -431,9 +431,10 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
 # (panels: 4V-byte aligned; the tokens of a tail panel past m are don't-cares, finite going in)
 LAYOUT_PANEL_IN = 1  # X comes packed as panels: [m / TN][K][TN] (what LAYOUT_PANEL_OUT writes)
 LAYOUT_PANEL_OUT = 2  # Y goes out as panels [m / TN][N][TN], untransposed (all rows of the call)
-# Y's staged rows (_emit_staged_store) that start 64-byte aligned are written by streaming
-# (non-temporal) stores: for outputs too large to stay in the cache until they are read, the
-# stores then skip reading each line first (768x3072 at 90% and 2048 tokens: 7-11% faster)
+# Y is written by streaming (non-temporal) stores: for outputs too large to stay in the cache
+# until they are read, the stores then skip reading each line first. On AVX-512 (a token's V
+# outputs one line) finished tiles go straight to a line-aligned Y (_emit_finish), elsewhere
+# the staged rows that start on a line (_emit_staged_store); the kernel fences them at its end.
 LAYOUT_STREAM_OUT = 4
 # The call's first panel prefetches the weights' entries (LAYOUT_PREFETCH_ENTRIES): they may
 # come from DRAM, and later panels find them in cache. Each group prefetches the entries this
@@ -1674,10 +1675,12 @@ _SMALL_OUT_BYTES = 16 * 1024
 
 def stream_out_bytes() -> int:
     """Outputs of a call from this size on are written by streaming stores (LAYOUT_STREAM_OUT):
-    a quarter of the last-level cache. Measured with two 90% 1024x1024 layers, the second
-    reading the first's Y (32 MB L3): streaming both outputs cost 6-14% at 1 MB each (Y then
-    stays in L2), -3 to +3% at 4 MB (the second layer reads Y from DRAM, not L3), and gained
-    4.5-5.7% at 8 MB (bench/stream_outputs.py)."""
+    a quarter of the last-level cache. Measured with two 1024x1024 layers, the second reading
+    the first's Y (32 MB L3, one thread, bench/stream_outputs.py; stop 19, tiles streamed
+    straight to Y), the pair's time streamed / not: 90% 1.035 at 1-2 MB each (Y then stays in
+    L2), 0.99-1.005 at 4 MB (the second layer reads Y from DRAM, not L3), 0.94 at 8 MB, 0.92
+    at 16 MB; 98% 0.96-0.98 at 2 MB, 0.95 at 4 MB, 0.81 at 8 MB, 0.73-0.75 at 16 MB. From 4 MB
+    instead, BERT-base at batch 16 (2 threads) measured 1-2.5% slower: 8 MB stays."""
     return last_level_cache_bytes() // 4
 
 
@@ -2015,6 +2018,16 @@ class SparseLinearKernel:
         return pyentry.SpmmEntry(self.in_features, self.out_features, self._fn_addr,
                                  self._ptrs, 4 * (self._entry_floats - 16), self.spmv_max_m,
                                  (self._kernel_index, self._csr.entries, self._bias, self._jit))  # fmt: skip
+
+    def forget_plans(self) -> None:
+        """Plan calls afresh (for tests and benchmarks that change what plans depend on, such
+        as stream_out_bytes): the Python path's plans and the entry point's table, which only
+        fills, replaced by a new entry point (its SpMV state set again)."""
+        self._token_plans.clear()
+        self._entry = self._entry_point()
+        sp = self._spmv
+        if self._entry is not None and sp is not None:
+            self._entry.set_spmv(_fn_address(sp[0]), sp[7].ctypes.data, sp[2], (sp, sp[5]))
 
     def _entry_takes(self, num_threads) -> bool:
         """Whether the entry point will run calls with num_threads of a shape not planned yet."""
