@@ -354,7 +354,7 @@ _own_source_digest: str | None = None
 
 
 def compile_cached(name: str, emit, target: Target, opt, *key_parts) -> jit.JITModule:
-    """jit.compile_module(emit(), ...) through the on-disk kernel cache (codegen/cache.py),
+    """The module emit() makes, from the on-disk kernel cache (codegen/cache.py) or compiled,
     keyed on the specialisation, the target, and the sources of this module and norm.py (the
     shared code version covers the rest of the code generator and LLVM)."""
     from pathlib import Path
@@ -375,10 +375,7 @@ def compile_cached(name: str, emit, target: Target, opt, *key_parts) -> jit.JITM
     key = cache.digest(
         "code", cache.code_version(), _own_source_digest, name, opt, *key_parts, *target_key
     )
-    jm = jit.load_cached(key, target, source=emit, opt=opt)
-    if jm is None:
-        jm = jit.compile_module(emit(), target, opt=opt, cache_key=key)
-    return jm
+    return jit.cached_module(key, target, emit, opt)
 
 
 def _name(heads: int, head_size: int, target: Target, has_mask: bool) -> str:

@@ -129,9 +129,7 @@ def _driver_address(target: Target, two: bool = True, norm: bool = False) -> int
             # from the on-disk kernel cache when it can: compiling it, even this small, pages
             # in LLVM's code generator (~30 MB of a session's resident memory)
             ckey = _code_key("chain", name, CHUNK, _target_key(target))
-            jm = jit.load_cached(ckey, target, source=emit)
-            if jm is None:
-                jm = jit.compile_module(emit(), target, cache_key=ckey)
+            jm = jit.cached_module(ckey, target, emit)
             hit = _driver[(target, two, norm)] = (jm, jm.function_address(name))
         return hit[1]
 

@@ -124,9 +124,7 @@ class Epilogue:
 
                 ckey = cache.digest("code", cache.code_version(), "epilogue", self.name,
                                     (target.cpu_name, target.features, target.triple))  # fmt: skip
-                jm = jit.load_cached(ckey, target, source=emit)
-                if jm is None:
-                    jm = jit.compile_module(emit(), target, cache_key=ckey)
+                jm = jit.cached_module(ckey, target, emit)
                 self.cache_hit = jm.from_cache
                 hit = (jm, _SIG(jm.function_address(self.name)))
                 _cache[key] = hit

@@ -321,9 +321,7 @@ def _compiled(k: int, n: int, has_bias: bool, activation: str, target: Target):
                 return module
 
             ckey = _code_key("gemm", name, key[:-1], tile_shape(target), _target_key(target))
-            jm = jit.load_cached(ckey, target, source=emit)
-            if jm is None:
-                jm = jit.compile_module(emit(), target, cache_key=ckey)
+            jm = jit.cached_module(ckey, target, emit)
             hit = _code_cache[key] = (jm, jm.function_address(name))
         return hit
 

@@ -4,8 +4,12 @@
     addr = jm.function_address("f32_spmm_...")    # valid as long as `jm` is alive
     jm.llvm_ir, jm.asm                           # optimised IR and machine code, for dumps
 
-llvmlite shares one LLVM context per process and LLVM is not thread-safe across it, so every
-call into LLVM made here holds one lock. Compiled code runs without it.
+llvmlite wraps every call into LLVM in one process-wide lock. LLVM itself is thread-safe for
+modules of distinct contexts compiled by distinct target machines: compile_module parses a
+module into a context of its own and optimises and generates its code on the calling thread's
+own target machine, calling those two steps (most of the time) without llvmlite's lock, so
+that threads compile modules at once (CompiledOnce: once per key, different keys at once).
+Everything else made here holds this module's lock. Compiled code runs without any.
 
 libllvmlite is loaded on first use only: code from the kernel cache is loaded by
 elf_loader.py where it can be, so a session whose kernels are all cached never loads LLVM.
@@ -13,6 +17,7 @@ elf_loader.py where it can be, so a session whose kernels are all cached never l
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 
@@ -55,6 +60,29 @@ def ensure_llvm_initialized() -> None:
             _initialized = True
 
 
+_own_machines = threading.local()
+
+
+def _own_target_machine(target) -> llvm.TargetMachine:
+    """This thread's TargetMachine for `target` (code generation mutates its machine: threads
+    compiling at once need one each)."""
+    machines = getattr(_own_machines, "by_target", None)
+    if machines is None:
+        machines = _own_machines.by_target = {}
+    tm = machines.get(target)
+    if tm is None:
+        with _lock:
+            tm = machines[target] = target.create_target_machine(opt=3)
+    return tm
+
+
+def _unlocked(name: str):
+    """llvmlite's C function `name` without the process-wide lock its wrapper takes (see the
+    module docstring), or the locked wrapper where llvmlite does not wrap it that way."""
+    wrapped = getattr(llvm.ffi.lib, name)
+    return getattr(wrapped, "_cfn", wrapped)
+
+
 def target_machine(target) -> llvm.TargetMachine:
     """The cached TargetMachine of a Target (features always passed explicitly), for data
     layouts, optimisation and assembly dumps; never handed to an engine, which would own it."""
@@ -73,16 +101,15 @@ def target_machine(target) -> llvm.TargetMachine:
 LIGHT_PIPELINE = ("sroa", "instruction_combine", "simplify_cfg", "new_gvn", "dead_code_elimination")
 
 
-def _optimize(mod: llvm.ModuleRef, tm: llvm.TargetMachine, opt: str | int) -> None:
-    """Run `opt` over the module: "light" (see LIGHT_PIPELINE), or a speed level 0..3 for
-    LLVM's default pipeline without its loop unroller and vectorisers."""
+def _pipeline(tm: llvm.TargetMachine, opt: str | int) -> tuple:
+    """(module pass manager, pass builder) of `opt`: "light" (see LIGHT_PIPELINE), or a speed
+    level 0..3 for LLVM's default pipeline without its loop unroller and vectorisers."""
     if opt == "light":
         pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=2))
         mpm = llvm.create_new_module_pass_manager()
         for name in LIGHT_PIPELINE:
             getattr(mpm, f"add_{name}_pass")()
-        mpm.run(mod, pb)
-        return
+        return mpm, pb
     pto = llvm.create_pipeline_tuning_options(speed_level=int(opt))
     # Generated kernels are vectorised and unrolled by hand; LLVM's loop unroller and
     # vectorisers only multiply their size (and compile time) by duplicating cold paths.
@@ -90,7 +117,13 @@ def _optimize(mod: llvm.ModuleRef, tm: llvm.TargetMachine, opt: str | int) -> No
     pto.loop_vectorization = False
     pto.slp_vectorization = False
     pb = llvm.create_pass_builder(tm, pto)
-    pb.getModulePassManager().run(mod, pb)
+    return pb.getModulePassManager(), pb
+
+
+def _optimize(mod: llvm.ModuleRef, tm: llvm.TargetMachine, opt: str | int) -> None:
+    """Run `opt` (see _pipeline) over the module."""
+    mpm, pb = _pipeline(tm, opt)
+    mpm.run(mod, pb)
 
 
 class JITModule:
@@ -190,38 +223,52 @@ def new_module(name: str, target) -> ir.Module:
 
 def compile_module(module: ir.Module | str, target, opt: str | int = "light",
                    cache_key: str | None = None) -> JITModule:  # fmt: skip
-    """Verify, optimise (see _optimize) and JIT-compile an IR module for `target`.
+    """Verify, optimise (see _pipeline) and compile an IR module for `target`, and load its code.
 
-    cache_key: also store the machine code in the on-disk kernel cache under this key (see
-    load_cached). Raises CompileError on failure."""
+    Threads may call this at once: each module is parsed into an LLVM context of its own, and
+    optimised and compiled to object code on the thread's own target machine without
+    llvmlite's lock (two BERT-base panel modules on two threads: 182 -> 117 ms). cache_key:
+    also store the object code in the on-disk kernel cache under this key (see load_cached).
+    Raises CompileError on failure."""
     ensure_llvm_initialized()
     t0 = time.perf_counter()
     text = str(module)
-    objects: list[bytes] = []
+    name = getattr(module, "name", "?")
+    tm = _own_target_machine(target)
     with _lock:
-        tm = target_machine(target)
+        context = llvm.create_context()
         try:
-            mod = llvm.parse_assembly(text)
+            mod = llvm.parse_assembly(text, context)
             mod.triple = target.triple or llvm.get_process_triple()
             mod.data_layout = str(tm.target_data)
             mod.verify()
         except RuntimeError as e:
-            raise CompileError(f"invalid LLVM IR for module {getattr(module, 'name', '?')}: {e}")
-        if opt:
-            _optimize(mod, tm, opt)
+            raise CompileError(f"invalid LLVM IR for module {name}: {e}")
+        passes = _pipeline(tm, opt) if opt else None
+    if passes is not None:
+        mpm, pb = passes
+        _unlocked("LLVMPY_RunNewModulePassManager")(mpm, mod, pb)
+    with llvm.ffi.OutputString() as error:
+        buffer = _unlocked("LLVMPY_TargetMachineEmitToMemory")(tm, mod, 1, error)
+        if not buffer:
+            raise CompileError(f"LLVM code generation failed for module {name}: {error}")
+    with _lock:
         try:
-            # The engine takes ownership of (and disposes) its target machine: give it its own.
-            engine = llvm.create_mcjit_compiler(mod, target.create_target_machine(opt=3))
-            if cache_key is not None:
-                engine.set_object_cache(lambda _m, buf: objects.append(bytes(buf)), None)
-            engine.finalize_object()
-        except RuntimeError as e:
-            raise CompileError(f"LLVM JIT compilation failed: {e}")
-    if cache_key is not None and objects:
+            start = llvm.ffi.lib.LLVMPY_GetBufferStart(buffer)
+            obj = ctypes.string_at(start, llvm.ffi.lib.LLVMPY_GetBufferSize(buffer))
+        finally:
+            llvm.ffi.lib.LLVMPY_DisposeMemoryBuffer(buffer)
+    if cache_key is not None:
         from sparsednn.codegen import cache
 
-        cache.store_object(cache_key, objects[0])
-    return JITModule(engine, mod, target, time.perf_counter() - t0, opt=opt)
+        cache.store_object(cache_key, obj)
+    jm = _load_object(obj, target)
+    if jm is None:
+        raise CompileError(f"LLVM JIT compilation failed: the object code of module {name} "
+                           "would not load")  # fmt: skip
+    jm._module, jm._opt = mod, opt
+    jm.compile_seconds = time.perf_counter() - t0
+    return jm
 
 
 def load_cached(cache_key: str, target, source=None, opt: str | int = "light") -> JITModule | None:
@@ -234,13 +281,28 @@ def load_cached(cache_key: str, target, source=None, opt: str | int = "light") -
     obj = cache.load_object(cache_key)
     if obj is None:
         return None
+    jm = _load_object(obj, target, source, opt)
+    if jm is not None:
+        jm.from_cache = True
+    return jm
+
+
+def cached_module(cache_key: str, target, emit, opt: str | int = "light") -> JITModule:
+    """The module `emit()` makes, from the kernel cache, else compiled (and stored there)."""
+    jm = load_cached(cache_key, target, source=emit, opt=opt)
+    return jm if jm is not None else compile_module(emit(), target, opt=opt, cache_key=cache_key)
+
+
+def _load_object(obj: bytes, target, source=None, opt: str | int = "light") -> JITModule | None:
+    """Object code loaded by elf_loader.py where it can be, else by an MCJIT engine; None if
+    neither takes it."""
     t0 = time.perf_counter()
     if elf_loader.supported():
         try:
             with _lock:
                 image = elf_loader.LoadedObject(obj, _exported)
-            return JITModule(None, None, target, time.perf_counter() - t0, from_cache=True,
-                             source=source, opt=opt, image=image)  # fmt: skip
+            return JITModule(None, None, target, time.perf_counter() - t0, source=source,
+                             opt=opt, image=image)  # fmt: skip
         except (elf_loader.UnsupportedObject, OSError, MemoryError):
             pass  # MCJIT loads it (also where mapping executable pages was refused)
     ensure_llvm_initialized()
@@ -249,10 +311,37 @@ def load_cached(cache_key: str, target, source=None, opt: str | int = "light") -
             empty = llvm.parse_assembly("")
             empty.triple = target.triple or llvm.get_process_triple()
             empty.data_layout = str(target_machine(target).target_data)
+            # The engine takes ownership of (and disposes) its target machine: its own one.
             engine = llvm.create_mcjit_compiler(empty, target.create_target_machine(opt=3))
             engine.set_object_cache(None, lambda _m: obj)
             engine.finalize_object()
         except RuntimeError:
             return None
-    return JITModule(engine, None, target, time.perf_counter() - t0, from_cache=True,
-                     source=source, opt=opt)  # fmt: skip
+    return JITModule(engine, None, target, time.perf_counter() - t0, source=source, opt=opt)
+
+
+class CompiledOnce:
+    """Compiled code of a process by key: each key built once, by the first thread to ask for
+    it, while other threads wait for that key only (so different keys compile at once); a
+    build that raises is tried again by the next caller."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._slots: dict = {}  # key -> [lock, value or None]
+
+    def get(self, key, build):
+        with self._lock:
+            slot = self._slots.setdefault(key, [threading.Lock(), None])
+        if slot[1] is None:
+            with slot[0]:
+                if slot[1] is None:
+                    slot[1] = build()
+        return slot[1]
+
+    def __contains__(self, key) -> bool:
+        slot = self._slots.get(key)
+        return slot is not None and slot[1] is not None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._slots.clear()

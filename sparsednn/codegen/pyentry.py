@@ -379,9 +379,7 @@ def _compiled():
                         _emit(mod)
                         return mod
 
-                    jm = jit.load_cached(key, t, source=emit)
-                    if jm is None:
-                        jm = jit.compile_module(emit(), t, cache_key=key)
+                    jm = jit.cached_module(key, t, emit)
                     _state["entry"] = (api, _immortal_method(jm))
             except Exception:  # noqa: BLE001 - no entry points: the Python path runs every call
                 _state["entry"] = None

@@ -1179,8 +1179,7 @@ def _emit_pack(module, name, target: Target) -> ir.Function:
     return fn
 
 
-_helper_cache: dict = {}
-_helper_lock = threading.Lock()
+_helper_cache = jit.CompiledOnce()
 
 # C signatures of the helpers (the kernels declare them by these types and link them by name)
 _HELPER_TYPES = {
@@ -1221,30 +1220,27 @@ def _helper(kind: str, target: Target, activation: str, has_bias: bool):
     epilogue = module_kind not in ("pack", "copy_rows")
     key = (module_kind, target) + ((activation, has_bias) if epilogue else ())
     names = {k: _helper_name(k, target, activation, has_bias) for k in kinds}
-    with _helper_lock:
-        jm = _helper_cache.get(key)
-        if jm is None:
-            name = names[module_kind]
 
-            def emit():
-                module = jit.new_module(name, target)
-                if module_kind == "pack":
-                    _emit_pack(module, name, target)
-                elif module_kind == "copy_rows":
-                    _emit_copy_rows(module, name, target)
-                else:
-                    _emit_store_block(module, name, target, activation, has_bias)
-                    _emit_store_panel(module, names["store_panel"], target, activation, has_bias)
-                return module
+    def build():
+        name = names[module_kind]
 
-            ckey = _code_key("helper", name, _target_key(target))
-            jm = jit.load_cached(ckey, target, source=emit)
-            if jm is None:
-                jm = jit.compile_module(emit(), target, cache_key=ckey)
-            for symbol in names.values():
-                jit.export_symbol(symbol, jm.function_address(symbol))
-            _helper_cache[key] = jm
-        return jm, names[kind], ir.FunctionType(U.void, _HELPER_TYPES[kind])
+        def emit():
+            module = jit.new_module(name, target)
+            if module_kind == "pack":
+                _emit_pack(module, name, target)
+            elif module_kind == "copy_rows":
+                _emit_copy_rows(module, name, target)
+            else:
+                _emit_store_block(module, name, target, activation, has_bias)
+                _emit_store_panel(module, names["store_panel"], target, activation, has_bias)
+            return module
+
+        jm = jit.cached_module(_code_key("helper", name, _target_key(target)), target, emit)
+        for symbol in names.values():
+            jit.export_symbol(symbol, jm.function_address(symbol))
+        return jm
+
+    return _helper_cache.get(key, build), names[kind], ir.FunctionType(U.void, _HELPER_TYPES[kind])
 
 
 # --------------------------------------------------------------------------------------------
@@ -1764,8 +1760,7 @@ def _row_sets(n: int, rows: int = 16) -> int:
     return min(rows, 64 // math.gcd(step, 64)) if step else 1
 
 
-_code_cache: dict = {}
-_code_cache_lock = threading.Lock()
+_code_cache = jit.CompiledOnce()
 
 
 def _compiled_code(key, name):
@@ -1773,55 +1768,48 @@ def _compiled_code(key, name):
     once per process (or loaded from the on-disk cache): the code depends on the tiling, ISA,
     epilogue and structure (staged stores, one K-block) only, not on the weights or the shape
     (both passed as data), so layers of every shape with the same epilogue share it."""
-    with _code_cache_lock:
-        hit = _code_cache.get(key)
-        if hit is None:
-            (nv, group_rows, sort_span, shared, wide, staged, one_block, activation, has_bias,
-             target) = key
-            # helpers first: the kernel's code calls them by name
-            kinds = ("pack", "store_block") + (("copy_rows",) if staged else ())
-            helpers = [_helper(kind, target, activation, has_bias)[0] for kind in kinds]
 
-            def emit():
-                module = jit.new_module(name, target)
-                _SpmmEmitter(module, name, target, activation, has_bias, nv, group_rows, shared,
-                             staged, one_block, sort_span, wide).emit()  # fmt: skip
-                return module
+    def build():
+        (nv, group_rows, sort_span, shared, wide, staged, one_block, activation, has_bias,
+         target) = key  # fmt: skip
+        # helpers first: the kernel's code calls them by name
+        kinds = ("pack", "store_block") + (("copy_rows",) if staged else ())
+        helpers = [_helper(kind, target, activation, has_bias)[0] for kind in kinds]
 
-            ckey = _code_key("spmm", name, key[:-1], _target_key(target))
-            jm = jit.load_cached(ckey, target, source=emit)
-            if jm is None:
-                jm = jit.compile_module(emit(), target, cache_key=ckey)
-            hit = (jm, _CTYPES_SIG(jm.function_address(name)), tuple(helpers))
-            _code_cache[key] = hit
-        return hit
+        def emit():
+            module = jit.new_module(name, target)
+            _SpmmEmitter(module, name, target, activation, has_bias, nv, group_rows, shared,
+                         staged, one_block, sort_span, wide).emit()  # fmt: skip
+            return module
+
+        jm = jit.cached_module(_code_key("spmm", name, key[:-1], _target_key(target)), target,
+                               emit)  # fmt: skip
+        return jm, _CTYPES_SIG(jm.function_address(name)), tuple(helpers)
+
+    return _code_cache.get(key, build)
 
 
 def _compiled_spmv(key, name):
     """(JIT module, C function) of the SpMV kernel of (activation, bias, target)."""
-    with _code_cache_lock:
-        hit = _code_cache.get(key)
-        if hit is None:
-            _, activation, has_bias, target = key
 
-            def emit():
-                module = jit.new_module(name, target)
-                _SpmvEmitter(module, name, target, activation, has_bias).emit()
-                return module
+    def build():
+        _, activation, has_bias, target = key
 
-            ckey = _code_key("spmv", name, key[:-1], _target_key(target))
-            jm = jit.load_cached(ckey, target, source=emit)
-            if jm is None:
-                jm = jit.compile_module(emit(), target, cache_key=ckey)
-            hit = (jm, _SPMV_SIG(jm.function_address(name)))
-            _code_cache[key] = hit
-        return hit
+        def emit():
+            module = jit.new_module(name, target)
+            _SpmvEmitter(module, name, target, activation, has_bias).emit()
+            return module
+
+        jm = jit.cached_module(_code_key("spmv", name, key[:-1], _target_key(target)), target,
+                               emit)  # fmt: skip
+        return jm, _SPMV_SIG(jm.function_address(name))
+
+    return _code_cache.get(key, build)
 
 
 def clear_code_cache() -> None:
     """Forget compiled kernels (kernels already built keep theirs alive)."""
-    with _code_cache_lock:
-        _code_cache.clear()
+    _code_cache.clear()
 
 
 # The SpMV kernel serves M <= SPMV_MAX_M on AVX-512 (measured crossover with the panel kernel,
@@ -1945,8 +1933,7 @@ class SparseLinearKernel:
         self._stage_cols = _STAGE_COLS if (n >= 2 * _STAGE_COLS and _row_sets(n) <= 2) else 0
         key = (nv, group_rows, sort_span, shared, wide, bool(self._stage_cols), n_blocks == 1,
                activation, bias is not None, target)  # fmt: skip
-        with _code_cache_lock:
-            code_known = key in _code_cache
+        code_known = key in _code_cache
         self._jit, self._fn, self._helpers = _compiled_code(key, self.name)
         self._fn_addr = _fn_address(self._fn)
         self.cache_hit = bool(data_hit and (code_known or self._jit.from_cache))

@@ -158,9 +158,7 @@ class _NativePool:
             src = "pool"
         key = cache.digest("code", cache.code_version(), "native_pool", src, kinds,
                            t.cpu_name, t.features, t.isa, t.vector_width, t.triple)  # fmt: skip
-        jm = jit.load_cached(key, t, source=emit, opt=2)
-        if jm is None:
-            jm = jit.compile_module(emit(), t, opt=2, cache_key=key)
+        jm = jit.cached_module(key, t, emit, opt=2)
         for k in kinds:
             self._tramps_init[k] = (jm.function_address(f"tramp_{k}"), jm)
         return jm

@@ -99,6 +99,82 @@ def test_compile_run_and_dump(isa):
         jm.function_address("nope")
 
 
+def _scale_module(target, name: str, factor: float):
+    """void <name>(float *y, int64 n): y *= factor."""
+    mod = jit.new_module(name, target)
+    fn = ir.Function(mod, ir.FunctionType(U.void, [U.f32_ptr, U.i64]), name=name)
+    y, n = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    with U.for_range(b, 0, n, name="i") as i:
+        yp = U.gep(b, y, i)
+        b.store(b.fmul(b.load(yp), ir.Constant(U.f32, factor)), yp)
+    b.ret_void()
+    return mod
+
+
+def test_threads_compile_modules_at_once():
+    """compile_module from several threads at once (each module in a context of its own,
+    optimised and compiled on the thread's own target machine, without llvmlite's lock):
+    every module's code is right, and the same as compiled alone."""
+    import threading
+
+    target = host_target()
+    factors = [1.5 + i for i in range(8)]
+    alone = jit.compile_module(_scale_module(target, "scale_alone", 2.0), target)
+    results: dict = {}
+    start = threading.Barrier(4)
+
+    def work(t):
+        start.wait()
+        for i in range(t, len(factors), 4):
+            results[i] = jit.compile_module(_scale_module(target, f"scale{i}", factors[i]), target)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    sig = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)
+    for i, factor in enumerate(factors):
+        y = np.arange(21, dtype=np.float32)
+        sig(results[i].function_address(f"scale{i}"))(y.ctypes.data, 21)
+        np.testing.assert_array_equal(y, np.arange(21, dtype=np.float32) * np.float32(factor))
+    assert "fmul" in results[3].llvm_ir and alone.compile_seconds > 0
+
+
+def test_compiled_once_builds_each_key_once_across_threads():
+    import threading
+    import time
+
+    cache = jit.CompiledOnce()
+    builds = []
+
+    def build(key):
+        builds.append(key)
+        time.sleep(0.02)  # (the other threads ask meanwhile)
+        return f"code {key}"
+
+    got = []
+    threads = [threading.Thread(target=lambda k=k: got.append(cache.get(k % 2, lambda: build(k % 2))))
+               for k in range(6)]  # fmt: skip
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(builds) == [0, 1] and sorted(got) == ["code 0"] * 3 + ["code 1"] * 3
+    assert 0 in cache and 2 not in cache
+
+    def fail():
+        raise CompileError("no")
+
+    with pytest.raises(CompileError):
+        cache.get("bad", fail)
+    assert "bad" not in cache
+    assert cache.get("bad", lambda: "now built") == "now built"  # (a failure is tried again)
+    cache.clear()
+    assert 0 not in cache
+
+
 def test_invalid_ir_raises_compile_error():
     target = host_target()
     mod = jit.new_module("bad", target)
