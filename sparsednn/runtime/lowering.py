@@ -2,7 +2,9 @@
 
 Ops with native kernels register a lowering here: `@lowering("Op") def lower(node, ctx)` returns
 the function the plan calls with the node's input arrays (compiling its kernel once, now).
-Every other op runs its numpy function from the op registry.
+Every other op runs its numpy function from the op registry. Ops whose kernel's code depends
+on attributes only also register `@code_of("Op") def code(node)`: a function that compiles
+that code ahead of the lowering (the session runs it beside other lowering work).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sparsednn.runtime.threads import parallel_for, step_threads
 
 Lowering = Callable[[Node, "LoweringContext"], Callable[..., Any]]
 LOWERINGS: dict[str, Lowering] = {}
+CODE: dict[str, Callable[[Node], tuple]] = {}
 
 
 @dataclass
@@ -73,6 +76,31 @@ def lowering(op: str):
         return fn
 
     return wrap
+
+
+def code_of(op: str):
+    """Register code(node) -> (key, compile): the code the node's kernel needs, as a key
+    (equal for nodes that share the code) and a function that compiles it."""
+
+    def wrap(fn):
+        CODE[op] = fn
+        return fn
+
+    return wrap
+
+
+def code_to_compile(nodes) -> list[Callable[[], Any]]:
+    """The functions that compile the code these nodes' kernels need, once per distinct code
+    (lower() then finds it compiled)."""
+    found: dict = {}
+    for node in nodes:
+        if node.op in CODE:
+            try:
+                key, compile_code = CODE[node.op](node)
+            except (KeyError, TypeError, ValueError):
+                continue  # (malformed attributes: lower() reports them)
+            found.setdefault(key, compile_code)
+    return list(found.values())
 
 
 def lower(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
@@ -235,15 +263,30 @@ def batched_matmul(a: np.ndarray, b: np.ndarray, num_threads: int) -> np.ndarray
     return out.reshape(*batch, a.shape[-2], b.shape[-1])
 
 
+def _attention_code(node: Node) -> tuple:
+    """(heads, head size, masked): the attention kernel's code (only the variant this node
+    runs: with a mask or without)."""
+    a = node.attrs
+    return a["num_heads"], a["head_size"], len(node.inputs) > 3 and node.inputs[3] is not None
+
+
+@code_of("Attention")
+def code_of_attention(node: Node) -> tuple:
+    from sparsednn.codegen.attention import compile_attention
+
+    heads, head_size, masked = _attention_code(node)
+    return ("Attention", heads, head_size, masked), partial(
+        compile_attention, heads, head_size, masks=(masked,)
+    )
+
+
 @lowering("Attention")
 def lower_attention(node: Node, ctx: LoweringContext) -> Callable[..., Any]:
     """The fused attention kernel (sparsednn/codegen/attention.py), specialised on the heads."""
     from sparsednn.codegen.attention import compile_attention
 
     a = node.attrs
-    heads, head_size = a["num_heads"], a["head_size"]
-    # (only the variant this node runs: with a mask or without)
-    masked = len(node.inputs) > 3 and node.inputs[3] is not None
+    heads, head_size, masked = _attention_code(node)
     kernel = compile_attention(heads, head_size, masks=(masked,))
     ctx.kernels[node.name] = kernel
     scale = float(a["scale"])
@@ -285,6 +328,23 @@ def _lower_layer_norm(node: Node, ctx: LoweringContext, residual: bool) -> Calla
     return lambda x: kernel(
         x, scale=scale, bias=bias, epsilon=eps, num_threads=threads(), where=where
     )
+
+
+@code_of("LayerNorm")
+@code_of("AddLayerNorm")
+def code_of_layer_norm(node: Node) -> tuple:
+    from sparsednn.codegen.norm import compile_layer_norm
+
+    n, residual = len(node.attrs["scale"]), node.op == "AddLayerNorm"
+    return ("LayerNorm", n, residual), partial(compile_layer_norm, n, residual)
+
+
+@code_of("EmbedLayerNorm")
+def code_of_embed_layer_norm(node: Node) -> tuple:
+    from sparsednn.codegen.norm import compile_embed_layer_norm
+
+    n, terms = len(node.attrs["scale"]), len(node.attrs["tables"])
+    return ("EmbedLayerNorm", n, terms), partial(compile_embed_layer_norm, n, terms)
 
 
 @lowering("LayerNorm")

@@ -29,7 +29,13 @@ from sparsednn.passes.choose_kernels import DEFAULT_SPARSE_THRESHOLD
 from sparsednn.passes.pipeline import run_pipeline
 from sparsednn.runtime import native_pool
 from sparsednn.runtime.batch_parts import SLICE, describe_region, order_for_region, region_parts
-from sparsednn.runtime.lowering import LoweringContext, lower, lower_linear_chain, lower_linear_norm
+from sparsednn.runtime.lowering import (
+    LoweringContext,
+    code_to_compile,
+    lower,
+    lower_linear_chain,
+    lower_linear_norm,
+)
 from sparsednn.runtime.progress import progress_bar
 from sparsednn.runtime.threads import (
     default_num_threads,
@@ -260,10 +266,13 @@ class InferenceSession:
         # only then does every other constant the plan keeps get memory of its own
         # (ir/storage.py), so that the two never add up in the session's peak memory.
         nodes = self.graph.nodes
-        sparse = [n for n in nodes if _compressed_from_file(n, "weight")]
-        ordered = sparse + [n for n in nodes if not _compressed_from_file(n, "weight")]
-        bar = iter(progress_bar(ordered, "compiling", self.options.show_progress, unit="node"))
-        lowered = {id(n): fn for fn, n in zip(_lower_sparse(sparse, ctx), bar)}
+        sparse = _distinct_code_first([n for n in nodes if _compressed_from_file(n, "weight")])
+        others = [n for n in nodes if not _compressed_from_file(n, "weight")]
+        bar = iter(progress_bar(sparse + others, "compiling", self.options.show_progress,
+                                unit="node"))  # fmt: skip
+        lowered = {
+            id(n): fn for fn, n in zip(_lower_sparse(sparse, ctx, code_to_compile(others)), bar)
+        }
         own_constants(self.graph)
         lowered.update((id(n), lower(n, ctx)) for n in bar)
         steps: list[Step] = []
@@ -515,20 +524,39 @@ def _is_sparse_linear(step: Step, ctx) -> bool:
     return step.node.op == "Linear" and type(kernel).__name__ == "SparseLinearKernel"
 
 
-def _lower_sparse(nodes: list[Node], ctx: LoweringContext):
+def _lower_sparse(nodes: list[Node], ctx: LoweringContext, code=()):
     """lower(node, ctx) of each of the nodes, in order; with several threads, on as many
     threads at once (at most one per core: each holds a layer's weight): a kernel's
-    compression (numpy), digest (hashlib) and LLVM's code generation each let go of the GIL,
-    so one layer's compression runs beside the other's."""
-    threads = min(ctx.num_threads, default_num_threads(), len(nodes))
+    compression (numpy), digest (hashlib) and LLVM (jit.compile_module) each let go of the
+    GIL, so layers compress and compile beside each other. code: functions compiling the code
+    of the other nodes (lowering.code_to_compile), run on the same threads first (on one
+    thread they are left to those nodes' lowering)."""
+    threads = min(ctx.num_threads, default_num_threads(), len(nodes) + len(code))
     if threads < 2:
         yield from (lower(n, ctx) for n in nodes)
         return
     pool = ThreadPoolExecutor(threads, thread_name_prefix="sparsednn-compile")
     try:
+        compiling = [pool.submit(compile_code) for compile_code in code]
         yield from pool.map(lambda n: lower(n, ctx), nodes)
+        for done in compiling:
+            # (a failure is the lowering's to report, with the node it concerns: it compiles
+            # that code again)
+            done.exception()
     finally:  # (on an error: the layers not started yet are not compiled)
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _distinct_code_first(nodes: list[Node]) -> list[Node]:
+    """The sparse Linears with the first of each epilogue (activation, bias) moved to the
+    front: their kernels' code differs, so the threads of _lower_sparse compile it at once
+    instead of waiting for one another."""
+    seen, first, rest = set(), [], []
+    for node in nodes:
+        key = (node.attrs.get("activation"), node.attrs.get("bias") is None)
+        (rest if key in seen else first).append(node)
+        seen.add(key)
+    return first + rest
 
 
 def _compressed_from_file(node: Node, key: str) -> bool:

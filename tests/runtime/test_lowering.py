@@ -29,3 +29,25 @@ def test_compressed_weight_holds_nothing_but_the_kernel():
     c = CompressedWeight(compile_sparse_linear(w))
     assert [k for k, v in vars(c).items() if isinstance(v, np.ndarray)] == []
     assert "90.0% zeros, compressed" in str(c)
+
+
+def test_code_to_compile_once_per_distinct_code():
+    """What a session compiles ahead of lowering (beside the sparse layers): one function per
+    distinct kernel code; nodes without such code, or with attributes the lowering will
+    reject, add none."""
+    from sparsednn.codegen.norm import compile_layer_norm
+    from sparsednn.ir.graph import Node
+    from sparsednn.runtime.lowering import code_to_compile
+
+    ones = np.ones(24, np.float32)
+    nodes = [
+        Node("LayerNorm", "a", [], [], {"scale": ones}),
+        Node("LayerNorm", "b", [], [], {"scale": ones * 2}),  # (the same code)
+        Node("AddLayerNorm", "c", [], [], {"scale": ones}),
+        Node("AddLayerNorm", "d", [], [], {}),  # (no scale: lower() reports it)
+        Node("Relu", "e", [], [], {}),
+    ]
+    compile_code = code_to_compile(nodes)
+    assert len(compile_code) == 2
+    kernels = [f() for f in compile_code]
+    assert kernels == [compile_layer_norm(24, False), compile_layer_norm(24, True)]
