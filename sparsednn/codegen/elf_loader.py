@@ -1,5 +1,5 @@
-"""Load a cached kernel's machine code (an ELF relocatable object that MCJIT emitted) without
-LLVM.
+"""Load a kernel's machine code (an ELF relocatable object that LLVM emitted: fresh from
+jit.compile_module, or from the on-disk cache) without LLVM's loader.
 
 A session whose kernels all come from the on-disk cache then never loads libllvmlite: importing
 it and starting one MCJIT engine cost ~60 MB of resident memory (35 MB of the library's own
@@ -34,6 +34,7 @@ _SHT_X86_64_UNWIND = 0x70000001
 _SHF_WRITE, _SHF_ALLOC, _SHF_EXECINSTR = 1, 2, 4
 _SHN_UNDEF, _SHN_LORESERVE, _SHN_ABS = 0, 0xFF00, 0xFFF1
 _R_NONE, _R_64, _R_PC32, _R_PLT32, _R_PC64 = 0, 1, 2, 4, 24
+_STT_FUNC = 2
 _PAGE = mmap.PAGESIZE
 
 _SECTION = struct.Struct("<IIQQQQIIQQ")
@@ -80,6 +81,7 @@ class LoadedObject:
 
     def __init__(self, obj: bytes, symbols: dict[str, int]):
         self._symbols: dict[str, int] = {}
+        self.functions: list[tuple[str, int, int]] = []  # (name, address, size), for profilers
         self.base, self.size = 0, 0
         try:
             self._load(bytes(obj), symbols)
@@ -162,7 +164,7 @@ class LoadedObject:
 
         addresses, names = [], []  # per symbol: its address (None: in a section left out)
         for j in range(sym_sec[5] // _SYMBOL.size):
-            st_name, info, _, shndx, value, _ = _SYMBOL.unpack_from(obj, sym_sec[4] + j * 24)
+            st_name, info, _, shndx, value, size = _SYMBOL.unpack_from(obj, sym_sec[4] + j * 24)
             name = sym_name(st_name) if st_name else ""
             if shndx == _SHN_UNDEF:
                 addr = symbols.get(name, 0) if name else 0
@@ -174,6 +176,8 @@ class LoadedObject:
                 addr = base + place[shndx] + value if shndx in place else None
             addresses.append(addr)
             names.append(name)
+            if name and addr and shndx != _SHN_UNDEF and info & 0xF == _STT_FUNC:
+                self.functions.append((name, addr, size))
             if name and addr and shndx != _SHN_UNDEF and info >> 4 != 0:  # global or weak
                 self._symbols[name] = addr
 

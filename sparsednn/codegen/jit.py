@@ -18,6 +18,7 @@ elf_loader.py where it can be, so a session whose kernels are all cached never l
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 
@@ -301,6 +302,8 @@ def _load_object(obj: bytes, target, source=None, opt: str | int = "light") -> J
         try:
             with _lock:
                 image = elf_loader.LoadedObject(obj, _exported)
+                if os.environ.get(PERF_MAP_ENV, "0") != "0":
+                    _add_to_perf_map(image.functions)
             return JITModule(None, None, target, time.perf_counter() - t0, source=source,
                              opt=opt, image=image)  # fmt: skip
         except (elf_loader.UnsupportedObject, OSError, MemoryError):
@@ -318,6 +321,17 @@ def _load_object(obj: bytes, target, source=None, opt: str | int = "light") -> J
         except RuntimeError:
             return None
     return JITModule(engine, None, target, time.perf_counter() - t0, source=source, opt=opt)
+
+
+# SPARSEDNN_PERF_MAP=1: name the generated functions to `perf` (Linux perf's JIT interface:
+# /tmp/perf-<pid>.map, a line "address size name" per function; code loaded by elf_loader.py),
+# so that `perf record` / `perf report` attribute samples in generated code to its functions.
+PERF_MAP_ENV = "SPARSEDNN_PERF_MAP"
+
+
+def _add_to_perf_map(functions) -> None:
+    with open(f"/tmp/perf-{os.getpid()}.map", "a") as f:
+        f.writelines(f"{address:x} {max(size, 1):x} {name}\n" for name, address, size in functions)
 
 
 class CompiledOnce:

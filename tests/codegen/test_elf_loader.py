@@ -89,15 +89,26 @@ _COUNT = ctypes.CFUNCTYPE(ctypes.c_int64)
 
 @pytest.fixture(scope="module")
 def compiled():
-    """(MCJIT module, object bytes) of _IR, the helper exported first."""
+    """(helper module, _IR's object code loaded by MCJIT, the object's bytes), the helper
+    exported first."""
     target = host_target()
     helper = jit.compile_module(_HELPER_IR, target)
     jit.export_symbol("sdnn_test_helper", helper.function_address("sdnn_test_helper"))
     key = cache.digest("test-elf-loader", os.getpid())
-    jm = jit.compile_module(_IR, target, cache_key=key)
+    jit.compile_module(_IR, target, cache_key=key)
     obj = cache.load_object(key)
     assert obj is not None and obj[:4] == b"\x7fELF"
-    return helper, jm, obj
+    saved = os.environ.get(elf_loader.ENV_SWITCH)
+    os.environ[elf_loader.ENV_SWITCH] = "0"
+    try:
+        by_mcjit = jit._load_object(obj, target)
+    finally:
+        if saved is None:
+            del os.environ[elf_loader.ENV_SWITCH]
+        else:
+            os.environ[elf_loader.ENV_SWITCH] = saved
+    assert by_mcjit._engine is not None
+    return helper, by_mcjit, obj
 
 
 def _functions(address):
@@ -178,6 +189,32 @@ def test_load_cached_uses_the_loader_and_falls_back_to_mcjit(compiled, monkeypat
     jm = jit.load_cached(key, target)
     assert jm._image is None and jm._engine is not None
     assert _PICK(jm.function_address("pick"))(0, 1.0) == 4.25
+
+
+def test_fresh_code_is_loaded_like_cached_code_and_named_to_perf(monkeypatch):
+    """compile_module loads its object code with the loader where it can (else MCJIT, from
+    the same object), and with SPARSEDNN_PERF_MAP=1 names each function in perf's map."""
+    target = host_target()
+    path = f"/tmp/perf-{os.getpid()}.map"
+    existed = os.path.exists(path)
+    monkeypatch.setenv(jit.PERF_MAP_ENV, "1")
+    try:
+        jm = jit.compile_module(_HELPER_IR.replace("sdnn_test_helper", "sdnn_perf_named"), target)
+        assert jm._image is not None and jm._engine is None
+        address = jm.function_address("sdnn_perf_named")
+        with open(path) as f:
+            entries = [line.split() for line in f]
+        assert [f"{address:x}", "sdnn_perf_named"] in [[e[0], e[2]] for e in entries]
+        assert all(int(e[1], 16) > 0 for e in entries)
+    finally:
+        if not existed and os.path.exists(path):
+            os.remove(path)
+    monkeypatch.setattr(elf_loader, "supported", lambda: False)
+    jm = jit.compile_module(_HELPER_IR.replace("sdnn_test_helper", "sdnn_by_mcjit"), target)
+    assert jm._image is None and jm._engine is not None
+    assert ctypes.CFUNCTYPE(ctypes.c_double, ctypes.c_double)(
+        jm.function_address("sdnn_by_mcjit"))(1.0) == 101.0  # fmt: skip
+    assert "fadd" in jm.llvm_ir
 
 
 _SESSION_SCRIPT = textwrap.dedent(
