@@ -21,6 +21,7 @@ import ctypes
 import os
 import threading
 import time
+import warnings
 
 from llvmlite import ir
 
@@ -302,12 +303,13 @@ def _load_object(obj: bytes, target, source=None, opt: str | int = "light") -> J
         try:
             with _lock:
                 image = elf_loader.LoadedObject(obj, _exported)
-                if os.environ.get(PERF_MAP_ENV, "0") != "0":
-                    _add_to_perf_map(image.functions)
-            return JITModule(None, None, target, time.perf_counter() - t0, source=source,
-                             opt=opt, image=image)  # fmt: skip
         except (elf_loader.UnsupportedObject, OSError, MemoryError):
             pass  # MCJIT loads it (also where mapping executable pages was refused)
+        else:
+            if os.environ.get(PERF_MAP_ENV, "0") != "0":
+                _add_to_perf_map(image.functions)
+            return JITModule(None, None, target, time.perf_counter() - t0, source=source,
+                             opt=opt, image=image)  # fmt: skip
     ensure_llvm_initialized()
     with _lock:
         try:
@@ -330,8 +332,12 @@ PERF_MAP_ENV = "SPARSEDNN_PERF_MAP"
 
 
 def _add_to_perf_map(functions) -> None:
-    with open(f"/tmp/perf-{os.getpid()}.map", "a") as f:
-        f.writelines(f"{address:x} {max(size, 1):x} {name}\n" for name, address, size in functions)
+    path = f"/tmp/perf-{os.getpid()}.map"
+    try:
+        with _lock, open(path, "a") as f:
+            f.writelines(f"{a:x} {max(size, 1):x} {name}\n" for name, a, size in functions)
+    except OSError as e:  # (a profiling aid: the code runs all the same)
+        warnings.warn(f"{PERF_MAP_ENV}: cannot write {path}: {e}", RuntimeWarning, stacklevel=2)
 
 
 class CompiledOnce:
