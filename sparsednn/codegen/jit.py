@@ -340,6 +340,27 @@ def _add_to_perf_map(functions) -> None:
         warnings.warn(f"{PERF_MAP_ENV}: cannot write {path}: {e}", RuntimeWarning, stacklevel=2)
 
 
+_background = None  # the executor of in_background
+
+
+def in_background(fn, *args) -> None:
+    """Run fn(*args) on LLVM's background thread, to compile code beside the caller (on a
+    machine of more than one core). For builds through CompiledOnce: its result is kept
+    there, and an error is left to whoever builds that code next (it is raised again)."""
+    global _background
+    if _background is None:
+        with _lock:
+            if _background is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                from sparsednn.runtime.threads import default_num_threads
+
+                if default_num_threads() < 2:
+                    return
+                _background = ThreadPoolExecutor(1, thread_name_prefix="sparsednn-llvm")
+    _background.submit(fn, *args)
+
+
 class CompiledOnce:
     """Compiled code of a process by key: each key built once, by the first thread to ask for
     it, while other threads wait for that key only (so different keys compile at once); a

@@ -1881,6 +1881,22 @@ class SparseLinearKernel:
         # partial sums of every row anyway
         sort_span = V if shared or n_blocks == 1 else max(V, _round_up(tuning.sort_span, V))
         stride = _csr_block_stride(n, sort_span, group_rows)
+        wide = not shared and kb > _MAX_K_BLOCK  # (as _CsrBlocks.wide)
+        self._has_bias = bias is not None
+        # stage output tiles when Y's row stride would thrash L1 sets (see _emit_staged_store)
+        self._stage_cols = _STAGE_COLS if (n >= 2 * _STAGE_COLS and _row_sets(n) <= 2) else 0
+        key = (nv, group_rows, sort_span, shared, wide, bool(self._stage_cols), n_blocks == 1,
+               activation, bias is not None, target)  # fmt: skip
+        code_known = key in _code_cache
+        self.spmv_max_m = SPMV_MAX_M if target.isa == "avx512" else 0
+        if not code_known:
+            # the code this kernel shares with others but its panel code, compiled beside the
+            # CSR build and the panel code (a first layer: ~200 -> ~120 ms, see codegen/README)
+            for kind in ("store_block", "copy_rows") if self._stage_cols else ("store_block",):
+                jit.in_background(_helper, kind, target, activation, bias is not None)
+            if self.spmv_max_m:
+                jit.in_background(self._spmv_compiled)
+            jit.in_background(pyentry.available)
         self._use_cache = kcache.enabled() if use_cache is None else bool(use_cache)
         self._data_key = None
         if self._use_cache:
@@ -1888,7 +1904,6 @@ class SparseLinearKernel:
                                            row_bytes, V, sort_span, group_rows, shared,
                                            _weight_digest(weight))  # fmt: skip
         data = None
-        wide = not shared and kb > _MAX_K_BLOCK  # (as _CsrBlocks.wide)
         qty = _quad_type(group_rows, shared, wide)
         if self._data_key is not None:
             data = kcache.load_arrays(self._data_key, {"index": np.int32, "entries": np.uint8,
@@ -1927,13 +1942,6 @@ class SparseLinearKernel:
         self._bias = np.zeros(_round_up(max(n, 1), max(V, SPMV_LANES)), np.float32)
         if bias is not None:
             self._bias[:n] = bias
-        self._has_bias = bias is not None
-
-        # stage output tiles when Y's row stride would thrash L1 sets (see _emit_staged_store)
-        self._stage_cols = _STAGE_COLS if (n >= 2 * _STAGE_COLS and _row_sets(n) <= 2) else 0
-        key = (nv, group_rows, sort_span, shared, wide, bool(self._stage_cols), n_blocks == 1,
-               activation, bias is not None, target)  # fmt: skip
-        code_known = key in _code_cache
         self._jit, self._fn, self._helpers = _compiled_code(key, self.name)
         self._fn_addr = _fn_address(self._fn)
         self.cache_hit = bool(data_hit and (code_known or self._jit.from_cache))
@@ -1953,7 +1961,6 @@ class SparseLinearKernel:
         self._token_plans: dict[tuple, tuple] = {}
         # the SpMV variant (M <= spmv_max_m): its code now (no LLVM while running), its steps
         # on first use (from the cache entry if there)
-        self.spmv_max_m = SPMV_MAX_M if target.isa == "avx512" else 0
         self._spmv = None
         self._spmv_lock = threading.Lock()
         if self.spmv_max_m:

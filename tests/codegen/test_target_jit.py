@@ -175,6 +175,32 @@ def test_compiled_once_builds_each_key_once_across_threads():
     assert 0 not in cache
 
 
+def test_code_built_in_the_background_is_found_or_its_error_raised_again():
+    """jit.in_background: a build started there is the one a caller then gets (or waits for);
+    one that failed there fails again, raised to the caller."""
+    import threading
+
+    cache = jit.CompiledOnce()
+    started = threading.Event()
+    built = []
+
+    def build(name):
+        built.append(name)
+        started.set()
+        if name == "bad":
+            raise CompileError("bad code")
+        return name
+
+    jit.in_background(cache.get, "good", lambda: build("good"))
+    jit.in_background(cache.get, "bad", lambda: build("bad"))
+    if jit._background is not None:  # (none on one core)
+        assert started.wait(10)
+    assert cache.get("good", lambda: build("good")) == "good"
+    with pytest.raises(CompileError, match="bad code"):
+        cache.get("bad", lambda: build("bad"))
+    assert built.count("good") == 1
+
+
 def test_invalid_ir_raises_compile_error():
     target = host_target()
     mod = jit.new_module("bad", target)
