@@ -1891,7 +1891,8 @@ class SparseLinearKernel:
         self.spmv_max_m = SPMV_MAX_M if target.isa == "avx512" else 0
         if not code_known:
             # the code this kernel shares with others but its panel code, compiled beside the
-            # CSR build and the panel code (a first layer: ~200 -> ~120 ms, see codegen/README)
+            # CSR build and the panel code (a first layer: 213-244 -> 143-147 ms, see
+            # codegen/README.md)
             for kind in ("store_block", "copy_rows") if self._stage_cols else ("store_block",):
                 jit.in_background(_helper, kind, target, activation, bias is not None)
             if self.spmv_max_m:
