@@ -620,9 +620,12 @@ class AttentionKernel(jit.JITKernel):
         )
 
 
-@functools.cache
+_kernels = jit.CompiledOnce()  # (sessions compile these on several threads at once)
+
+
 def _cached(num_heads: int, head_size: int, target: Target) -> AttentionKernel:
-    return AttentionKernel(num_heads, head_size, target)
+    return _kernels.get((num_heads, head_size, target),
+                        lambda: AttentionKernel(num_heads, head_size, target))  # fmt: skip
 
 
 def compile_attention(

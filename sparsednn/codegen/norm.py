@@ -351,9 +351,12 @@ def _zeros(n: int) -> np.ndarray:
     return z
 
 
-@functools.cache
+_kernels = jit.CompiledOnce()  # (sessions compile these on several threads at once)
+
+
 def _cached(n: int, residual: bool, target: Target, terms: int = 0) -> LayerNormKernel:
-    return LayerNormKernel(n, residual, target, terms)
+    return _kernels.get((n, residual, target, terms),
+                        lambda: LayerNormKernel(n, residual, target, terms))  # fmt: skip
 
 
 def compile_layer_norm(
