@@ -8,8 +8,8 @@ generates every code variant the model needs, once per process, and every sparse
 compressed), then in another fresh process with the cache the first one filled (warm: machine
 code and compressed weights come from the cache, and LLVM is never loaded). Prints, for each,
 the median and range over the rounds: the seconds to create the session, the seconds of it in
-LLVM (`jit.compile_module`: verifying, optimising and generating code), per linear layer,
-and the peak RSS. The model is built and pruned as in bench/e2e.py (needs the `models` extra).
+which LLVM ran (`jit.compile_module`: verifying, optimising and generating code; threads
+compile at once, so their summed work is printed too), per linear layer, and the peak RSS. The model is built and pruned as in bench/e2e.py (needs the `models` extra).
 """
 
 from __future__ import annotations
@@ -28,16 +28,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import pruned_model
 
 PROBE = r"""
-import json, sys, time
+import json, sys, threading, time
 from sparsednn.codegen import jit
-llvm_seconds = [0.0]
+llvm = {"active": 0, "since": 0.0, "wall": 0.0, "work": 0.0}
+lock = threading.Lock()
 compile_module = jit.compile_module
-def timed(*args, **kwargs):
+def timed(*args, **kwargs):  # (threads compile at once: the time any runs, and their sum)
     t = time.perf_counter()
+    with lock:
+        if llvm["active"] == 0:
+            llvm["since"] = t
+        llvm["active"] += 1
     try:
         return compile_module(*args, **kwargs)
     finally:
-        llvm_seconds[0] += time.perf_counter() - t
+        end = time.perf_counter()
+        with lock:
+            llvm["work"] += end - t
+            llvm["active"] -= 1
+            if llvm["active"] == 0:
+                llvm["wall"] += end - llvm["since"]
 jit.compile_module = timed
 import sparsednn
 def peak_mb():  # this process's own: ru_maxrss counts the parent's RSS at the fork too
@@ -46,7 +56,7 @@ def peak_mb():  # this process's own: ru_maxrss counts the parent's RSS at the f
 t = time.perf_counter()
 s = sparsednn.InferenceSession(sys.argv[1], sparsednn.SessionOptions(intra_op_num_threads=int(sys.argv[2])))
 seconds = time.perf_counter() - t
-print(json.dumps({"seconds": seconds, "llvm_seconds": llvm_seconds[0],
+print(json.dumps({"seconds": seconds, "llvm_seconds": llvm["wall"], "llvm_work": llvm["work"],
                   "linear": sum(n.op == "Linear" for n in s.graph.nodes),
                   "peak_mb": peak_mb()}))
 """
@@ -82,7 +92,8 @@ def main() -> None:
         for kind, rs in runs.items():
             seconds = [r["seconds"] for r in rs]
             layers = rs[0]["linear"]
-            print(f"   {kind}: {spread(seconds)} s, of it LLVM {spread([r['llvm_seconds'] for r in rs])} s;"
+            print(f"   {kind}: {spread(seconds)} s, of it LLVM {spread([r['llvm_seconds'] for r in rs])} s"
+                  f" ({np.median([r['llvm_work'] for r in rs]):.2f} s of work on all threads);"
                   f" {layers} linear layers: {1e3 * np.median(seconds) / layers:.1f} ms a layer"
                   f" in all; peak RSS {np.median([r['peak_mb'] for r in rs]):.0f} MB")  # fmt: skip
 
