@@ -192,6 +192,46 @@ def parse_list(text, conv):
     return [conv(x) for x in text.split(",") if x.strip()]
 
 
+# Issue #3's bars: the least speedup over numpy dense (same threads) per sparsity, from N = 128
+# tokens on (the break-even at 70%: at least as fast), at one token, and two threads against one.
+SPEEDUP_BARS = {0.7: 1.0, 0.9: 5.0, 0.95: 8.0, 0.98: 15.0}
+ONE_TOKEN_BAR = (0.9, 4.0)
+THREADS_BAR = 1.8
+
+
+def bar_summary(rows: list[dict]) -> list[str]:
+    """One line per bar the rows cover: the worst case measured, and whether it meets the bar."""
+
+    def case(r):
+        return f"{r['k']}x{r['n']} M={r['m']} {r['threads']}T"
+
+    def line(what, bar, value, label):
+        verdict = "met" if value >= bar else "MISSED"
+        return f"# bar {what} >= {bar:g}x: {verdict}, least {value:.3f}x ({label})"
+
+    lines = []
+    for sparsity, bar in SPEEDUP_BARS.items():
+        cases = [r for r in rows if abs(r["sparsity"] - sparsity) < 1e-9 and r["m"] >= 128]
+        if cases:
+            worst = min(cases, key=lambda r: r["speedup_dense"])
+            lines.append(line(f"{sparsity:.0%} from 128 tokens", bar, worst["speedup_dense"],
+                              case(worst)))  # fmt: skip
+    sparsity, bar = ONE_TOKEN_BAR
+    cases = [r for r in rows if abs(r["sparsity"] - sparsity) < 1e-9 and r["m"] == 1]
+    if cases:
+        worst = min(cases, key=lambda r: r["speedup_dense"])
+        lines.append(line(f"{sparsity:.0%} one token", bar, worst["speedup_dense"], case(worst)))
+    one = {(r["k"], r["n"], r["sparsity"], r["m"]): r for r in rows if r["threads"] == 1}
+    ratios = [(one[key]["sparse_us"] / r["sparse_us"], r) for r in rows
+              if r["threads"] == 2 and r["m"] >= 128
+              and (key := (r["k"], r["n"], r["sparsity"], r["m"])) in one]  # fmt: skip
+    if ratios:
+        value, worst = min(ratios, key=lambda p: p[0])
+        lines.append(line("two threads against one from 128 tokens", THREADS_BAR, value,
+                          f"{worst['k']}x{worst['n']} {worst['sparsity']:.0%} M={worst['m']}"))  # fmt: skip
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -315,6 +355,8 @@ def main(argv=None) -> int:
                           f"{100 * gflops / peaks[nt]:>4.0f}% "
                           f"{row['speedup_dense']:>7.2f}x {row['speedup_scipy']:>7.2f}x  {kern.name} ({variant})",
                           flush=True)  # fmt: skip
+    for summary in bar_summary(rows):
+        print(summary)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"target": {"isa": target.isa, "cpu": target.cpu_name}, "blas": blas_description(),
