@@ -712,7 +712,6 @@ class _SpmmEmitter:
         """Bias, activation and store of the finished tile of rows rb .. rb + nrows."""
         TN = self.TN
         bias = U.gep(b, a["bias"], rb, name="bias_block")
-        stream = b.and_(a["layout"], U.int64(LAYOUT_STREAM_OUT), name="stream_out")
         with b.if_else(panel_out) as (then, otherwise):
             with then:
                 rows_out = U.gep(b, y_panel, b.mul(rb, U.int64(TN)), name="y_rows")
@@ -720,12 +719,22 @@ class _SpmmEmitter:
                                           U.int64(TN), a["probe"]])  # fmt: skip
             with otherwise:
                 y_block = U.gep(b, a["y"], b.add(b.mul(a["t0"], N), rb), name="y_block")
-                args = [tile, U.int64(tnp), a["tn"], nrows, bias, y_block, N, stream]
-                if self.staged and self.V * 4 == 64:
+
+                def store_to_y(stream: int):
+                    b.call(self.store_block, [tile, U.int64(tnp), a["tn"], nrows, bias, y_block,
+                                              N, U.int64(stream)])  # fmt: skip
+
+                if not self.staged:
+                    # unstaged layers do not stream: BERT-base's q|k|v (19 MB at batch 16),
+                    # which attention reads right after, streamed measured ~1% slower end to
+                    # end (177.5-179.8 against 174.6-179.4 ms, alternating processes)
+                    store_to_y(0)
+                elif self.V * 4 == 64:
                     # streamed tiles go straight to Y when each token's V outputs are a whole
                     # line (no set thrashing in L1, which they skip; no copy through staging):
                     # 98% at 2048 tokens, 768x3072 13.7x -> 17.9x numpy, 1024x4096 14.4x ->
                     # 17.2x; the others (and misaligned Y) through staging
+                    stream = b.and_(a["layout"], U.int64(LAYOUT_STREAM_OUT), name="stream_out")
                     line_bytes = b.or_(b.ptrtoint(a["y"], U.i64), b.mul(N, U.int64(4)))
                     direct = b.and_(
                         b.icmp_unsigned("!=", stream, U.int64(0)),
@@ -734,16 +743,11 @@ class _SpmmEmitter:
                     )
                     with b.if_else(direct) as (direct, staged):
                         with direct:
-                            b.call(self.store_block, args)
+                            store_to_y(1)
                         with staged:
                             self._emit_staged_store(b, a, tile, tnp, rb, nrows, bias, N)
-                elif self.staged:
-                    self._emit_staged_store(b, a, tile, tnp, rb, nrows, bias, N)
                 else:
-                    # unstaged layers do not stream: BERT-base's q|k|v (19 MB at batch 16),
-                    # which attention reads right after, streamed measured ~1% slower end to
-                    # end (177.5-179.8 against 174.6-179.4 ms, alternating processes)
-                    b.call(self.store_block, args[:-1] + [U.int64(0)])
+                    self._emit_staged_store(b, a, tile, tnp, rb, nrows, bias, N)
 
     def _emit_staged_store(self, b, a, tile, tnp, rb, nrows, bias, N):
         """Finish the tile into the staging buffer (row stride STAGE_STRIDE, not N), and copy
@@ -2039,9 +2043,14 @@ class SparseLinearKernel:
         fills, replaced by a new entry point (its SpMV state set again)."""
         self._token_plans.clear()
         self._entry = self._entry_point()
-        sp = self._spmv
-        if self._entry is not None and sp is not None:
-            self._entry.set_spmv(_fn_address(sp[0]), sp[7].ctypes.data, sp[2], (sp, sp[5]))
+        if self._spmv is not None:
+            self._teach_entry_spmv()
+
+    def _teach_entry_spmv(self) -> None:
+        """Give the entry point the SpMV state (self._spmv, built)."""
+        fn, _, n_slices, _, _, jm, _, params = self._spmv
+        if self._entry is not None:
+            self._entry.set_spmv(_fn_address(fn), params.ctypes.data, n_slices, (self._spmv, jm))
 
     def _entry_takes(self, num_threads) -> bool:
         """Whether the entry point will run calls with num_threads of a shape not planned yet."""
@@ -2137,8 +2146,7 @@ class SparseLinearKernel:
             ptrs = (params.ctypes.data,)
             self._spmv = sp = (fn, ptrs, n_slices, max(_SPMV_GROUPS) * kp + 64, layout, jm, bias,
                                params)  # fmt: skip
-            if self._entry is not None:
-                self._entry.set_spmv(_fn_address(fn), params.ctypes.data, n_slices, (sp, jm))
+            self._teach_entry_spmv()
             return sp
 
     @property
