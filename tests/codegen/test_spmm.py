@@ -186,6 +186,25 @@ def test_sparsest_weights_take_narrow_panels_and_deep_k_blocks(k, n):
                 assert_close(kern(x, num_threads=threads), x, w, bias, activation)
 
 
+@pytest.mark.parametrize("k,sparsity,k_block", [(3072, 0.98, 512), (3072, 0.99, 1024),
+                                                (768, 0.99, 768), (3072, 0.95, 384)])  # fmt: skip
+def test_sparsest_k_blocks_deepen_as_the_weight_thins(k, sparsity, k_block):
+    """A row keeps about 11 nonzeros per K-block (SpmmTuning.sparsest_row_nonzeros), down to
+    a floor of 48 KB: at 99% K = 768 is one block of 16-bit k."""
+    if host_target().isa != "avx512":
+        pytest.skip("the narrow-panel plan is AVX-512 only")
+    rng = np.random.default_rng(k)
+    w = random_weight(rng, k, 200, sparsity)
+    bias = rng.standard_normal(200).astype(np.float32)
+    kern = compile_sparse_linear(w, bias, "gelu")
+    assert kern.tile_tokens == 32 and kern._csr.wide
+    assert kern.k_block == k_block and kern._csr.n_blocks == -(-k // k_block)
+    for m in (1, 31, 33, 100):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        for threads in (1, 2):
+            assert_close(kern(x, num_threads=threads), x, w, bias, "gelu")
+
+
 def test_sparsest_plan_only_below_its_density_and_without_shared_rows():
     """90% keeps 64-token panels of 8-bit k; weights pruned in 1x4 blocks keep the shared-rows
     variant (8-bit k) at any density; an explicit K-block size keeps the caller's panels."""
