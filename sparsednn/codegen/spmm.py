@@ -449,7 +449,8 @@ LAYOUT_PANEL_OUT = 2  # Y goes out as panels [m / TN][N][TN], untransposed (all 
 # until they are read, the stores then skip reading each line first. On AVX-512 (a token's V
 # outputs one line) finished tiles go straight to a line-aligned Y (_emit_finish), elsewhere
 # the staged rows that start on a line (_emit_staged_store); the kernel fences them at its end.
-# Layers whose tiles are not staged never stream (see _emit_finish).
+# Layers whose tiles are not staged stream only where their X comes from DRAM as well
+# (LAYOUT_PREFETCH_X, see _emit_finish).
 LAYOUT_STREAM_OUT = 4
 # The call's first panel prefetches the weights' entries (LAYOUT_PREFETCH_ENTRIES): they may
 # come from DRAM, and later panels find them in cache. Each group prefetches the entries this
@@ -735,7 +736,8 @@ class _SpmmEmitter:
                     with U.for_range(b, 0, count, name="g") as g:
                         gi = b.add(g0, g, name="group")
                         local = b.add(local0, g, name="local_group")
-                        with b.if_then(b.icmp_signed("<", local, prefetch_groups)):
+                        prefetching = b.icmp_signed("<", local, prefetch_groups)
+                        with b.if_then(prefetching, likely=False):  # (out of the way when off)
                             self._emit_x_prefetch(b, local, next_x, K, tnp)
                         self._emit_group(b, a, nv, panel, index, slots, gi, rows_at, first_block,
                                          prefetch_entries)  # fmt: skip
@@ -788,20 +790,36 @@ class _SpmmEmitter:
                                               N, U.int64(stream)])  # fmt: skip
 
                 if not self.staged:
-                    # unstaged layers do not stream: BERT-base's q|k|v (19 MB at batch 16),
-                    # which attention reads right after, streamed measured ~1% slower end to
-                    # end (177.5-179.8 against 174.6-179.4 ms, alternating processes)
-                    store_to_y(0)
+                    # unstaged layers stream only where X comes from DRAM as well: BERT-base's
+                    # q|k|v (19 MB at batch 16, X 6 MB), which attention reads right after,
+                    # streamed measured ~1% slower end to end (177.5-179.8 against 174.6-179.4
+                    # ms, alternating processes); 3072x768 at 2048 tokens (X 25 MB, Y 6 MB)
+                    # 3% faster, and with a 768-wide layer reading its Y 1-4% (see
+                    # stream_out_bytes)
+                    if self.V * 4 == 64:
+                        both = LAYOUT_STREAM_OUT | LAYOUT_PREFETCH_X
+                        direct = b.and_(
+                            b.icmp_unsigned("==", b.and_(a["layout"], U.int64(both)),
+                                            U.int64(both)),  # fmt: skip
+                            self._line_aligned(b, a, N),
+                            name="stream_direct",
+                        )
+                        with b.if_else(direct) as (streamed, plain):
+                            with streamed:
+                                store_to_y(1)
+                            with plain:
+                                store_to_y(0)
+                    else:
+                        store_to_y(0)
                 elif self.V * 4 == 64:
                     # streamed tiles go straight to Y when each token's V outputs are a whole
                     # line (no set thrashing in L1, which they skip; no copy through staging):
                     # 98% at 2048 tokens, 768x3072 13.7x -> 17.9x numpy, 1024x4096 14.4x ->
                     # 17.2x; the others (and misaligned Y) through staging
                     stream = b.and_(a["layout"], U.int64(LAYOUT_STREAM_OUT), name="stream_out")
-                    line_bytes = b.or_(b.ptrtoint(a["y"], U.i64), b.mul(N, U.int64(4)))
                     direct = b.and_(
                         b.icmp_unsigned("!=", stream, U.int64(0)),
-                        b.icmp_unsigned("==", b.and_(line_bytes, U.int64(63)), U.int64(0)),
+                        self._line_aligned(b, a, N),
                         name="stream_direct",
                     )
                     with b.if_else(direct) as (direct, staged):
@@ -811,6 +829,12 @@ class _SpmmEmitter:
                             self._emit_staged_store(b, a, tile, tnp, rb, nrows, bias, N)
                 else:
                     self._emit_staged_store(b, a, tile, tnp, rb, nrows, bias, N)
+
+    @staticmethod
+    def _line_aligned(b, a, N):
+        """(i1) Y and its row stride are whole cache lines (64 bytes)."""
+        line_bytes = b.or_(b.ptrtoint(a["y"], U.i64), b.mul(N, U.int64(4)))
+        return b.icmp_unsigned("==", b.and_(line_bytes, U.int64(63)), U.int64(0))
 
     def _emit_staged_store(self, b, a, tile, tnp, rb, nrows, bias, N):
         """Finish the tile into the staging buffer (row stride STAGE_STRIDE, not N), and copy
@@ -1762,7 +1786,12 @@ def stream_out_bytes() -> int:
     straight to Y), the pair's time streamed / not: 90% 1.035 at 1-2 MB each (Y then stays in
     L2), 0.99-1.005 at 4 MB (the second layer reads Y from DRAM, not L3), 0.94 at 8 MB, 0.92
     at 16 MB; 98% 0.96-0.98 at 2 MB, 0.95 at 4 MB, 0.81 at 8 MB, 0.73-0.75 at 16 MB. From 4 MB
-    instead, BERT-base at batch 16 (2 threads) measured 1-2.5% slower: 8 MB stays."""
+    instead, BERT-base at batch 16 (2 threads) measured 1-2.5% slower: 8 MB stays. Where X
+    comes from DRAM (prefetch_x_bytes()) outputs from half this size on stream too (and
+    those of unstaged layers, see _emit_finish): X passing through the L3 evicts them before
+    they could be read. 3072x768 at 2048 tokens (X 25 MB, Y 6 MB), one thread, same process:
+    98% -3%, 90% -3.4%; followed by a 768x768 layer reading Y, the pair 98% -4%, 90% -0.6%;
+    by a 768x3072 one, 98% -1%, 90% +1%."""
     return last_level_cache_bytes() // 4
 
 
@@ -2273,16 +2302,19 @@ class SparseLinearKernel:
         dispatch: the native pool's PreparedDispatch of those calls (None without the pool),
         the addresses of X, Y and the probes written per call. _run keeps plans per (m,
         num_threads, native pool on): the calls of a batch shape repeat them. layout:
-        LAYOUT_PREFETCH_ENTRIES, with LAYOUT_STREAM_OUT for outputs of stream_out_bytes() or
-        more and LAYOUT_PREFETCH_X for inputs of prefetch_x_bytes() or more."""
+        LAYOUT_PREFETCH_ENTRIES, with LAYOUT_PREFETCH_X for inputs of prefetch_x_bytes() or
+        more, and LAYOUT_STREAM_OUT for outputs of stream_out_bytes() or more (half that with
+        LAYOUT_PREFETCH_X)."""
         threads = self._useful_threads(m, num_threads) if num_threads > 1 else 1
         if len(self._token_plans) > 256:  # (many distinct batch shapes: start over)
             self._token_plans.clear()
         layout = LAYOUT_PREFETCH_ENTRIES
-        if 4 * m * self.out_features >= stream_out_bytes():
-            layout |= LAYOUT_STREAM_OUT
-        if 4 * m * self.in_features >= prefetch_x_bytes():
+        x_bytes, y_bytes = 4 * m * self.in_features, 4 * m * self.out_features
+        if x_bytes >= prefetch_x_bytes():
             layout |= LAYOUT_PREFETCH_X
+        if y_bytes >= stream_out_bytes() or (layout & LAYOUT_PREFETCH_X
+                                             and y_bytes >= stream_out_bytes() // 2):  # fmt: skip
+            layout |= LAYOUT_STREAM_OUT
         if threads == 1:
             return 1, (), None, layout
         k, n = self.in_features, self.out_features

@@ -953,6 +953,30 @@ def test_large_inputs_prefetched_ahead_give_the_same_bits(monkeypatch, k, sparsi
             np.testing.assert_array_equal(kern(x, num_threads=t), got[t - 1])
 
 
+def test_unstaged_outputs_stream_only_where_inputs_come_from_dram(monkeypatch):
+    """An unstaged layer (768 features) streams its output only where its X is large as well
+    (LAYOUT_PREFETCH_X): the same bits either way, into its own output and a misaligned one."""
+    rng = np.random.default_rng(3)
+    w = random_weight(rng, 200, 768, 0.95)
+    kern = compile_sparse_linear(w, rng.standard_normal(768).astype(np.float32), "gelu")
+    assert not kern._stage_cols
+    if kern.target.isa == "avx512":
+        assert "vmovntps" in kern.asm
+    x = rng.standard_normal((150, 200)).astype(np.float32)
+    want = {t: kern(x, num_threads=t) for t in (1, 2)}
+    monkeypatch.setattr(spmm, "stream_out_bytes", lambda: 0)
+    kern.forget_plans()
+    assert not kern._token_plan(150, 1)[3] & spmm.LAYOUT_PREFETCH_X  # (streams, but plainly)
+    np.testing.assert_array_equal(kern(x), want[1])
+    monkeypatch.setattr(spmm, "prefetch_x_bytes", lambda: 0)
+    kern.forget_plans()
+    for t in (1, 2):
+        assert kern._token_plan(150, t)[3] & spmm.LAYOUT_STREAM_OUT
+        np.testing.assert_array_equal(kern(x, num_threads=t), want[t])
+        out = spmm.empty_aligned(150 * 768 + 1)[1:].reshape(150, 768)
+        np.testing.assert_array_equal(kern(x, out=out, num_threads=t), want[t])
+
+
 @pytest.mark.parametrize("m", [1, 5, 40, 200])
 def test_dense_column_and_row_split(m):
     rng = np.random.default_rng(m)
