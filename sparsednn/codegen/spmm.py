@@ -647,7 +647,8 @@ class _SpmmEmitter:
                                     name="panel_out")  # fmt: skip
         prefetch_entries = b.and_(
             b.icmp_unsigned("!=", b.and_(flags, U.int64(LAYOUT_PREFETCH_ENTRIES)), U.int64(0)),
-            b.icmp_signed("==", a["t0"], U.int64(0)), name="prefetch_entries"
+            b.icmp_signed("==", a["t0"], U.int64(0)),
+            name="prefetch_entries",
         )  # (the call's first panel)
         prefetch_x = b.and_(
             b.icmp_unsigned("!=", b.and_(flags, U.int64(LAYOUT_PREFETCH_X)), U.int64(0)),
@@ -797,13 +798,9 @@ class _SpmmEmitter:
                     # 3% faster, and with a 768-wide layer reading its Y 1-4% (see
                     # stream_out_bytes)
                     if self.V * 4 == 64:
-                        both = LAYOUT_STREAM_OUT | LAYOUT_PREFETCH_X
-                        direct = b.and_(
-                            b.icmp_unsigned("==", b.and_(a["layout"], U.int64(both)),
-                                            U.int64(both)),  # fmt: skip
-                            self._line_aligned(b, a, N),
-                            name="stream_direct",
-                        )
+                        both = U.int64(LAYOUT_STREAM_OUT | LAYOUT_PREFETCH_X)
+                        flagged = b.icmp_unsigned("==", b.and_(a["layout"], both), both)
+                        direct = b.and_(flagged, self._line_aligned(b, a, N), name="stream_direct")
                         with b.if_else(direct) as (streamed, plain):
                             with streamed:
                                 store_to_y(1)
