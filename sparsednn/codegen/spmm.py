@@ -468,13 +468,15 @@ LAYOUT_PREFETCH_ENTRIES = 8
 ENTRY_PREFETCH_BYTES = 1536
 _PREFETCH_READ = (ir.Constant(U.i32, 0), ir.Constant(U.i32, 3), ir.Constant(U.i32, 1))
 # X of prefetch_x_bytes() or more comes from DRAM, and packing alone keeps too few misses in
-# flight (it reads ~33 GB/s on one core here, against ~44 for a plain stream): each group of
-# rows then also prefetches X_PREFETCH_LINES lines of the next K-block's X (after the last
-# block: the next panel's first), spread over the groups' work (_emit_x_prefetch), into L2
-# (prefetcht1: keep in all levels but L1). One thread, 2048 tokens, same process,
-# alternating: 98% 3072x768 -4 to -4.5%, 4096x1024 -3 to -4.4%; 95% 3072x768 -4%; 90%
-# 3072x768 -2%, 4096x1024 -3.4%; two threads -0.3 to -4%. With X in the L3 (768x768 at
-# 2048 tokens, 6 MB) it cost 3-4%: off below the threshold.
+# flight (it reads ~33 GB/s on one core here, against ~44 for a plain stream): with the
+# sparsest weights' plan (the least work per byte of X), each group of rows then also
+# prefetches X_PREFETCH_LINES lines of the next K-block's X (after the last block: the next
+# panel's first), spread over the groups' work (_emit_x_prefetch), into L2 (prefetcht1:
+# keep in all levels but L1). One thread, 2048 tokens, same process, alternating: 98%
+# 3072x768 -4 to -4.5%, 4096x1024 -3 to -4.4%; 95% 3072x768 -4%; two threads -0.3 to -4%.
+# With X in the L3 (768x768 at 2048 tokens, 6 MB) it cost 3-4%: off below the threshold.
+# The 64-token panels (90%) gained 1-3% with X from DRAM, but their check per group cost
+# ~1% everywhere else (768x3072 and 1024x4096 at 90%): not there.
 LAYOUT_PREFETCH_X = 16
 X_PREFETCH_LINES = 6
 _PREFETCH_L2 = (ir.Constant(U.i32, 0), ir.Constant(U.i32, 2), ir.Constant(U.i32, 1))
@@ -715,20 +717,22 @@ class _SpmmEmitter:
             else:
                 unit = b.select(last, U.int64(V), U.int64(self.S), name="unit")
             count = b.sdiv(unit, U.int64(self.R), name="unit_groups")
-            # what the groups prefetch (LAYOUT_PREFETCH_X): the next K-block, or after the
-            # last one the next panel's first (past this call's tokens: a prefetch never faults)
-            next_x = b.select(
-                last,
-                U.gep(b, a["x"], b.mul(b.add(a["t0"], U.int64(tnp)), K)),
-                U.gep(b, a["x"], b.add(b.mul(a["t0"], K), b.add(k0, KB))),
-                name="next_x",
-            )
-            # the groups that prefetch: those of the first X_PREFETCH_LINES * tnp * (lines of
-            # a row) (none without the flag: one compare per group)
-            parts = b.udiv(b.add(KB, U.int64(16 * X_PREFETCH_LINES - 1)),
-                           U.int64(16 * X_PREFETCH_LINES))  # fmt: skip
-            prefetch_groups = b.select(prefetch_x, b.mul(parts, U.int64(tnp)), U.int64(0),
-                                       name="prefetch_groups")  # fmt: skip
+            if self.wide:  # (the sparsest plan, see X_PREFETCH_LINES)
+                # what the groups prefetch (LAYOUT_PREFETCH_X): the next K-block, or after
+                # the last one the next panel's first (past this call's tokens: a prefetch
+                # never faults)
+                next_x = b.select(
+                    last,
+                    U.gep(b, a["x"], b.mul(b.add(a["t0"], U.int64(tnp)), K)),
+                    U.gep(b, a["x"], b.add(b.mul(a["t0"], K), b.add(k0, KB))),
+                    name="next_x",
+                )
+                # the groups that prefetch: the first X_PREFETCH_LINES * tnp * (lines of a
+                # row) (none without the flag: one compare per group)
+                parts = b.udiv(b.add(KB, U.int64(16 * X_PREFETCH_LINES - 1)),
+                               U.int64(16 * X_PREFETCH_LINES))  # fmt: skip
+                prefetch_groups = b.select(prefetch_x, b.mul(parts, U.int64(tnp)), U.int64(0),
+                                           name="prefetch_groups")  # fmt: skip
 
             def rows(first_block: bool):
                 with U.for_range(b, a["row_begin"], a["row_end"], unit, name="rs") as rs:
@@ -743,10 +747,11 @@ class _SpmmEmitter:
                     local0 = b.sdiv(b.sub(rs, a["row_begin"]), U.int64(self.R))
                     with U.for_range(b, 0, count, name="g") as g:
                         gi = b.add(g0, g, name="group")
-                        local = b.add(local0, g, name="local_group")
-                        prefetching = b.icmp_signed("<", local, prefetch_groups)
-                        with b.if_then(prefetching, likely=False):  # (out of the way when off)
-                            self._emit_x_prefetch(b, local, next_x, K, tnp)
+                        if self.wide:
+                            local = b.add(local0, g, name="local_group")
+                            prefetching = b.icmp_signed("<", local, prefetch_groups)
+                            with b.if_then(prefetching, likely=False):  # (out of the way)
+                                self._emit_x_prefetch(b, local, next_x, K, tnp)
                         self._emit_group(b, a, nv, panel, index, slots, gi, rows_at, first_block,
                                          prefetch_entries)  # fmt: skip
                     with b.if_then(last):  # (the unit is then one tile)
