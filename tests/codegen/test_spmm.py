@@ -208,6 +208,24 @@ def test_sparsest_k_blocks_deepen_as_the_weight_thins(k, sparsity, k_block):
             assert_close(kern(x, num_threads=threads), x, w, bias, "gelu")
 
 
+@pytest.mark.parametrize("k,n,sparsity", [(500, 2100, 0.9), (1100, 2500, 0.98)])
+def test_wide_layers_run_their_rows_in_slabs(k, n, sparsity):
+    """Where a panel's partial sums exceed PARTIAL_SLAB_BYTES, its rows run in slabs through
+    all K-blocks (X's whole K packed once): tails of tokens and of slabs, both thread counts
+    (rows or tokens split), the entry point and the general path."""
+    rng = np.random.default_rng(n)
+    w = random_weight(rng, k, n, sparsity, empty_rows=0.05)
+    bias = rng.standard_normal(n).astype(np.float32)
+    kern = compile_sparse_linear(w, bias, "gelu")
+    assert kern._csr.n_blocks > 1
+    if host_target().isa == "avx512":
+        assert 0 < kern._slab_rows < n and kern._slab_rows % kern._csr.sort_unit == 0
+    for m in (1, 9, 33, 64, 130):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        for threads in (1, 2):
+            assert_close(kern(x, num_threads=threads), x, w, bias, "gelu")
+
+
 def test_sparsest_plan_only_below_its_density_and_without_shared_rows():
     """90% keeps 64-token panels of 8-bit k; weights pruned in 1x4 blocks keep the shared-rows
     variant (8-bit k) at any density; an explicit K-block size keeps the caller's panels."""
