@@ -118,8 +118,9 @@ class SpmmTuning:
     sparsest_k_block_bytes: int = 48 * 1024
     # ... and deeper blocks as the weight thins, so that a row keeps about this many nonzeros
     # per block (the fixed costs of a group and K-block stay a share of its work): 98% 512 k
-    # (64 KB; K = 3072 in 6 blocks), 98.5% ~640, 99% 1024. One thread, same process, alternating, 48 KB / 64 / 96 /
-    # 128 KB blocks: 98% at 2048 tokens 3072x768 2816-2917 / 2727-2785 / 2783 / 2776 us,
+    # (64 KB; K = 3072 in 6 blocks), 98.5% 624, 99% 1024. One thread, same process,
+    # alternating, 48 KB / 64 / 96 / 128 KB blocks: 98% at 2048 tokens 3072x768 2816-2917 /
+    # 2727-2785 / 2783 / 2776 us,
     # 4096x1024 4599 / 4505 / 4541, 1024x4096 3840 / 3766; 99% 3072x768 2216 / 2125 / 2031
     # / 1969-2077; 98.5% - / 2534 / 2446 / 2464; 128 tokens the same or 1-4% faster. At 97%
     # 64 KB measured -1.7 to +0.1%, at 95% +2% and 96 KB +9%: those keep 48 KB. A K of up to
@@ -693,10 +694,14 @@ class _SpmmEmitter:
             packed_k = b.select(slabbed, K, KB)
             partial = U.gep(b, packed, b.mul(packed_k, U.int64(self.TN)), name="partial")
             with b.if_then(b.and_(slabbed, b.not_(panel_in))):
+                # block by block (the zero page standing in for tokens past tn holds a block)
                 zeros = b.bitcast(self.zeros, U.f32_ptr, name="zero_row")
-                x_rows = U.gep(b, a["x"], b.mul(a["t0"], K), name="x_rows")
-                b.call(self.pack, [x_rows, K, a["tn"], K, packed, U.int64(tnp),
-                                   U.int64(self.TN), zeros, a["probe"]])  # fmt: skip
+                with U.for_range(b, 0, K, KB, name="k0") as k0:
+                    x_rows = U.gep(b, a["x"], b.add(b.mul(a["t0"], K), k0), name="x_block")
+                    kc = b.select(b.icmp_signed("<", b.sub(K, k0), KB), b.sub(K, k0), KB)
+                    at = U.gep(b, packed, b.mul(k0, U.int64(self.TN)))
+                    args = [x_rows, K, a["tn"], kc, at, U.int64(tnp), U.int64(self.TN), zeros]
+                    b.call(self.pack, [*args, a["probe"]])
         self.staging = U.gep(b, partial, b.mul(partial_rows, U.int64(self.TN)), name="staging")
 
         # the slabs of rows (one, unless slabbed), in each one loop over the K-blocks: the
@@ -780,8 +785,8 @@ class _SpmmEmitter:
                                 prefetching = b.icmp_signed("<", local, prefetch_groups)
                                 with b.if_then(prefetching, likely=False):  # (out of the way)
                                     self._emit_x_prefetch(b, local, next_x, K, tnp)
-                            self._emit_group(b, a, nv, panel, index, slots, gi, rows_at, first_block,
-                                             prefetch_entries)  # fmt: skip
+                            self._emit_group(b, a, nv, panel, index, slots, gi, rows_at,
+                                             first_block, prefetch_entries)  # fmt: skip
                         with b.if_then(last):  # (the unit is then one tile)
                             nrows = b.sub(a["row_end"], rs)
                             nrows = b.select(b.icmp_signed("<", nrows, U.int64(V)), nrows,
