@@ -193,14 +193,20 @@ class _CsrBlocks:
     tile_rows: int  # V
     shared: bool = False  # the R rows of every group have the same nonzero columns (below)
     sort_span: int = 0  # S (0: V), a multiple of V; the last K-block sorts within V rows
+    last_span: int = 0  # ... or within S rows (see _last_block_span); 0: V
 
     @property
     def sort_unit(self) -> int:
         return self.sort_span or self.tile_rows
 
+    @property
+    def last_unit(self) -> int:
+        """Rows sorted together in the last K-block, whose tiles are finished after them."""
+        return self.last_span or self.tile_rows
+
     def block_unit(self, b: int) -> int:
         """Rows sorted together in K-block b (see _build_csr)."""
-        return self.tile_rows if b == self.n_blocks - 1 else self.sort_unit
+        return self.last_unit if b == self.n_blocks - 1 else self.sort_unit
 
     @property
     def wide(self) -> bool:
@@ -369,8 +375,45 @@ def _build_shared_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes
                       np.ascontiguousarray(entries), row_nnz, row_bytes, R, V, shared=True)  # fmt: skip
 
 
+def _group_padding(counts: np.ndarray, unit: int, group_rows: int) -> int:
+    """Zero entries that pad rows of these nonzero counts sorted within units of `unit` rows
+    and grouped by group_rows into whole quads (as _build_csr does)."""
+    c = np.zeros(_round_up(max(len(counts), 1), unit), np.int64)
+    c[: len(counts)] = counts
+    longest = -np.sort(-c.reshape(-1, unit), axis=1).reshape(-1, group_rows)[:, 0]
+    return int(_round_up_array(longest * group_rows, 4).sum() - counts.sum())
+
+
+# The last K-block's rows are sorted within tiles of V rows, each tile finished as soon as
+# its groups are done; where rows differ much in length (magnitude-pruned weights: per-output
+# and per-input scales) that pads the groups heavily, and sorting within S rows pads less
+# than finishing their tiles later costs: chosen where it saves this share of the nonzeros
+# in padding (a padding entry reads panel row 0, in L1: much cheaper than a real one).
+# Magnitude-pruned (bench/kernels.py --weights magnitude), one thread, same process, tiles
+# against spans: 95% 768x768 -14%, 768x3072 -13% (saving 26-28%); 98% 1024x1024 -7.5% (-12%
+# at 128 tokens), 1024x4096 -8.6%, 3072x768 -3.9% (13-33%); 98% K = 768 in one block 0 to
+# -5.5% (20-28%); but 90% 768x3072 +4.5% (saving 6.6%: tiles stay). Random masks save at
+# most 5.1% (98%, K = 1024): tiles.
+LAST_SPAN_MIN_SAVING = 0.10
+
+
+def _last_block_span(weight: np.ndarray, k_block: int, n_blocks: int, tile_rows: int,
+                     span: int, group_rows: int, nonzeros: int) -> int:  # fmt: skip
+    """span if sorting the last K-block's rows within span rows instead of tile_rows saves
+    LAST_SPAN_MIN_SAVING of the nonzeros in padding, else 0 (tiles). Not for layers of fewer
+    than two spans of rows: their padding is little work, and the other code a compile."""
+    if span <= tile_rows or not nonzeros or weight.shape[1] < 2 * span:
+        return 0
+    counts = np.count_nonzero(weight[(n_blocks - 1) * k_block :], axis=0)
+    saving = _group_padding(counts, tile_rows, group_rows) - _group_padding(
+        counts, span, group_rows
+    )
+    return span if saving >= LAST_SPAN_MIN_SAVING * nonzeros else 0
+
+
 def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
-               tile_rows: int, group_rows: int, sort_span: int = 0) -> _CsrBlocks:  # fmt: skip
+               tile_rows: int, group_rows: int, sort_span: int = 0,
+               last_span: int = 0) -> _CsrBlocks:  # fmt: skip
     """Grouped, blocked CSR of weight.T (see _CsrBlocks); row_bytes: bytes between
     consecutive k of a packed panel."""
     k, n = weight.shape
@@ -393,7 +436,7 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
         row_nnz += counts[:n]
         # rows of each unit of V (last block) or S rows by count, longest first; consecutive
         # R of them form a group
-        V = tile_rows if b == n_blocks - 1 else S
+        V = (last_span or tile_rows) if b == n_blocks - 1 else S
         order = np.argsort(-counts.reshape(-1, V), axis=1, kind="stable")  # [units, V]
         rows = (order + (np.arange(n_pad // V) * V)[:, None]).reshape(G, R)
         # the first member is the longest; whole quads
@@ -435,6 +478,7 @@ def _build_csr(weight: np.ndarray, k_block: int, n_blocks: int, row_bytes: int,
         group_rows=R,
         tile_rows=tile_rows,
         sort_span=S,
+        last_span=last_span,
     )
 
 
@@ -528,7 +572,7 @@ class _SpmmEmitter:
 
     def __init__(self, module, name, target: Target, activation, has_bias, vectors_per_panel,
                  group_rows=2, shared=False, staged=False, one_block=False,
-                 sort_span=None, wide=False):  # fmt: skip
+                 sort_span=None, wide=False, last_span=0):  # fmt: skip
         self.module = module
         self.name = name
         self.target = target
@@ -542,6 +586,8 @@ class _SpmmEmitter:
         self.R = group_rows
         # S, the rows whose groups run before their V-row tiles are finished (_CsrBlocks)
         self.S = sort_span or self.V
+        # the last K-block's rows sorted within this many (V: each tile; see _last_block_span)
+        self.LU = last_span or self.V
         self.shared = shared
         self.helpers: list = []  # JIT modules of the helpers the kernel calls
         # structure fixed in the code (branches on them measured 1-2% slower at 90%): tiles
@@ -643,7 +689,7 @@ class _SpmmEmitter:
 
         layout (see LAYOUT_PANEL_IN / _OUT): X given as panels is used in place of the packed
         block; tiles going out as panels are stored untransposed (store_panel)."""
-        V, TN, tnp = self.V, self.TN, nv * self.V
+        TN, tnp = self.TN, nv * self.V
         names = ("x", "t0", "tn") + _KERNEL_ARGS[2:]
         types = (U.f32_ptr, U.i64, U.i64) + _KERNEL_ARG_TYPES[2:]
         fn, b, a = self._function(f"panel_{tnp}", names, types)
@@ -675,9 +721,10 @@ class _SpmmEmitter:
         packed = a["scratch"]
         last_kb = b.sub(n_blocks, U.int64(1), name="last_kb")
         rows = b.sub(a["row_end"], a["row_begin"])
+        last_unit = U.int64(self.LU)
         if self.one_block:
             partial = U.gep(b, packed, b.mul(KB, U.int64(self.TN)), name="partial")
-            partial_rows = U.int64(V)
+            partial_rows = last_unit
             slabbed = ir.Constant(ir.IntType(1), 0)
             slab_step = b.select(b.icmp_signed(">", rows, U.int64(0)), rows, U.int64(1))
         else:
@@ -742,12 +789,13 @@ class _SpmmEmitter:
                 index = U.gep(b, index_body, b.mul(kb, shape["block_stride"]), name="block_index")
                 slots = U.gep(b, index, b.add(shape["n_groups"], U.int64(1)), name="block_slots")
 
-                # rows sorted in units of S (the last K-block: of V, each tile finished as soon
-                # as its groups are done), see _CsrBlocks; one copy of the loop for both units
+                # rows sorted in units of S (the last K-block: of last_unit rows, V or S, whose
+                # tiles are finished as soon as their groups are done), see _CsrBlocks; one
+                # copy of the loop for both units
                 if self.one_block:
-                    unit = U.int64(V)
+                    unit = last_unit
                 else:
-                    unit = b.select(last, U.int64(V), U.int64(self.S), name="unit")
+                    unit = b.select(last, last_unit, U.int64(self.S), name="unit")
                 count = b.sdiv(unit, U.int64(self.R), name="unit_groups")
                 if self.wide:  # (the sparsest plan, see X_PREFETCH_LINES)
                     # what the groups prefetch (LAYOUT_PREFETCH_X): the next K-block, or after
@@ -770,7 +818,7 @@ class _SpmmEmitter:
                 def rows(first_block: bool):
                     with U.for_range(b, slab_begin, slab_end, unit, name="rs") as rs:
                         if self.one_block:
-                            rows_at = partial  # just a V x T tile
+                            rows_at = partial  # just the unit's rows
                         else:  # the partial sums of every row of the slab
                             rows_at = U.gep(b, partial, b.mul(b.sub(rs, slab_begin), U.int64(tnp)),
                                             name="rows_at")  # fmt: skip
@@ -787,11 +835,9 @@ class _SpmmEmitter:
                                     self._emit_x_prefetch(b, local, next_x, K, tnp)
                             self._emit_group(b, a, nv, panel, index, slots, gi, rows_at,
                                              first_block, prefetch_entries)  # fmt: skip
-                        with b.if_then(last):  # (the unit is then one tile)
-                            nrows = b.sub(a["row_end"], rs)
-                            nrows = b.select(b.icmp_signed("<", nrows, U.int64(V)), nrows,
-                                             U.int64(V), name="nrows")  # fmt: skip
-                            self._emit_finish(b, a, rows_at, tnp, rs, nrows, N, y_panel, panel_out)
+                        with b.if_then(last):  # the unit's tiles (LU = V: one)
+                            self._emit_unit_finish(b, a, rows_at, tnp, rs, N, y_panel,
+                                                   panel_out)  # fmt: skip
 
                 if self.one_block:
                     rows(True)
@@ -803,6 +849,24 @@ class _SpmmEmitter:
                             rows(False)
         b.ret_void()
         return fn
+
+    def _emit_unit_finish(self, b, a, rows_at, tnp, rs, N, y_panel, panel_out):
+        """Finish the tiles of the last K-block's unit of rows rs .. rs + LU (to row_end)."""
+        V = self.V
+
+        def finish(rb, tile):
+            nrows = b.sub(a["row_end"], rb)
+            nrows = b.select(b.icmp_signed("<", nrows, U.int64(V)), nrows, U.int64(V),
+                             name="nrows")  # fmt: skip
+            self._emit_finish(b, a, tile, tnp, rb, nrows, N, y_panel, panel_out)
+
+        if self.LU == V:
+            finish(rs, rows_at)
+            return
+        unit_end = b.add(rs, U.int64(self.LU))
+        unit_end = b.select(b.icmp_signed("<", unit_end, a["row_end"]), unit_end, a["row_end"])
+        with U.for_range(b, rs, unit_end, V, name="tile") as rb:
+            finish(rb, U.gep(b, rows_at, b.mul(b.sub(rb, rs), U.int64(tnp))))
 
     def _emit_x_prefetch(self, b, local, next_x, K, tnp):
         """The local-th group's share of prefetching next_x (tnp rows, row stride K; see
@@ -1951,8 +2015,8 @@ def _compiled_code(key, name):
     (both passed as data), so layers of every shape with the same epilogue share it."""
 
     def build():
-        (nv, group_rows, sort_span, shared, wide, staged, one_block, activation, has_bias,
-         target) = key  # fmt: skip
+        (nv, group_rows, sort_span, shared, wide, staged, one_block, last_span, activation,
+         has_bias, target) = key  # fmt: skip
         # helpers first: the kernel's code calls them by name
         kinds = ("pack", "store_block") + (("copy_rows",) if staged else ())
         helpers = [_helper(kind, target, activation, has_bias)[0] for kind in kinds]
@@ -1960,7 +2024,7 @@ def _compiled_code(key, name):
         def emit():
             module = jit.new_module(name, target)
             _SpmmEmitter(module, name, target, activation, has_bias, nv, group_rows, shared,
-                         staged, one_block, sort_span, wide).emit()  # fmt: skip
+                         staged, one_block, sort_span, wide, last_span).emit()  # fmt: skip
             return module
 
         jm = jit.cached_module(_code_key("spmm", name, key[:-1], _target_key(target)), target,
@@ -2021,7 +2085,8 @@ class SparseLinearKernel:
         self.target = target
         self.tuning = tuning
         V = target.vector_width
-        density = (nonzero_count(weight) if nonzeros is None else nonzeros) / max(weight.size, 1)
+        nonzeros = nonzero_count(weight) if nonzeros is None else nonzeros
+        density = nonzeros / max(weight.size, 1)
         # a group's accumulators nv * R (+ broadcasts) must fit the registers: 32 zmm, 16 ymm
         regs = 32 if target.isa == "avx512" else 16
         shares: dict[int, bool] = {}
@@ -2060,14 +2125,17 @@ class SparseLinearKernel:
         self.shared_rows = group_rows if shared else 1
         # rows sorted by count together (_CsrBlocks): S past one tile when K-blocks keep the
         # partial sums of every row anyway
-        sort_span = V if shared or n_blocks == 1 else max(V, _round_up(tuning.sort_span, V))
+        span = max(V, _round_up(tuning.sort_span, V))
+        last_span = 0 if shared else _last_block_span(weight, kb, n_blocks, V, span, group_rows,
+                                                      nonzeros)  # fmt: skip
+        sort_span = V if shared or (n_blocks == 1 and not last_span) else span
         stride = _csr_block_stride(n, sort_span, group_rows)
         wide = not shared and kb > _MAX_K_BLOCK  # (as _CsrBlocks.wide)
         self._has_bias = bias is not None
         # stage output tiles when Y's row stride would thrash L1 sets (see _emit_staged_store)
         self._stage_cols = _STAGE_COLS if (n >= 2 * _STAGE_COLS and _row_sets(n) <= 2) else 0
         key = (nv, group_rows, sort_span, shared, wide, bool(self._stage_cols), n_blocks == 1,
-               activation, bias is not None, target)  # fmt: skip
+               last_span, activation, bias is not None, target)  # fmt: skip
         code_known = key in _code_cache
         self.spmv_max_m = SPMV_MAX_M if target.isa == "avx512" else 0
         if not code_known:
@@ -2083,8 +2151,8 @@ class SparseLinearKernel:
         self._data_key = None
         if self._use_cache:
             self._data_key = kcache.digest("spmm-data", kcache.code_version(), kb, n_blocks,
-                                           row_bytes, V, sort_span, group_rows, shared,
-                                           _weight_digest(weight))  # fmt: skip
+                                           row_bytes, V, sort_span, last_span, group_rows,
+                                           shared, _weight_digest(weight))  # fmt: skip
         data = None
         qty = _quad_type(group_rows, shared, wide)
         if self._data_key is not None:
@@ -2101,7 +2169,8 @@ class SparseLinearKernel:
         if data_hit:
             self._csr = _CsrBlocks(kb, n_blocks, np.ascontiguousarray(data["index"]),
                                    np.ascontiguousarray(data["entries"]), data["row_nnz"],
-                                   row_bytes, group_rows, V, shared, sort_span)  # fmt: skip
+                                   row_bytes, group_rows, V, shared, sort_span,
+                                   last_span)  # fmt: skip
             self._spmv_arrays = {
                 name[5:]: a for name, a in data.items() if name.startswith("spmv_")
             }
@@ -2111,7 +2180,8 @@ class SparseLinearKernel:
             if shared:
                 self._csr = _build_shared_csr(weight, kb, n_blocks, row_bytes, V, group_rows)
             else:
-                self._csr = _build_csr(weight, kb, n_blocks, row_bytes, V, group_rows, sort_span)
+                self._csr = _build_csr(weight, kb, n_blocks, row_bytes, V, group_rows, sort_span,
+                                       last_span)  # fmt: skip
             self._spmv_arrays = {}
             if self._data_key is not None:
                 kcache.store_arrays(self._data_key, self._csr_arrays())
@@ -2175,8 +2245,8 @@ class SparseLinearKernel:
     def _scratch_floats(self, rows: int) -> int:
         tn = self.tile_tokens
         stage = tn * _SpmmEmitter.STAGE_STRIDE if self._stage_cols else 0  # (see _emit_panel)
-        if self._csr.n_blocks == 1:
-            return self._csr.k_block * tn + self.target.vector_width * tn + stage
+        if self._csr.n_blocks == 1:  # the partial sums of one unit of the last block's rows
+            return self._csr.k_block * tn + self._csr.last_unit * tn + stage
         if 0 < self._slab_rows < rows:  # X's whole K, the partial sums of a slab
             return self.in_features * tn + self._slab_rows * tn + stage
         return self._csr.k_block * tn + _round_up(rows, self._csr.sort_unit) * tn + stage

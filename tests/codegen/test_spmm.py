@@ -227,6 +227,46 @@ def test_wide_layers_run_their_rows_in_slabs(k, n, sparsity, isa):
             assert_close(kern(x, num_threads=threads), x, w, bias, "gelu")
 
 
+def heavy_tailed_weight(rng, k, n, sparsity):
+    """Magnitude-pruned weights whose outputs' scales vary widely: row lengths of Wᵀ then
+    differ by 10x and more, as in real pruned models (bench/kernels.py --weights magnitude)."""
+    w = rng.standard_normal((k, n)).astype(np.float32) * np.exp(rng.standard_normal(n))
+    w[np.abs(w) < np.quantile(np.abs(w), sparsity)] = 0.0
+    return w.astype(np.float32)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k,n,sparsity", [(768, 777, 0.98), (700, 1024, 0.9), (3000, 300, 0.98)])
+def test_last_block_sorted_within_spans(monkeypatch, k, n, sparsity, isa):
+    """The last K-block's rows sorted within S rows (_last_block_span; forced here), its
+    tiles finished after the span: one K-block and several, staged and not, tails of rows
+    and tokens, both thread counts."""
+    monkeypatch.setattr(spmm, "LAST_SPAN_MIN_SAVING", -1.0)
+    rng = np.random.default_rng(k + n)
+    w = heavy_tailed_weight(rng, k, n, sparsity)
+    bias = rng.standard_normal(n).astype(np.float32)
+    kern = compile_sparse_linear(w, bias, "gelu", target=host_target(isa))
+    assert kern._csr.last_unit == kern._csr.sort_unit > kern.target.vector_width
+    np.testing.assert_array_equal(kern.dense_weight(), w)
+    for m in (1, 9, 33, 130):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        for threads in (1, 2):
+            assert_close(kern(x, num_threads=threads), x, w, bias, "gelu")
+
+
+@pytest.mark.parametrize("k,n,sparsity", [(768, 777, 0.98), (700, 1024, 0.9), (3000, 768, 0.98)])
+def test_uneven_rows_choose_spans_and_random_masks_tiles(k, n, sparsity):
+    """On AVX-512, magnitude-pruned rows of very different lengths sort the last K-block
+    within spans (less padding), random masks within tiles (finished sooner)."""
+    if host_target().isa != "avx512":
+        pytest.skip("measured on AVX-512's 16-row tiles")
+    rng = np.random.default_rng(n)
+    uneven = compile_sparse_linear(heavy_tailed_weight(rng, k, n, sparsity))
+    assert uneven._csr.last_unit == uneven._csr.sort_unit == 128
+    plain = compile_sparse_linear(random_weight(rng, k, n, sparsity))
+    assert plain._csr.last_unit == 16
+
+
 def test_sparsest_plan_only_below_its_density_and_without_shared_rows():
     """90% keeps 64-token panels of 8-bit k; weights pruned in 1x4 blocks keep the shared-rows
     variant (8-bit k) at any density; an explicit K-block size keeps the caller's panels."""
