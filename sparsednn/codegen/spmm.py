@@ -755,15 +755,12 @@ class _SpmmEmitter:
                                                          rows, U.int64(1)))  # fmt: skip
             packed_k = b.select(slabbed, K, KB)
             partial = U.gep(b, packed, b.mul(packed_k, U.int64(self.TN)), name="partial")
-            with b.if_then(b.and_(slabbed, b.not_(panel_in))):
-                # block by block (the zero page standing in for tokens past tn holds a block)
-                zeros = b.bitcast(self.zeros, U.f32_ptr, name="zero_row")
-                with U.for_range(b, 0, K, KB, name="k0") as k0:
-                    x_rows = U.gep(b, a["x"], b.add(b.mul(a["t0"], K), k0), name="x_block")
-                    kc = b.select(b.icmp_signed("<", b.sub(K, k0), KB), b.sub(K, k0), KB)
-                    at = U.gep(b, packed, b.mul(k0, U.int64(self.TN)))
-                    args = [x_rows, K, a["tn"], kc, at, U.int64(tnp), U.int64(self.TN), zeros]
-                    b.call(self.pack, [*args, a["probe"]])
+            # block by block (the zero page standing in for tokens past tn holds a block)
+            packing = b.and_(slabbed, b.not_(panel_in))
+            with b.if_then(packing), U.for_range(b, 0, K, KB, name="k0") as k0:
+                kc = b.select(b.icmp_signed("<", b.sub(K, k0), KB), b.sub(K, k0), KB)
+                at = U.gep(b, packed, b.mul(k0, U.int64(TN)))
+                self._emit_pack_block(b, a, K, k0, kc, at, tnp)
         self.staging = U.gep(b, partial, b.mul(partial_rows, U.int64(self.TN)), name="staging")
 
         # the slabs of rows (one, unless slabbed), in each one loop over the K-blocks: the
@@ -784,22 +781,7 @@ class _SpmmEmitter:
                     name="panel",
                 )
                 with b.if_then(b.not_(b.or_(panel_in, slabbed))):
-                    x_rows = U.gep(b, a["x"], b.add(b.mul(a["t0"], K), k0), name="x_block")
-                    zeros = b.bitcast(self.zeros, U.f32_ptr, name="zero_row")
-                    b.call(
-                        self.pack,
-                        [
-                            x_rows,
-                            K,
-                            a["tn"],
-                            kc,
-                            packed,
-                            U.int64(tnp),
-                            U.int64(self.TN),
-                            zeros,
-                            a["probe"],
-                        ],
-                    )
+                    self._emit_pack_block(b, a, K, k0, kc, packed, tnp)
                 # this K-block's group pointers, then its member slots (see _CsrBlocks)
                 index = U.gep(b, index_body, b.mul(kb, shape["block_stride"]), name="block_index")
                 slots = U.gep(b, index, b.add(shape["n_groups"], U.int64(1)), name="block_slots")
@@ -864,6 +846,14 @@ class _SpmmEmitter:
                             rows(False)
         b.ret_void()
         return fn
+
+    def _emit_pack_block(self, b, a, K, k0, kc, dst, tnp):
+        """Pack X[t0 : t0 + tn, k0 : k0 + kc] (kc <= KB: tokens past tn read the zero page of
+        one block) to dst[k][0:tnp], transposed."""
+        x_rows = U.gep(b, a["x"], b.add(b.mul(a["t0"], K), k0), name="x_block")
+        zeros = b.bitcast(self.zeros, U.f32_ptr, name="zero_row")
+        b.call(self.pack, [x_rows, K, a["tn"], kc, dst, U.int64(tnp), U.int64(self.TN), zeros,
+                           a["probe"]])  # fmt: skip
 
     def _emit_unit_finish(self, b, a, rows_at, tnp, rs, N, y_panel, panel_out):
         """Finish the tiles of the last K-block's unit of rows rs .. rs + LU (to row_end)."""
