@@ -78,7 +78,10 @@ class SpmmTuning:
     vectors_per_panel: TN / V, the tokens of one panel in vectors (1..8).
     group_rows: R, rows of Wᵀ run through one inner loop with interleaved entries (R
     independent accumulator chains per vector hide the FMA latency): 1, 2 or 4 (at most 2
-    with one K-block, whose rows are sorted within tiles: 4 padded more than they saved).
+    with one K-block whose rows are sorted within tiles: 4 padded more than they saved; one
+    sorted within spans, see _row_spans, takes 4: magnitude-pruned 98-99%, one thread,
+    alternating processes, 768x768 98% -4% at 128 and 2048 tokens, 768x3072 -3 to -5%, 99%
+    -3 to -7.5%, though groups of four pad 8-18% there against ~6% for pairs).
     sort_span: S, rows sorted by count together before grouping, in all but the last of
     several K-blocks (_CsrBlocks); a multiple of V.
     k_block_bytes: the most bytes one packed K-block of a full panel may take; K is split in
@@ -2133,6 +2136,9 @@ class SparseLinearKernel:
         span, last_span = max(V, _round_up(tuning.sort_span, V)), 0
         if not shared:
             span, last_span = _row_spans(weight, kb, n_blocks, V, span, group_rows, nonzeros)
+            if n_blocks == 1 and last_span and tuning.group_rows >= 4 and 4 * nv <= regs - 4:
+                # one K-block sorted within spans, not tiles: groups of four (see group_rows)
+                group_rows = 4
         sort_span = V if shared or (n_blocks == 1 and not last_span) else span
         stride = _csr_block_stride(n, sort_span, group_rows)
         wide = not shared and kb > _MAX_K_BLOCK  # (as _CsrBlocks.wide)

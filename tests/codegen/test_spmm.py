@@ -257,16 +257,19 @@ def test_last_block_sorted_within_spans(monkeypatch, k, n, sparsity, isa):
 @pytest.mark.parametrize("k,n,sparsity", [(768, 777, 0.98), (700, 1024, 0.9), (3000, 768, 0.98)])
 def test_uneven_rows_choose_spans_and_random_masks_tiles(k, n, sparsity):
     """On AVX-512, magnitude-pruned rows of very different lengths sort within wider spans
-    (UNEVEN_SPAN), the last K-block too (less padding); random masks keep S = 128 and the
-    last block's tiles (finished sooner)."""
+    (UNEVEN_SPAN), the last K-block too (less padding), in groups of four rows even with one
+    K-block; random masks keep S = 128 and the last block's tiles (finished sooner), in
+    pairs with one K-block."""
     if host_target().isa != "avx512":
         pytest.skip("measured on AVX-512's 16-row tiles")
     rng = np.random.default_rng(n)
     uneven = compile_sparse_linear(heavy_tailed_weight(rng, k, n, sparsity))
     assert uneven._csr.last_unit == uneven._csr.sort_unit == spmm.UNEVEN_SPAN
+    assert uneven._csr.group_rows == 4  # (one K-block too: its spans pad little)
     plain = compile_sparse_linear(random_weight(rng, k, n, sparsity))
     assert plain._csr.last_unit == 16
     assert plain._csr.sort_unit == (16 if plain._csr.n_blocks == 1 else 128)
+    assert plain._csr.group_rows == (2 if plain._csr.n_blocks == 1 else 4)
 
 
 def test_sparsest_plan_only_below_its_density_and_without_shared_rows():
