@@ -2,6 +2,7 @@
 
     python bench/load.py                                # 90%, 5 rounds, all cores
     python bench/load.py --sparsity 0.9,0.98 --rounds 7 --threads 1
+    python bench/load.py --rounds 3 --then 0.91                  # and a model never seen
 
 Each round creates the session in a fresh process with an empty kernel cache (cold: LLVM
 generates every code variant the model needs, once per process, and every sparse layer is
@@ -9,7 +10,14 @@ compressed), then in another fresh process with the cache the first one filled (
 code and compressed weights come from the cache, and LLVM is never loaded). Prints, for each,
 the median and range over the rounds: the seconds to create the session, the seconds of it in
 which LLVM ran (`jit.compile_module`: verifying, optimising and generating code; threads
-compile at once, so their summed work is printed too), per linear layer, and the peak RSS. The model is built and pruned as in bench/e2e.py (needs the `models` extra).
+compile at once, so their summed work is printed too), per linear layer, and the peak RSS.
+The model is built and pruned as in bench/e2e.py (needs the `models` extra).
+
+--then SPARSITY adds a third process per round: the same model pruned to that sparsity (its
+weights never seen) on the cache the first two filled ("new weights"): every sparse layer is
+compressed again, but the code the layers share (one compiled kernel per epilogue and
+structure, whatever the shape and the weights) comes from the cache, as for a model loaded on
+a machine where sparsednn has run before.
 """
 
 from __future__ import annotations
@@ -79,14 +87,26 @@ def main() -> None:
     parser.add_argument("--sparsity", default="0.9", help="comma list, e.g. 0.9,0.98")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--then",
+        type=float,
+        default=None,
+        help="then create the model pruned to this sparsity on the filled cache",
+    )
     args = parser.parse_args()
     for sparsity in (float(s) for s in args.sparsity.split(",")):
         path = pruned_model(sparsity)
         runs: dict[str, list[dict]] = {"cold": [], "warm": []}
+        then = None
+        if args.then is not None:
+            then = (f"new weights ({args.then:.0%})", pruned_model(args.then))
+            runs[then[0]] = []
         for _ in range(args.rounds):
             with tempfile.TemporaryDirectory(prefix="sparsednn-load-") as cache:
                 runs["cold"].append(create(path, args.threads, cache))
                 runs["warm"].append(create(path, args.threads, cache))
+                if then is not None:
+                    runs[then[0]].append(create(then[1], args.threads, cache))
         print(f"== BERT-base {sparsity:.0%}, {args.threads} thread(s), {args.rounds} rounds "
               f"(median, range)")  # fmt: skip
         for kind, rs in runs.items():
