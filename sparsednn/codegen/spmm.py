@@ -2142,6 +2142,9 @@ class SparseLinearKernel:
         sort_span = V if shared or (n_blocks == 1 and not last_span) else span
         stride = _csr_block_stride(n, sort_span, group_rows)
         wide = not shared and kb > _MAX_K_BLOCK  # (as _CsrBlocks.wide)
+        # a tail panel's tokens past M read the code's zero page, one block long at most
+        if kb > (_MAX_WIDE_K_BLOCK if wide else _MAX_K_BLOCK):
+            raise CompileError(f"K-block of {kb} columns exceeds the zero page")
         self._has_bias = bias is not None
         # stage output tiles when Y's row stride would thrash L1 sets (see _emit_staged_store)
         self._stage_cols = _STAGE_COLS if (n >= 2 * _STAGE_COLS and _row_sets(n) <= 2) else 0

@@ -29,7 +29,7 @@ from sparsednn.codegen.spmm import (
     compile_sparse_linear,
 )
 from sparsednn.codegen.target import available_isas, host_target
-from sparsednn.errors import InvalidInputError
+from sparsednn.errors import CompileError, InvalidInputError
 from sparsednn.testing import guarded_array
 
 ISAS = available_isas()
@@ -270,6 +270,16 @@ def test_uneven_rows_choose_spans_and_random_masks_tiles(k, n, sparsity):
     assert plain._csr.last_unit == 16
     assert plain._csr.sort_unit == (16 if plain._csr.n_blocks == 1 else 128)
     assert plain._csr.group_rows == (2 if plain._csr.n_blocks == 1 else 4)
+
+
+def test_k_block_longer_than_the_zero_page_is_refused(monkeypatch):
+    """A tail panel's tokens past M are packed from the code's zero page, one K-block long
+    at most: a K-block beyond it (no plan makes one) is a compile error, never a read past."""
+    rng = np.random.default_rng(3)
+    w = random_weight(rng, 2048, 64, 0.98)
+    monkeypatch.setattr(spmm, "_k_blocking", lambda k, *args: (2048, 1))
+    with pytest.raises(CompileError, match="zero page"):
+        compile_sparse_linear(w)
 
 
 def test_sparsest_plan_only_below_its_density_and_without_shared_rows():
